@@ -1,0 +1,154 @@
+"""`Backbone`: one interface over Hugging Face decoder-only models (GPT-2 and Llama families).
+
+It knows where each family keeps its layers and value projections, and runs the model with
+any combination of latent injections and attention masks:
+
+    embed_offset   [B, H] or [B, T, H]  added to the input token embeddings
+    memory         per layer (key, value) [B, KV, 1, D]: one extra attended position
+    value_latents  per layer [B, P] or None: read by the `ValueFusion` wrappers
+    head_offset    [B, H] or [B, T, H]  added to the last hidden state before the LM head
+    attention_mask [B, T] padding mask (causal attention), or [B, 1, T, T] boolean mask
+
+Logits are computed separately (`logits`) so callers project only the positions they score.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from textvae.backbone import masks
+from textvae.backbone.inject import ValueFusion
+
+
+@dataclass
+class BackboneOutput:
+    hidden: torch.Tensor  # [B, T, H] last hidden state (final norm and head_offset applied)
+    hidden_states: tuple[torch.Tensor, ...] | None  # L + 1 states [B, T, H] when requested
+    cache: DynamicCache | None
+
+
+class Backbone(nn.Module):
+    def __init__(self, causal_lm: PreTrainedModel):
+        super().__init__()
+        self.causal_lm = causal_lm
+        config = causal_lm.config
+        self.family = config.model_type
+        body = causal_lm.base_model
+        if hasattr(body, "h"):  # GPT-2 family: fused q/k/v projection
+            self.layers = body.h
+            self.num_heads = config.n_head
+            self.num_kv_heads = config.n_head
+            self.hidden_size = config.n_embd
+            self.max_positions = config.n_positions
+        elif hasattr(body, "layers"):  # Llama family (Mistral, Qwen2, SmolLM2, ...)
+            self.layers = body.layers
+            self.num_heads = config.num_attention_heads
+            self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            self.hidden_size = config.hidden_size
+            self.max_positions = config.max_position_embeddings
+        else:
+            raise ValueError(f"unsupported backbone family {self.family!r}")
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.num_layers = len(self.layers)
+        self.value_size = self.num_kv_heads * self.head_dim
+
+    @property
+    def config(self):
+        return self.causal_lm.config
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation
+
+    def value_projection(self, layer: int) -> tuple[nn.Module, str, int]:
+        """(parent module, attribute name, offset of the values in its output) for `layer`."""
+        block = self.layers[layer]
+        if hasattr(block, "attn"):  # GPT-2: c_attn outputs [q; k; v]
+            return block.attn, "c_attn", 2 * self.hidden_size
+        return block.self_attn, "v_proj", 0
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H] (GPT-2 adds its position embeddings inside the model)."""
+        return self.causal_lm.get_input_embeddings()(input_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head: [..., H] -> [..., V]."""
+        return self.causal_lm.get_output_embeddings()(hidden)
+
+    def new_cache(self, memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+        """An empty KV cache, or one holding a memory position per layer."""
+        cache = DynamicCache(config=self.config)
+        for layer, (key, value) in enumerate(memory or []):
+            cache.update(key, value, layer)
+        return cache
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        embed_offset: torch.Tensor | None = None,
+        memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        value_latents: list[torch.Tensor | None] | None = None,
+        head_offset: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> BackboneOutput:
+        """Run the body. With `cache`, `attention_mask` covers cached and new positions and
+        `position_ids` must be given; with `memory` (no cache) a memory column is prepended."""
+        inputs_embeds = self.embed(input_ids)
+        if embed_offset is not None:
+            inputs_embeds = inputs_embeds + (embed_offset[:, None] if embed_offset.dim() == 2 else embed_offset)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
+        if memory is not None:
+            if cache is not None:
+                raise ValueError("pass memory either directly or inside the cache, not both")
+            cache = self.new_cache(memory)
+            ones = attention_mask.new_ones(attention_mask.shape[0], 1)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        if attention_mask.dim() == 4 and self.attn_implementation != "sdpa":
+            attention_mask = masks.to_bias(attention_mask, torch.float32)
+        with self.value_latents(value_latents):
+            out = self.causal_lm.base_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                output_hidden_states=output_hidden_states,
+            )
+        hidden = out.last_hidden_state
+        if head_offset is not None:
+            hidden = hidden + (head_offset[:, None] if head_offset.dim() == 2 else head_offset)
+        return BackboneOutput(hidden, out.hidden_states if output_hidden_states else None, out.past_key_values)
+
+    @contextmanager
+    def value_latents(self, latents: list[torch.Tensor | None] | None):
+        """Set each layer's value-fusion latent for the duration of one forward call."""
+        if latents is None:
+            yield
+            return
+        wrappers = [self._fusion_wrapper(layer) for layer in range(self.num_layers)]
+        try:
+            for wrapper, latent in zip(wrappers, latents, strict=True):
+                if wrapper is None and latent is not None:
+                    raise ValueError("a latent was given for a layer without a value fusion")
+                if wrapper is not None:
+                    wrapper.latent = latent
+            yield
+        finally:
+            for wrapper in wrappers:
+                if wrapper is not None:
+                    wrapper.latent = None
+
+    def _fusion_wrapper(self, layer: int) -> ValueFusion | None:
+        parent, name, _ = self.value_projection(layer)
+        module = getattr(parent, name)
+        return module if isinstance(module, ValueFusion) else None

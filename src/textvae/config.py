@@ -1,0 +1,218 @@
+"""Typed configuration: dataclasses, YAML load/save, and `--set key=value` overrides.
+
+A run is described by one `Config` with four sections. `data`, `backbone` and `train` are
+typed here; `model` is a plain mapping whose schema belongs to the chosen model (its config
+dataclass lives next to the model, as in PEFT) and is checked with `build_dataclass`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from textvae.errors import TextVAEError
+
+
+@dataclass
+class DataConfig:
+    path: str = "demo"  # folder with train/valid/test .txt or .jsonl, or a bundled corpus name
+    max_length: int = 128  # decoder tokens per example, BOS/EOS/source included
+    max_source_length: int = 64  # tokens of a .jsonl source kept (then [SEP] and the target)
+    overlong: str = "truncate"  # truncate | drop | error
+    vocab_size: int = 8000  # BPE vocabulary trained on the train split (from-scratch backbones)
+
+    def validate(self) -> None:
+        _check_choice("data.overlong", self.overlong, ("truncate", "drop", "error"))
+        _check_positive("data.max_length", self.max_length, minimum=3)
+        _check_positive("data.max_source_length", self.max_source_length)
+        _check_positive("data.vocab_size", self.vocab_size, minimum=300)
+
+
+@dataclass
+class BackboneConfig:
+    spec: str = "gpt2-tiny"  # preset name, local Hugging Face folder, .gguf file, or "smollm2"
+    dropout: float | None = None  # overrides the backbone's dropout rates when set
+    attn_implementation: str = "sdpa"  # sdpa | eager
+
+    def validate(self) -> None:
+        _check_choice("backbone.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise TextVAEError(f"backbone.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # examples per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    decay: str = "linear"  # linear | cosine | constant (after warm-up)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    epochs: int = 1
+    max_steps: int | None = None  # overrides epochs when set
+    precision: str = "auto"  # auto | bf16 | fp32
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # optimizer steps between validations; 0 = once per epoch
+    checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
+    bucket_batches: int = 50  # batches sorted together by length (length bucketing)
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self) -> None:
+        _check_choice("train.decay", self.decay, ("linear", "cosine", "constant"))
+        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "checkpoint_every", "bucket_batches"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        if self.max_steps is not None:
+            _check_positive("train.max_steps", self.max_steps)
+        for name in ("warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise TextVAEError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise TextVAEError("train.lr must be > 0, train.weight_decay and train.grad_clip >= 0")
+        if self.batch_size % self.grad_accum:
+            raise TextVAEError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
+            )
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "lm"})
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.backbone.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        if not isinstance(raw, dict):
+            raise TextVAEError("a config must be a mapping with sections data, backbone, train, model")
+        unknown = set(raw) - {"data", "backbone", "train", "model"}
+        if unknown:
+            raise TextVAEError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+        model = raw.get("model") or {}
+        if not isinstance(model, dict):
+            raise TextVAEError("config section 'model' must be a mapping")
+        return cls(
+            data=build_dataclass(DataConfig, raw.get("data") or {}, "data"),
+            backbone=build_dataclass(BackboneConfig, raw.get("backbone") or {}, "backbone"),
+            train=build_dataclass(TrainConfig, raw.get("train") or {}, "train"),
+            model={"name": "lm", **model},
+        )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a `TextVAEError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TextVAEError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise TextVAEError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise TextVAEError(f"config file {path} must hold a mapping")
+    return raw
+
+
+def save_yaml(data: dict[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a raw config mapping (values parsed as YAML).
+
+    `model.*` keys are free-form here and checked later against the model's own config.
+    """
+    raw = {section: dict(values or {}) for section, values in raw.items()}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise TextVAEError(f"--set expects section.key=value, got {assignment!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        raw.setdefault(parts[0], {})[parts[1]] = value
+    return raw
+
+
+def build_dataclass(cls: type, values: dict[str, Any], section: str):
+    """Instantiate dataclass `cls` from a mapping, checking names and coercing types."""
+    if not isinstance(values, dict):
+        raise TextVAEError(f"config section '{section}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TextVAEError(
+            f"unknown {section} option(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _coerce(f"{section}.{name}", value, hints[name]) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise TextVAEError(f"{name} must not be empty")
+    for option in options:
+        if option is type(None):
+            continue
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif option is str:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+        elif typing.get_origin(option) in (list, tuple):
+            if isinstance(value, (list, tuple)):
+                return list(value)
+        elif typing.get_origin(option) is dict:
+            if isinstance(value, dict):
+                return dict(value)
+    readable = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise TextVAEError(f"{name} must be {readable}, got {value!r}")
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise TextVAEError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise TextVAEError(f"{name} must be >= {minimum}, got {value}")

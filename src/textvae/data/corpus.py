@@ -1,0 +1,96 @@
+"""Read corpus splits: `.txt` (one example per line) or `.jsonl` ({"source", "target"}).
+
+A data folder holds `train`, `valid` and `test` files of one format. Bundled corpora are
+addressed by name (`demo`). Every problem with the files is a one-line `TextVAEError`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from textvae.errors import TextVAEError
+
+BUNDLED = {"demo": Path(__file__).parent / "demo"}
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One text to model (`target`), optionally with a condition (`source`)."""
+
+    target: str
+    source: str | None = None
+
+
+@dataclass
+class Split:
+    examples: list[Example]
+    path: Path
+    blank_lines: int  # skipped blank lines of a .txt file
+
+    @property
+    def conditional(self) -> bool:
+        return self.path.suffix == ".jsonl"
+
+
+def resolve_data_dir(spec: str) -> Path:
+    """Map a bundled corpus name or a folder path to an existing folder."""
+    if spec in BUNDLED:
+        return BUNDLED[spec]
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise TextVAEError(f"data folder not found: {spec} (bundled corpora: {', '.join(BUNDLED)})")
+    if not path.is_dir():
+        raise TextVAEError(f"data must be a folder holding train/valid/test files, got a file: {spec}")
+    return path
+
+
+def split_path(data_dir: Path, split: str) -> Path:
+    """The file of `split` in `data_dir`: `split.txt` or `split.jsonl`, never both."""
+    if split not in SPLITS:
+        raise TextVAEError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    found = [p for p in (data_dir / f"{split}.txt", data_dir / f"{split}.jsonl") if p.is_file()]
+    if not found:
+        raise TextVAEError(f"no {split}.txt or {split}.jsonl in {data_dir}")
+    if len(found) > 1:
+        raise TextVAEError(f"both {split}.txt and {split}.jsonl exist in {data_dir}; keep one")
+    return found[0]
+
+
+def read_split(data_dir: Path, split: str) -> Split:
+    """Read one split; raises `TextVAEError` for empty, undecodable or malformed files."""
+    path = split_path(data_dir, split)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise TextVAEError(f"{path}: line {line} is not valid UTF-8 (byte {err.start})") from None
+    lines = text.splitlines()
+    if path.suffix == ".jsonl":
+        examples, blank = _parse_jsonl(lines, path), 0
+    else:
+        examples = [Example(line.strip()) for line in lines if line.strip()]
+        blank = len(lines) - len(examples)
+    if not examples:
+        raise TextVAEError(f"{path} holds no examples")
+    return Split(examples, path, blank)
+
+
+def _parse_jsonl(lines: list[str], path: Path) -> list[Example]:
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TextVAEError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("target"), str):
+            raise TextVAEError(f'{path}: line {number} needs a string "target" field')
+        source = record.get("source")
+        if source is not None and not isinstance(source, str):
+            raise TextVAEError(f'{path}: line {number} has a non-string "source" field')
+        examples.append(Example(record["target"].strip(), source.strip() if source is not None else None))
+    return examples

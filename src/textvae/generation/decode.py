@@ -1,0 +1,200 @@
+"""Batched decoding with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+The loops only need a model's `decode_start` / `decode_next` and `DecodeState.select`
+(see models/base.py), so every model, with or without latents, decodes the same way.
+A model's latent for each sequence travels in the state and follows beam reordering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from textvae.errors import TextVAEError
+from textvae.models.base import select_rows
+
+STRATEGIES = ("greedy", "sample", "top-k", "top-p", "beam")
+
+
+@dataclass
+class DecodingConfig:
+    strategy: str = "top-p"  # greedy | sample | top-k | top-p | beam
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 0.9
+    num_beams: int = 4
+    length_penalty: float = 1.0  # beam score = sum log p / length ** length_penalty
+    max_new_tokens: int = 64
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise TextVAEError(f"decoding must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise TextVAEError("need temperature > 0, top-k >= 0 and 0 < top-p <= 1")
+        if self.num_beams < 1 or self.max_new_tokens < 1:
+            raise TextVAEError("need num-beams >= 1 and max-new-tokens >= 1")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to [N, T] ids and a [N, T] mask (so every prompt ends at T-1)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def decode(
+    model,
+    prompts: list[list[int]],
+    latent: Any,
+    config: DecodingConfig,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each row, EOS excluded.
+
+    `latent` holds one latent per prompt row (batched along dim 0), or None.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, model.tokenizer.pad_id, device)
+    if config.strategy == "beam":
+        return _beam_search(model, ids, mask, latent, config)
+    return _sample_or_greedy(model, ids, mask, latent, config, generator)
+
+
+def _sample_or_greedy(model, ids, mask, latent, config, generator) -> list[list[int]]:
+    eos = model.tokenizer.eos_id
+    logits, state = model.decode_start(ids, mask, latent)
+    rows = ids.shape[0]
+    finished = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    outputs = []
+    for _ in range(config.max_new_tokens):
+        tokens = choose_tokens(logits, config, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
+        outputs.append(tokens)
+        finished |= tokens == eos
+        if bool(finished.all()):
+            break
+        logits = model.decode_next(state, tokens)
+    generated = torch.stack(outputs, dim=1).tolist()
+    return [_until_eos(row, eos) for row in generated]
+
+
+def choose_tokens(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token of each row from logits [N, V] -> [N]."""
+    if config.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    logits = logits / config.temperature
+    if config.strategy == "top-k" and 0 < config.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.strategy == "top-p" and config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= config.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probabilities = logits.softmax(dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+
+
+def _beam_search(model, ids, mask, latent, config) -> list[list[int]]:
+    """Beam search with early stopping: a prompt is done once it has `num_beams` finished
+    hypotheses. An EOS candidate only finishes a hypothesis when ranked within the beam
+    width, so `num_beams=1` follows the greedy path exactly."""
+    eos, beams = model.tokenizer.eos_id, config.num_beams
+    prompts = ids.shape[0]
+    expand = torch.arange(prompts, device=ids.device).repeat_interleave(beams)
+    logits, state = model.decode_start(ids[expand], mask[expand], select_rows(latent, expand))
+    scores = torch.zeros(prompts, beams, device=ids.device)
+    scores[:, 1:] = float("-inf")  # all beams start identical: keep one alive at first
+    sequences = [[[] for _ in range(beams)] for _ in range(prompts)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(prompts)]
+    done = [False] * prompts
+    for step in range(config.max_new_tokens):
+        log_probs = logits.log_softmax(dim=-1).view(prompts, beams, -1)
+        vocab = log_probs.shape[-1]
+        candidates = (scores[:, :, None] + log_probs).view(prompts, -1)
+        top_scores, top_index = candidates.topk(2 * beams, dim=-1)
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        next_rows, next_tokens, next_scores, next_sequences = [], [], [], []
+        for prompt in range(prompts):
+            live = []
+            if not done[prompt]:
+                for rank, (score, flat) in enumerate(zip(top_scores[prompt], top_index[prompt])):
+                    beam, token = divmod(flat, vocab)
+                    if score == float("-inf"):
+                        break
+                    if token == eos:
+                        if rank < beams:
+                            hypothesis = sequences[prompt][beam]
+                            finished[prompt].append((score / (len(hypothesis) + 1) ** config.length_penalty, hypothesis))
+                        continue
+                    live.append((score, beam, token))
+                    if len(live) == beams:
+                        break
+                done[prompt] = len(finished[prompt]) >= beams
+            if done[prompt] or not live:  # keep shapes: park finished prompts on a dead beam
+                done[prompt] = True
+                live = [(float("-inf"), 0, eos)] * beams
+            while len(live) < beams:
+                live.append((float("-inf"), live[0][1], eos))
+            for score, beam, token in live:
+                next_rows.append(prompt * beams + beam)
+                next_tokens.append(token)
+                next_scores.append(score)
+                next_sequences.append(sequences[prompt][beam] + [token])
+        if all(done):
+            break
+        sequences = [next_sequences[p * beams : (p + 1) * beams] for p in range(prompts)]
+        scores = torch.tensor(next_scores, device=ids.device).view(prompts, beams)
+        state = state.select(torch.tensor(next_rows, device=ids.device))
+        if step + 1 < config.max_new_tokens:
+            logits = model.decode_next(state, torch.tensor(next_tokens, device=ids.device))
+    results = []
+    for prompt in range(prompts):
+        if not done[prompt]:  # ran out of length: live beams compete with finished ones
+            for beam in range(beams):
+                score = float(scores[prompt, beam])
+                if score > float("-inf"):
+                    finished[prompt].append((score / len(sequences[prompt][beam]) ** config.length_penalty, sequences[prompt][beam]))
+        results.append(max(finished[prompt], key=lambda item: item[0])[1] if finished[prompt] else [])
+    return results
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@torch.no_grad()
+def generate_texts(
+    model,
+    num: int,
+    config: DecodingConfig,
+    seed: int = 0,
+    sources: list[str] | None = None,
+    batch_size: int = 64,
+) -> list[str]:
+    """`num` texts from the model (latents drawn from its prior), or `num` per source when
+    `sources` are given (the decoder reads `[BOS] source [SEP]` as its prompt)."""
+    tokenizer = model.tokenizer
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)  # latents are drawn with the global generator
+    if sources is None:
+        prompts = [[tokenizer.bos_id]] * num
+    else:
+        prompts = [[tokenizer.bos_id, *tokenizer.encode(s), tokenizer.sep_id] for s in sources for _ in range(num)]
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        latent = model.sample_prior_latent(len(chunk), device)
+        for tokens in decode(model, chunk, latent, config, generator):
+            texts.append(tokenizer.decode(tokens))
+    return texts

@@ -1,0 +1,146 @@
+"""The `TextVAE` interface shared by every model, the plain LM included (DESIGN.md section 3).
+
+A model owns a `Backbone` (the Hugging Face decoder it injects latents into) and the run's
+`TextTokenizer`. Subclasses implement `forward` and, when they have latents, `posterior`,
+`prior`, `log_weights` and `injections`; decoding, saving and loading are shared here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from textvae.backbone.backbone import Backbone
+from textvae.data.batching import Batch
+from textvae.data.tokenizer import TextTokenizer
+
+
+@dataclass
+class Output:
+    """What `forward` returns. Per-example tensors are [B]; `loss` is their batch mean."""
+
+    loss: torch.Tensor  # scalar: mean over the batch of rec + beta * kl (+ regularisers)
+    rec: torch.Tensor  # [B] summed token NLL of each example's targets
+    kl: torch.Tensor  # [B] total KL of each example (zeros without latents)
+    kl_groups: torch.Tensor | None = None  # [B, G] KL per latent group (layer / segment)
+    z: Any = None  # the sampled latent(s)
+    logs: dict[str, float] = field(default_factory=dict)  # extra scalars to log
+
+
+@dataclass
+class DecodeState:
+    """Everything a decoding loop carries between steps; rows are sequences (beams included)."""
+
+    cache: Any  # DynamicCache
+    attention_mask: torch.Tensor  # [N, cached + new] 2-D mask, memory column included
+    next_position: torch.Tensor  # [N] position id of the next token
+    latent: Any = None  # model-specific latent tensors, batched along dim 0
+
+    def select(self, index: torch.Tensor) -> "DecodeState":
+        """Keep / reorder / repeat rows (beam search, sample expansion)."""
+        self.cache.batch_select_indices(index)  # works for reordering and repeating rows too
+        return DecodeState(
+            self.cache,
+            self.attention_mask[index],
+            self.next_position[index],
+            select_rows(self.latent, index),
+        )
+
+
+class TextVAE(nn.Module):
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    has_latent: ClassVar[bool] = True
+
+    def __init__(self, backbone: Backbone, tokenizer: TextTokenizer, config):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config
+
+    # --- training and scoring -------------------------------------------------------
+    def forward(self, batch: Batch, beta: float = 1.0) -> Output:
+        raise NotImplementedError
+
+    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
+        """[B, k] log p(x, z_i) - log q(z_i | x) for k posterior samples z_i."""
+        raise NotImplementedError
+
+    def target_nll(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Summed NLL of each example's target tokens. hidden: [B, T, H] -> [B].
+
+        Position t predicts token t + 1; only scored targets are projected to the vocabulary.
+        """
+        scored = batch.target_mask[:, 1:]
+        logits = self.backbone.logits(hidden[:, :-1][scored]).float()  # [N, V]
+        token_nll = F.cross_entropy(logits, batch.input_ids[:, 1:][scored], reduction="none")
+        rows = scored.nonzero()[:, 0]
+        return torch.zeros(batch.size, device=hidden.device).index_add_(0, rows, token_nll)
+
+    # --- decoding (see generation/decode.py) -------------------------------------------
+    def injections(self, latent: Any) -> dict[str, Any]:
+        """Backbone keyword arguments that feed `latent` to the decoder (none for the LM)."""
+        return {}
+
+    def sample_prior_latent(self, num: int, device: torch.device) -> Any:
+        """Latents for unconditional generation: one per sequence (None for the LM)."""
+        return None
+
+    @torch.no_grad()
+    def decode_start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, latent: Any) -> tuple[torch.Tensor, DecodeState]:
+        """Run left-padded prompts [N, T]; returns next-token logits [N, V] and the state."""
+        injections = self.injections(latent)
+        memory = injections.pop("memory", None)
+        cache = self.backbone.new_cache(memory)
+        mask = prompt_mask
+        if memory is not None:
+            mask = torch.cat([prompt_mask.new_ones(prompt_mask.shape[0], 1), prompt_mask], dim=1)
+        positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.backbone(prompt_ids, mask, position_ids=positions, cache=cache, **injections)
+        state = DecodeState(out.cache, mask, positions[:, -1] + 1, latent)
+        return self.backbone.logits(out.hidden[:, -1]).float(), state
+
+    @torch.no_grad()
+    def decode_next(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [N]; returns next-token logits [N, V] and advances `state`."""
+        injections = self.injections(state.latent)
+        injections.pop("memory", None)  # already in the cache
+        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], 1)
+        out = self.backbone(
+            tokens[:, None],
+            state.attention_mask,
+            position_ids=state.next_position[:, None],
+            cache=state.cache,
+            **injections,
+        )
+        state.next_position = state.next_position + 1
+        return self.backbone.logits(out.hidden[:, -1]).float()
+
+    # --- persistence --------------------------------------------------------------
+    def save_pretrained(self, directory, run_config: dict) -> None:
+        from textvae.models.registry import save_model
+
+        save_model(self, directory, run_config)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "TextVAE":
+        from textvae.models.registry import load_model
+
+        return load_model(directory)[0]
+
+
+def select_rows(latent: Any, index: torch.Tensor) -> Any:
+    """Index dim 0 of a latent that is a tensor or a (nested) list/tuple/dict of tensors."""
+    if latent is None:
+        return None
+    if isinstance(latent, torch.Tensor):
+        return latent[index]
+    if isinstance(latent, (list, tuple)):
+        return type(latent)(select_rows(item, index) for item in latent)
+    if isinstance(latent, dict):
+        return {key: select_rows(value, index) for key, value in latent.items()}
+    raise TypeError(f"cannot select rows of a latent of type {type(latent).__name__}")

@@ -1,0 +1,33 @@
+"""The plain language model: the backbone fine-tuned with cross-entropy (the "GPT-2" row).
+
+It has no latent: KL is zero and log p(x) is exact, so its IW-PPL is its exact PPL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from textvae.data.batching import Batch
+from textvae.models.base import Output, TextVAE
+
+
+@dataclass
+class LMConfig:
+    name: str = "lm"
+
+
+class LanguageModel(TextVAE):
+    name = "lm"
+    config_class = LMConfig
+    has_latent = False
+
+    def forward(self, batch: Batch, beta: float = 1.0) -> Output:
+        hidden = self.backbone(batch.input_ids, batch.attention_mask).hidden
+        rec = self.target_nll(hidden, batch)
+        return Output(loss=rec.mean(), rec=rec, kl=torch.zeros_like(rec))
+
+    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
+        """Exact log p(x), repeated k times: [B, k]."""
+        return (-self.forward(batch).rec)[:, None].expand(-1, k)

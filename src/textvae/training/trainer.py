@@ -1,0 +1,347 @@
+"""The training loop. It knows the `TextVAE` interface (`forward(batch, beta) -> Output`) and
+nothing of any model's internals.
+
+One optimizer step consumes one global batch of `train.batch_size` examples, split over
+`torchrun` processes (rows r, r + W, ...) and then into `train.grad_accum` micro-batches.
+Each micro-batch loss is weighted by its share of the global batch, so the gradient is the
+mean over the global batch whatever the split: two processes give the result of one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from textvae.config import TrainConfig
+from textvae.errors import TextVAEError
+from textvae.data.batching import Encoded, LengthBucketSampler, collate, eval_batches
+from textvae.models.base import TextVAE
+from textvae.training import checkpoint
+
+
+@dataclass
+class Environment:
+    """Where this process runs: device, precision and its place among torchrun processes."""
+
+    device: torch.device
+    bf16: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+def setup_environment(train: TrainConfig) -> Environment:
+    """Pick the device and precision; join the process group when launched by torchrun."""
+    if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TextVAEError("train.device=cuda but no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Environment(device, resolve_bf16(train.precision, device), rank, world_size)
+
+
+def resolve_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast when asked, or on `auto` when the hardware has native bf16 arithmetic."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up to `train.lr`, then linear or cosine decay to 0, or constant."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.decay == "constant":
+        return train.lr
+    progress = (step - train.warmup_steps) / max(1, total_steps - train.warmup_steps)
+    progress = min(1.0, progress)
+    if train.decay == "cosine":
+        return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.lr * (1.0 - progress)
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and other 1-D parameters."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+StepCallback = Callable[["Trainer", int], None]
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: TextVAE,
+        train_config: TrainConfig,
+        train_data: list[Encoded],
+        valid_data: list[Encoded],
+        run_dir: str | Path,
+        env: Environment,
+        beta_schedule: Callable[[int, int], float] | None = None,
+        callbacks: list[StepCallback] | None = None,
+        save_final: Callable[[TextVAE], None] | None = None,
+    ):
+        self.model = model.to(env.device)
+        self.train_config = train_config
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.run_dir = Path(run_dir)
+        self.env = env
+        self.beta_schedule = beta_schedule or (lambda step, steps_per_epoch: 1.0)
+        self.callbacks = callbacks or []
+        self.save_final = save_final
+        self.pad_id = model.tokenizer.pad_id
+        self.sampler = LengthBucketSampler(
+            [len(item.ids) for item in train_data], train_config.batch_size, train_config.seed, train_config.bucket_batches
+        )
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = train_config.max_steps or train_config.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.model, train_config)
+        self.wrapped = (
+            DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            if env.world_size > 1
+            else self.model
+        )
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.tensorboard = None
+
+    # --- the loop -------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict:
+        """Train to `total_steps`; returns the last validation metrics."""
+        if resume:
+            self._resume()
+        if self.env.main:
+            self.tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
+        progress = tqdm(
+            total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+            disable=not (self.env.main and sys.stderr.isatty()),  # logs hold the numbers otherwise
+            mininterval=1.0,
+        )
+        validation: dict = {}
+        started, interval, grad_norms = time.perf_counter(), torch.zeros(5, dtype=torch.float64), []
+        while self.step < self.total_steps:
+            batches = self.sampler.epoch_batches(self.epoch)
+            while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+                global_batch = batches[self.batch_in_epoch]
+                self.batch_in_epoch += 1
+                if len(global_batch) < self.env.world_size:
+                    continue  # too small to give every process an example
+                beta = self.beta_schedule(self.step, self.steps_per_epoch)
+                lr = learning_rate(self.train_config, self.step, self.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                sums, grad_norm = self._optimizer_step(global_batch, beta)
+                interval += sums
+                grad_norms.append(grad_norm)
+                self.step += 1
+                progress.update(1)
+                if self.step % self.train_config.log_every == 0 or self.step == self.total_steps:
+                    record = self._log_record(interval, beta, lr, time.perf_counter() - started)
+                    record["grad_norm"] = sum(grad_norms) / len(grad_norms)
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.2f}", rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}",
+                        ppl=f"{record['ppl']:.1f}", beta=f"{beta:.2g}",
+                    )
+                    self._write_metrics(record)
+                    started, interval, grad_norms = time.perf_counter(), torch.zeros(5, dtype=torch.float64), []
+                end_of_epoch = self.batch_in_epoch == len(batches)
+                eval_every = self.train_config.eval_every
+                if (eval_every and self.step % eval_every == 0) or (not eval_every and end_of_epoch) or self.step == self.total_steps:
+                    validation = self.validate()
+                if self.step % self.train_config.checkpoint_every == 0 or self.step == self.total_steps:
+                    self._checkpoint(started_next_epoch=end_of_epoch)
+                for callback in self.callbacks:
+                    callback(self, self.step)
+            if self.batch_in_epoch >= len(batches):
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        progress.close()
+        if self.env.main and self.save_final is not None:
+            self.save_final(self.model)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.env.world_size > 1:
+            dist.barrier()
+        return validation
+
+    def _optimizer_step(self, global_batch: list[int], beta: float) -> tuple[torch.Tensor, float]:
+        """Forward/backward over this process's share of `global_batch`, then one update.
+        Returns the summed [loss, rec, kl, target tokens, examples] over all processes and
+        the gradient norm before clipping."""
+        share = global_batch[self.env.rank :: self.env.world_size]
+        micro_batches = [m for m in np.array_split(np.asarray(share), self.train_config.grad_accum) if len(m)]
+        self.wrapped.train()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+        for index, rows in enumerate(micro_batches):
+            batch = collate([self.train_data[i] for i in rows], self.pad_id).to(self.env.device)
+            last = index == len(micro_batches) - 1
+            sync = nullcontext() if last or self.env.world_size == 1 else self.wrapped.no_sync()
+            with sync:
+                with self.env.autocast():
+                    out = self.wrapped(batch, beta)
+                weight = len(rows) * self.env.world_size / len(global_batch)
+                (out.loss * weight).backward()
+            micro_sums = [out.loss.detach() * len(rows), out.rec.detach().sum(), out.kl.detach().sum(), batch.target_mask.sum(), torch.tensor(len(rows), device=self.env.device)]
+            sums += torch.stack([value.double() for value in micro_sums])
+        max_norm = self.train_config.grad_clip if self.train_config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
+        return sums.cpu(), float(grad_norm)
+
+    # --- validation -----------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean rec/KL per example and the single-sample bound on PPL (exact for the LM)."""
+        record: dict = {}
+        if self.env.main:
+            self.model.eval()
+            sums = np.zeros(4)
+            lengths = [len(item.ids) for item in self.valid_data]
+            for rows in eval_batches(lengths, self.train_config.batch_size):
+                batch = collate([self.valid_data[i] for i in rows], self.pad_id).to(self.env.device)
+                with self.env.autocast():
+                    out = self.model(batch, 1.0)
+                sums += [out.rec.sum().item(), out.kl.sum().item(), batch.target_mask.sum().item(), batch.size]
+            rec, kl, tokens, examples = sums
+            record = {
+                "split": "valid",
+                "step": self.step,
+                "rec": rec / examples,
+                "kl": kl / examples,
+                "elbo": (rec + kl) / examples,
+                "ppl_bound": math.exp((rec + kl) / tokens),
+                "tokens": int(tokens),
+                "examples": int(examples),
+            }
+            self._write_metrics(record)
+            tqdm.write(
+                f"step {self.step}: valid rec {record['rec']:.3f} kl {record['kl']:.3f} "
+                f"ppl<={record['ppl_bound']:.2f}"
+            )
+        if self.env.world_size > 1:
+            dist.barrier()
+        return record
+
+    # --- logging ----------------------------------------------------------------------
+    def _log_record(self, sums: torch.Tensor, beta: float, lr: float, seconds: float) -> dict:
+        """Means over the examples of the steps since the last record."""
+        loss, rec, kl, tokens, examples = sums.tolist()
+        return {
+            "split": "train",
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": loss / examples,
+            "rec": rec / examples,
+            "kl": kl / examples,
+            "beta": beta,
+            "ppl": math.exp(min((rec + kl) / tokens, 50.0)),  # single-sample bound; exact for the LM
+            "lr": lr,
+            "target_tokens_per_s": tokens / seconds,
+        }
+
+    def _write_metrics(self, record: dict) -> None:
+        if not self.env.main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tensorboard.add_scalar(f"{record['split']}/{key}", value, record["step"])
+
+    # --- checkpoints ------------------------------------------------------------------
+    def _checkpoint(self, started_next_epoch: bool) -> None:
+        epoch, batch_in_epoch = (self.epoch + 1, 0) if started_next_epoch else (self.epoch, self.batch_in_epoch)
+        state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.env.world_size}
+        folder = checkpoint.checkpoint_root(self.run_dir) / f"step-{self.step:06d}"
+        if self.env.main:
+            folder = checkpoint.write_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state)
+        if self.env.world_size > 1:
+            dist.barrier()  # the folder exists before other ranks write their RNG state into it
+        checkpoint.save_rng(folder, self.env.rank)
+        if self.env.world_size > 1:
+            dist.barrier()
+        if self.env.main:
+            checkpoint.publish(self.run_dir, folder)
+
+    def _resume(self) -> None:
+        folder = checkpoint.latest_checkpoint(self.run_dir)
+        if folder is None:
+            raise TextVAEError(f"no complete checkpoint to resume from in {self.run_dir}")
+        state = checkpoint.read_checkpoint(folder, self.model, self.optimizer)
+        if state["world_size"] != self.env.world_size:
+            raise TextVAEError(
+                f"checkpoint was written by {state['world_size']} process(es); resume with the same number"
+            )
+        checkpoint.load_rng(folder, self.env.rank)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if self.env.main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            tqdm.write(f"resumed from {folder.name} (step {self.step})")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records a killed run logged after its last checkpoint, so the log reads as one run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))

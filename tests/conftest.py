@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny corpora cut from the bundled demo corpus, tiny backbones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from textvae.backbone.backbone import Backbone
+from textvae.data.corpus import BUNDLED
+
+DEMO = BUNDLED["demo"]
+
+
+def demo_lines(split: str, count: int) -> list[str]:
+    return (DEMO / f"{split}.txt").read_text(encoding="utf-8").splitlines()[:count]
+
+
+@pytest.fixture
+def tiny_txt(tmp_path: Path) -> Path:
+    """A .txt corpus: 160 / 24 / 24 demo sentences."""
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for split, count in (("train", 160), ("valid", 24), ("test", 24)):
+        (folder / f"{split}.txt").write_text("\n".join(demo_lines(split, count)) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def tiny_jsonl(tmp_path: Path) -> Path:
+    """A .jsonl corpus: the source is a sentence, the target the next one."""
+    folder = tmp_path / "jsonl"
+    folder.mkdir()
+    for split, count in (("train", 120), ("valid", 16), ("test", 16)):
+        lines = demo_lines(split, count + 1)
+        records = [json.dumps({"source": a, "target": b}) for a, b in zip(lines, lines[1:])]
+        (folder / f"{split}.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
+    return folder
+
+
+def tiny_backbone(family: str, attn: str = "sdpa", vocab: int = 97, seed: int = 0) -> Backbone:
+    """A 2-layer, 32-wide random backbone; Llama with grouped-query attention (4 heads, 2 KV)."""
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=vocab,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = GPT2LMHeadModel._from_config(config, attn_implementation=attn)
+    else:
+        config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, vocab_size=vocab, max_position_embeddings=64,
+                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = LlamaForCausalLM._from_config(config, attn_implementation=attn)
+    assert model.config._attn_implementation == attn
+    return Backbone(model.eval())
+
+
+FAMILIES = ("gpt2", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from textvae.data.tokenizer import TextTokenizer
+
+    return TextTokenizer.train_bpe(demo_lines("train", 400), vocab_size=300)
+
+
+def tiny_lm(tokenizer, family: str = "gpt2", seed: int = 0):
+    """A plain LM on a tiny random backbone with `tokenizer`'s vocabulary."""
+    from textvae.models.lm import LanguageModel, LMConfig
+
+    backbone = tiny_backbone(family, vocab=tokenizer.vocab_size, seed=seed)
+    return LanguageModel(backbone, tokenizer, LMConfig()).eval()

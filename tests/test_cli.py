@@ -1,0 +1,132 @@
+"""The `lm` row end to end through the CLI, and clean failures on bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from textvae.cli import main
+from textvae.data.batching import collate, encode_examples
+from textvae.data.corpus import read_split
+from textvae.models.registry import load_model
+
+FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", "train.warmup_steps=5",
+        "--set", "train.log_every=5", "--set", "train.precision=fp32", "--set", "data.vocab_size=400"]
+
+
+def _records(run, split="train"):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_lm_trains_evaluates_and_generates(tiny_txt, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "lm", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "30", *FAST]) == 0
+    train = _records(run)
+    assert train[-1]["rec"] < train[0]["rec"] - 5  # nats per example: learning happened
+    assert {"config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run), "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) == {"ppl", "nll", "tokens", "examples"}
+    assert metrics["examples"] == 24
+    assert metrics["ppl"] == pytest.approx(math.exp(metrics["nll"] * metrics["examples"] / metrics["tokens"]))
+    assert "ppl" in capsys.readouterr().out
+
+    assert main(["generate", str(run), "--num", "4", "--decoding", "top-k", "--seed", "3"]) == 0
+    texts = capsys.readouterr().out.splitlines()
+    assert len(texts) == 4 and all(texts)
+    assert main(["generate", str(run), "--num", "2", "--decoding", "beam", "--out", str(tmp_path / "g.txt")]) == 0
+    assert len((tmp_path / "g.txt").read_text().splitlines()) == 2
+
+
+def test_ppl_matches_hugging_face_loss_with_the_token_convention(tiny_txt, tmp_path):
+    run = tmp_path / "run"
+    main(["train", "--model", "lm", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "5", *FAST])
+    main(["evaluate", str(run), "--json", str(tmp_path / "m.json")])
+    ours = json.loads((tmp_path / "m.json").read_text())
+    model, config = load_model(run)
+    encoded, _ = encode_examples(read_split(tiny_txt, "test").examples, model.tokenizer, 32, 16, "truncate")
+    batch = collate(encoded, model.tokenizer.pad_id)
+    labels = batch.input_ids.masked_fill(~batch.target_mask, -100)  # BOS and padding not scored
+    with torch.no_grad():
+        hf = model.backbone.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels)
+    assert ours["tokens"] == int(batch.target_mask.sum()) == sum(len(e.ids) - 1 for e in encoded)
+    assert ours["ppl"] == pytest.approx(math.exp(hf.loss.item()), rel=1e-4)
+
+
+def test_lm_on_jsonl_scores_targets_only(tiny_jsonl, tmp_path):
+    run = tmp_path / "run"
+    long = ["--set", "data.max_length=96", "--set", "data.max_source_length=40"]
+    assert main(["train", "--model", "lm", "--data", str(tiny_jsonl), "--out", str(run), "--max-steps", "4", *FAST, *long]) == 0
+    assert main(["evaluate", str(run), "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    model, _ = load_model(run)
+    targets = [e.target for e in read_split(tiny_jsonl, "test").examples]
+    assert metrics["tokens"] == sum(len(model.tokenizer.encode(t)) + 1 for t in targets)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a man sleeps .\ntwo dogs run .\n")
+    assert main(["generate", str(run), "--prompts", str(prompts), "--num", "2", "--out", str(tmp_path / "o.txt")]) == 0
+    assert len((tmp_path / "o.txt").read_text().splitlines()) == 4
+
+
+def _bad_inputs(tmp_path, tiny_txt):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.txt").write_text("\n")
+    (empty / "valid.txt").write_text("x\n")
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "train.txt").write_bytes(b"fine\n\xc3\x28 broken\n")
+    (binary / "valid.txt").write_text("x\n")
+    return {
+        "missing data": (["--data", str(tmp_path / "nope")], "data folder not found"),
+        "empty split": (["--data", str(empty)], "holds no examples"),
+        "undecodable": (["--data", str(binary)], "not valid UTF-8"),
+        "unknown model": (["--data", str(tiny_txt), "--model", "vae9000"], "unknown model 'vae9000'"),
+        "planned model": (["--data", str(tiny_txt), "--model", "della"], "not implemented yet"),
+        "unknown backbone": (["--data", str(tiny_txt), "--backbone", "gpt5-huge"], "unknown backbone"),
+        "invalid value": (["--data", str(tiny_txt), "--set", "train.lr=fast"], "train.lr must be float"),
+        "invalid choice": (["--data", str(tiny_txt), "--set", "data.overlong=squash"], "data.overlong must be one of"),
+        "unknown key": (["--data", str(tiny_txt), "--set", "train.speed=3"], "unknown train option"),
+        "too long for backbone": (["--data", str(tiny_txt), "--set", "data.max_length=4096"], "longer than backbone"),
+        "over-long input": (["--data", str(tiny_txt), "--set", "data.max_length=8", "--set", "data.overlong=error"], "more than data.max_length=8"),
+        "bad flag": (["--data", str(tiny_txt), "--epochs", "two"], "invalid int value"),
+    }
+
+
+CASES = ["missing data", "empty split", "undecodable", "unknown model", "planned model", "unknown backbone",
+         "invalid value", "invalid choice", "unknown key", "too long for backbone", "over-long input", "bad flag"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_and_no_run_dir(case, tiny_txt, tmp_path, capsys):
+    args, message = _bad_inputs(tmp_path, tiny_txt)[case]
+    run = tmp_path / "run"
+    code = main(["train", "--out", str(run), "--max-steps", "2", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("textvae: error: ") and message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not run.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]  # no staging leftovers
+
+
+def test_existing_run_dir_is_protected(tiny_txt, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "2", *FAST]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "precious"
+
+
+def test_other_commands_fail_cleanly(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    assert main(["interpolate", str(tmp_path), "a", "b"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["score", "g.txt", "--refs", "r.txt"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Corpus readers, tokenizers, the max-length policy and length-bucketed batching."""
+
+import json
+
+import pytest
+
+from conftest import demo_lines
+from textvae.data.batching import LengthBucketSampler, collate, encode_examples, eval_batches
+from textvae.data.corpus import Example, read_split
+from textvae.data.tokenizer import TextTokenizer
+from textvae.errors import TextVAEError
+
+
+def test_txt_reader_skips_blank_lines_and_strips(tmp_path):
+    (tmp_path / "train.txt").write_text(" a cat .\n\n  \nthe dog\n", encoding="utf-8")
+    split = read_split(tmp_path, "train")
+    assert [e.target for e in split.examples] == ["a cat .", "the dog"]
+    assert split.blank_lines == 2 and not split.conditional
+
+
+def test_jsonl_reader_reads_source_and_target(tiny_jsonl):
+    split = read_split(tiny_jsonl, "valid")
+    lines = demo_lines("valid", 17)
+    assert split.conditional and len(split.examples) == 16
+    assert split.examples[0] == Example(target=lines[1], source=lines[0])
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("train.txt", b"", "holds no examples"),
+        ("train.txt", b"ok\n\xff\xfe bad\n", "line 2 is not valid UTF-8"),
+        ("train.jsonl", b'{"target": "a"}\n{"target": \n', "line 2 is not valid JSON"),
+        ("train.jsonl", b'{"source": "a"}\n', 'needs a string "target"'),
+    ],
+)
+def test_bad_files_raise_one_clear_error(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(TextVAEError, match=message):
+        read_split(tmp_path, "train")
+
+
+def test_missing_split_is_an_error(tmp_path):
+    with pytest.raises(TextVAEError, match="no valid.txt or valid.jsonl"):
+        read_split(tmp_path, "valid")
+
+
+def test_bpe_has_special_tokens_and_round_trips(tiny_tokenizer):
+    tok = tiny_tokenizer
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.sep_id) == (0, 1, 2, 3)
+    text = "a man is riding a bike ."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert not {tok.bos_id, tok.eos_id, tok.pad_id, tok.sep_id} & set(ids)  # encode adds no specials
+    assert tok.decode(ids + [tok.eos_id] + tok.encode("ignored")) == text  # decode stops at EOS
+
+
+def test_tokenizer_save_and_load(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save(tmp_path)
+    loaded = TextTokenizer.load(tmp_path)
+    assert loaded.encode("two dogs play") == tiny_tokenizer.encode("two dogs play")
+    assert loaded.sep_id == tiny_tokenizer.sep_id
+
+
+def test_layout_and_scored_tokens(tiny_tokenizer):
+    tok = tiny_tokenizer
+    examples = [Example("a dog runs ."), Example("a cat .", source="the dog")]
+    encoded, stats = encode_examples(examples, tok, 64, 16, "truncate")
+    target = tok.encode("a dog runs .")
+    assert encoded[0].ids == [tok.bos_id, *target, tok.eos_id] and encoded[0].prefix_length == 1
+    source = tok.encode("the dog")
+    assert encoded[1].ids[: len(source) + 2] == [tok.bos_id, *source, tok.sep_id]
+    batch = collate(encoded, tok.pad_id)
+    # scored: target tokens and EOS, never BOS, source, SEP or padding
+    assert batch.target_mask.sum(1).tolist() == [len(target) + 1, len(tok.encode("a cat .")) + 1]
+    assert batch.input_ids[batch.target_mask].tolist() == target + [tok.eos_id] + tok.encode("a cat .") + [tok.eos_id]
+    assert batch.attention_mask.sum(1).tolist() == [len(e.ids) for e in encoded]
+
+
+def test_max_length_policies_are_applied_and_counted(tiny_tokenizer):
+    tok = tiny_tokenizer
+    examples = [Example("a dog"), Example("a man is riding a red bike down the street .")]
+    long_length = len(tok.encode(examples[1].target)) + 2
+    encoded, stats = encode_examples(examples, tok, 8, 4, "truncate")
+    assert stats.truncated == 1 and stats.dropped == 0 and len(encoded[1].ids) == 8 < long_length
+    assert encoded[1].ids[-1] != tok.eos_id  # a cut text did not end: no EOS
+    encoded, stats = encode_examples(examples, tok, 8, 4, "drop")
+    assert stats.dropped == 1 and stats.kept == [0] and len(encoded) == 1
+    with pytest.raises(TextVAEError, match="example 2 has"):
+        encode_examples(examples, tok, 8, 4, "error")
+    _, stats = encode_examples([Example("a dog", source="a man is riding a red bike")], tok, 64, 3, "truncate")
+    assert stats.sources_truncated == 1
+
+
+def test_bucket_sampler_covers_every_example_once_and_is_deterministic():
+    lengths = [(i * 7) % 23 + 1 for i in range(103)]
+    sampler = LengthBucketSampler(lengths, batch_size=8, seed=3, bucket_batches=4)
+    batches = sampler.epoch_batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    assert len(batches) == len(sampler)
+    assert batches == LengthBucketSampler(lengths, 8, 3, 4).epoch_batches(0)
+    assert batches != sampler.epoch_batches(1)
+    # within a batch lengths are close: spread far below the corpus spread
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 6
+
+
+def test_eval_batches_are_sorted_longest_first():
+    batches = eval_batches([3, 9, 1, 7], 2)
+    assert batches == [[1, 3], [0, 2]]

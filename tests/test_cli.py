@@ -20,9 +20,11 @@ def _records(run, split="train"):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
-def test_lm_trains_evaluates_and_generates(tiny_txt, tmp_path, capsys):
+@pytest.mark.parametrize("backbone", ("gpt2-tiny", "llama-tiny"))
+def test_lm_trains_evaluates_and_generates(backbone, tiny_txt, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--model", "lm", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "30", *FAST]) == 0
+    args = ["train", "--model", "lm", "--backbone", backbone, "--data", str(tiny_txt), "--out", str(run)]
+    assert main([*args, "--max-steps", "30", *FAST]) == 0
     train = _records(run)
     assert train[-1]["rec"] < train[0]["rec"] - 5  # nats per example: learning happened
     assert {"config.yaml", "model.safetensors", "tokenizer.json", "metrics.jsonl"} <= {p.name for p in run.iterdir()}

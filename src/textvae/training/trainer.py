@@ -166,6 +166,9 @@ class Trainer:
             mininterval=1.0,
         )
         validation: dict = {}
+        # without a progress bar (logs, batch jobs) print about ten lines per run
+        log_every = self.train_config.log_every
+        quiet_every = log_every * max(1, round(self.total_steps / 10 / log_every))
         started, interval, grad_norms = time.perf_counter(), torch.zeros(5, dtype=torch.float64), []
         while self.step < self.total_steps:
             batches = self.sampler.epoch_batches(self.epoch)
@@ -191,6 +194,8 @@ class Trainer:
                         ppl=f"{record['ppl']:.1f}", beta=f"{beta:.2g}",
                     )
                     self._write_metrics(record)
+                    if progress.disable and self.env.main and self.step % quiet_every == 0:
+                        tqdm.write(_one_line(record, self.total_steps))
                     started, interval, grad_norms = time.perf_counter(), torch.zeros(5, dtype=torch.float64), []
                 end_of_epoch = self.batch_in_epoch == len(batches)
                 eval_every = self.train_config.eval_every
@@ -329,6 +334,14 @@ class Trainer:
         if self.env.main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
             tqdm.write(f"resumed from {folder.name} (step {self.step})")
+
+
+def _one_line(record: dict, total_steps: int) -> str:
+    return (
+        f"step {record['step']}/{total_steps}: loss {record['loss']:.3f} rec {record['rec']:.3f} "
+        f"kl {record['kl']:.3f} beta {record['beta']:.3g} lr {record['lr']:.2e} "
+        f"{record['target_tokens_per_s']:.0f} tok/s"
+    )
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

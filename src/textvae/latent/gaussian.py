@@ -1,0 +1,55 @@
+"""Diagonal Gaussian distributions over latent vectors: sampling, densities and KL.
+
+Shapes: `mean` and `log_var` are [..., P]; densities and KL are summed over P.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+class DiagonalGaussian:
+    def __init__(self, mean: torch.Tensor, log_var: torch.Tensor):
+        if mean.shape != log_var.shape:
+            raise ValueError(f"mean {tuple(mean.shape)} and log_var {tuple(log_var.shape)} differ")
+        self.mean = mean
+        self.log_var = log_var
+
+    @classmethod
+    def standard(cls, like: torch.Tensor) -> "DiagonalGaussian":
+        """N(0, I) with the shape, dtype and device of `like`."""
+        zeros = torch.zeros_like(like)
+        return cls(zeros, zeros)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.log_var)
+
+    def rsample(self, num: int | None = None) -> torch.Tensor:
+        """Reparameterised sample [..., P], or `num` samples [..., num, P]."""
+        if num is None:
+            return self.mean + self.std * torch.randn_like(self.mean)
+        shape = (*self.mean.shape[:-1], num, self.mean.shape[-1])
+        noise = torch.randn(shape, dtype=self.mean.dtype, device=self.mean.device)
+        return self.mean.unsqueeze(-2) + self.std.unsqueeze(-2) * noise
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; mean, var) summed over P. z: [..., P] or [..., k, P] -> [...] or [..., k]."""
+        mean, log_var = self.mean, self.log_var
+        if z.dim() == mean.dim() + 1:
+            mean, log_var = mean.unsqueeze(-2), log_var.unsqueeze(-2)
+        return -0.5 * (LOG_2PI + log_var + (z - mean) ** 2 * torch.exp(-log_var)).sum(-1)
+
+    def kl_per_dim(self, other: "DiagonalGaussian") -> torch.Tensor:
+        """KL(self || other) of each dimension: [..., P]."""
+        var_ratio = torch.exp(self.log_var - other.log_var)
+        mean_term = (self.mean - other.mean) ** 2 * torch.exp(-other.log_var)
+        return 0.5 * (var_ratio + mean_term - 1.0 - (self.log_var - other.log_var))
+
+    def kl(self, other: "DiagonalGaussian") -> torch.Tensor:
+        """KL(self || other) summed over P: [...]."""
+        return self.kl_per_dim(other).sum(-1)

@@ -1,6 +1,5 @@
 """Corpus readers, tokenizers, the max-length policy and length-bucketed batching."""
 
-import json
 
 import pytest
 

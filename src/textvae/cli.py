@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- train ----------------------------------------------------------------------------
 def _train(args) -> int:
+    import torch.distributed as dist
+
     from textvae.config import Config, apply_overrides, load_yaml
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.models.registry import create_model, load_model, model_config, save_model
@@ -133,8 +135,6 @@ def _train(args) -> int:
     if not args.resume and env.main:
         _create_run_dir(out, lambda staging: save_model(model, staging, run_config, weights=False), args.overwrite)
     if env.world_size > 1:
-        import torch.distributed as dist
-
         dist.barrier()
     _info(env.main, f"{type(model).__name__} on {config.backbone.spec}: {_count(model)} parameters; "
                     f"device {env.device}, {'bf16' if env.bf16 else 'fp32'}, {env.world_size} process(es)")
@@ -146,8 +146,6 @@ def _train(args) -> int:
     if env.main:
         print(json.dumps({key: value for key, value in validation.items() if key != "split"}))
     if env.world_size > 1:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     return 0
 

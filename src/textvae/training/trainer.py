@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from textvae.config import TrainConfig
-from textvae.errors import TextVAEError
 from textvae.data.batching import Encoded, LengthBucketSampler, collate, eval_batches
+from textvae.errors import TextVAEError
 from textvae.models.base import TextVAE
 from textvae.training import checkpoint
 

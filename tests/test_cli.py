@@ -128,7 +128,7 @@ def test_existing_run_dir_is_protected(tiny_txt, tmp_path, capsys):
 def test_other_commands_fail_cleanly(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     assert "run directory not found" in capsys.readouterr().err
-    assert main(["interpolate", str(tmp_path), "a", "b"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["interpolate", str(tmp_path / "nothing"), "a", "b"]) == 2
+    assert "run directory not found" in capsys.readouterr().err
     assert main(["score", "g.txt", "--refs", "r.txt"]) == 2
     assert "not implemented yet" in capsys.readouterr().err

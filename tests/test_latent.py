@@ -44,7 +44,7 @@ def test_kl_to_itself_is_zero_and_standard_prior():
 
 
 def test_cyclical_schedule_follows_the_della_appendix():
-    schedule = KLSchedule(kind="cyclical")  # period 2 epochs: 1e-5 half, rise a quarter, 1 a quarter
+    schedule = KLSchedule(schedule="cyclical")  # period 2 epochs: 1e-5 half, rise a quarter, 1 a quarter
     steps_per_epoch = 100  # period = 200 steps
     assert schedule(0, steps_per_epoch) == 1e-5
     assert schedule(99, steps_per_epoch) == 1e-5
@@ -57,8 +57,8 @@ def test_cyclical_schedule_follows_the_della_appendix():
 
 
 def test_linear_and_constant_schedules_and_validation():
-    assert KLSchedule(kind="linear", warmup_steps=10)(5, 100) == 0.5
-    assert KLSchedule(kind="linear", warmup_steps=10)(50, 100) == 1.0
-    assert KLSchedule(value=0.3)(7, 100) == 0.3
+    assert KLSchedule(schedule="linear", warmup_steps=10)(5, 100) == 0.5
+    assert KLSchedule(schedule="linear", warmup_steps=10)(50, 100) == 1.0
+    assert KLSchedule(beta=0.3)(7, 100) == 0.3
     with pytest.raises(TextVAEError):
-        KLSchedule(kind="cyclical", hold_low=0.9, rise=0.2).validate()
+        KLSchedule(schedule="cyclical", hold_low=0.9, rise=0.2).validate()

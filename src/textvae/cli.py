@@ -30,12 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a model", description="Train a model and save it to RUN_DIR.")
-    train.add_argument("--model", help="lm (more models: see `textvae train --help` of later versions)")
+    train.add_argument("--model", help="lm | embed | memory | softmax | optimus | norec (default: the config's, else lm)")
     train.add_argument("--data", help="folder with train/valid/test .txt or .jsonl, or a bundled corpus (demo)")
     train.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     train.add_argument("--backbone", metavar="SPEC", help="gpt2-tiny | gpt2-small | llama-tiny | smollm2 | FOLDER | FILE.gguf | hf:NAME")
-    train.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, backbone, train, model)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. train.lr=3e-4")
+    train.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, backbone, train, kl, model)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. train.lr=3e-4, kl.schedule=cyclical, model.latent_size=64")
     steps = train.add_mutually_exclusive_group()
     steps.add_argument("--epochs", type=int)
     steps.add_argument("--max-steps", type=int)
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="data folder (default: the run's training data)")
     evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
     evaluate.add_argument("--iw-samples", type=int, default=100, help="importance samples for log p(x) (latent models)")
+    evaluate.add_argument("--au-delta", type=float, default=0.01, help="variance above which a latent dimension is active")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics as flat JSON")
 
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-beams", type=int, default=4)
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.max_length")
     generate.add_argument("--prompts", metavar="FILE", help="one source per line (conditional runs)")
+    generate.add_argument("--reconstruct", metavar="FILE", help="one text per line: decode each from its posterior")
+    generate.add_argument("--latent", default="mean", choices=("mean", "sample"), help="with --reconstruct: posterior mean or a sample")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", metavar="FILE", help="write the texts here instead of stdout")
 
@@ -67,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("run_dir", metavar="RUN_DIR")
     interpolate.add_argument("sentence_a")
     interpolate.add_argument("sentence_b")
-    interpolate.add_argument("--steps", type=int, default=5)
+    interpolate.add_argument("--steps", type=int, default=5, help="points on the path, both ends included")
+    interpolate.add_argument("--decoding", default="greedy", choices=("greedy", "sample", "top-k", "top-p", "beam"))
+    interpolate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.max_length")
+    interpolate.add_argument("--seed", type=int, default=0)
 
     score = commands.add_parser("score", help="text metrics of generated texts against references")
     score.add_argument("generated", metavar="GENERATED.txt")
@@ -84,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": _train,
             "evaluate": _evaluate,
             "generate": _generate,
-            "interpolate": _not_yet,
+            "interpolate": _interpolate,
             "score": _not_yet,
         }[args.command]
         return handler(args) or 0
@@ -140,7 +148,7 @@ def _train(args) -> int:
                     f"device {env.device}, {'bf16' if env.bf16 else 'fp32'}, {env.world_size} process(es)")
     trainer = Trainer(
         model, config.train, train_data, valid_data, out, env,
-        save_final=lambda m: save_model(m, out, run_config),
+        beta_schedule=config.kl, save_final=lambda m: save_model(m, out, run_config),
     )
     validation = trainer.train(resume=args.resume)
     if env.main:
@@ -201,15 +209,17 @@ def _evaluate(args) -> int:
 
     if args.iw_samples < 1 or args.batch_size < 1:
         raise TextVAEError("--iw-samples and --batch-size must be >= 1")
+    if args.au_delta < 0:
+        raise TextVAEError("--au-delta must be >= 0")
     model, config = _load_run(args.run_dir)
     split = read_split(resolve_data_dir(args.data or config.data.path), args.split)
     data = _encode(split, model, config, args.split, True)
     if not data:
         raise TextVAEError("no examples left after applying data.max_length (see data.overlong)")
-    metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples)
+    metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples, args.au_delta, seed=args.seed)
     width = max(len(key) for key in metrics)
     for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        print(f"{key:<{width}}  {_readable(value)}")
     if args.json:
         _write_text(Path(args.json), json.dumps(metrics, indent=1) + "\n")
     return 0
@@ -228,16 +238,36 @@ def _generate(args) -> int:
     )
     decoding.validate()
     sources = None
-    if args.prompts:
-        sources = [line.strip() for line in _read_text(Path(args.prompts)).splitlines() if line.strip()]
-        if not sources:
-            raise TextVAEError(f"{args.prompts} holds no prompts")
-    texts = generate_texts(model, args.num, decoding, seed=args.seed, sources=sources)
+    if args.prompts and args.reconstruct:
+        raise TextVAEError("use either --prompts or --reconstruct")
+    if args.reconstruct:
+        from textvae.generation.interpolate import reconstruct_texts
+
+        lines = _read_lines(args.reconstruct, "texts")
+        texts = reconstruct_texts(model, lines, decoding, config.data.max_length, args.latent == "mean", args.seed)
+    else:
+        if args.prompts:
+            sources = _read_lines(args.prompts, "prompts")
+        texts = generate_texts(model, args.num, decoding, seed=args.seed, sources=sources)
     output = "".join(" ".join(text.splitlines()) + "\n" for text in texts)  # one text per line
     if args.out:
         _write_text(Path(args.out), output)
     else:
         sys.stdout.write(output)
+    return 0
+
+
+# --- interpolate ------------------------------------------------------------------------
+def _interpolate(args) -> int:
+    from textvae.generation.decode import DecodingConfig
+    from textvae.generation.interpolate import interpolate_texts
+
+    model, config = _load_run(args.run_dir)
+    decoding = DecodingConfig(strategy=args.decoding, max_new_tokens=args.max_new_tokens or config.data.max_length)
+    decoding.validate()
+    path = interpolate_texts(model, args.sentence_a, args.sentence_b, args.steps, decoding, config.data.max_length, args.seed)
+    for weight, text in path:
+        print(f"{weight:.2f}  {' '.join(text.splitlines())}")
     return 0
 
 
@@ -256,6 +286,21 @@ def _load_run(run_dir: str):
         raise TextVAEError(f"run directory not found: {run_dir}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return load_model(path, device=device)
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    lines = [line.strip() for line in _read_text(Path(path)).splitlines() if line.strip()]
+    if not lines:
+        raise TextVAEError(f"{path} holds no {what}")
+    return lines
+
+
+def _readable(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return " ".join(_readable(item) for item in value)
+    return str(value)
 
 
 def _read_text(path: Path) -> str:

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses, YAML load/save, and `--set key=value` overrides.
 
-A run is described by one `Config` with four sections. `data`, `backbone` and `train` are
-typed here; `model` is a plain mapping whose schema belongs to the chosen model (its config
+A run is described by one `Config` with five sections. `data`, `backbone`, `train` and `kl`
+(the KL weight schedule, `latent/schedules.py`) are typed here; `model` is a plain mapping whose schema belongs to the chosen model (its config
 dataclass lives next to the model, as in PEFT) and is checked with `build_dataclass`.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from textvae.errors import TextVAEError
+from textvae.latent.schedules import KLSchedule
 
 
 @dataclass
@@ -89,12 +90,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kl: KLSchedule = field(default_factory=KLSchedule)
     model: dict[str, Any] = field(default_factory=lambda: {"name": "lm"})
 
     def validate(self) -> None:
         self.data.validate()
         self.backbone.validate()
         self.train.validate()
+        self.kl.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,8 +105,8 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         if not isinstance(raw, dict):
-            raise TextVAEError("a config must be a mapping with sections data, backbone, train, model")
-        unknown = set(raw) - {"data", "backbone", "train", "model"}
+            raise TextVAEError("a config must be a mapping with sections data, backbone, train, kl, model")
+        unknown = set(raw) - {"data", "backbone", "train", "kl", "model"}
         if unknown:
             raise TextVAEError(f"unknown config section(s): {', '.join(sorted(unknown))}")
         model = raw.get("model") or {}
@@ -113,6 +116,7 @@ class Config:
             data=build_dataclass(DataConfig, raw.get("data") or {}, "data"),
             backbone=build_dataclass(BackboneConfig, raw.get("backbone") or {}, "backbone"),
             train=build_dataclass(TrainConfig, raw.get("train") or {}, "train"),
+            kl=build_dataclass(KLSchedule, raw.get("kl") or {}, "kl"),
             model={"name": "lm", **model},
         )
 

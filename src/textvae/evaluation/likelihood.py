@@ -1,8 +1,14 @@
-"""Likelihood metrics. Conventions (docs/metrics.md):
+"""Likelihood and representation metrics. Conventions (docs/metrics.md, DESIGN.md section 6):
 
 * tokens counted: each target's tokens and its EOS; never BOS, padding or a source prefix;
 * log p(x) ~= logsumexp_i log_weights_i - log k over k posterior samples (exact for the LM);
-* `nll`: mean over examples of -log p(x), in nats; `ppl` = exp(total -log p(x) / total tokens).
+  `nll`: mean over examples of -log p(x), in nats; `ppl` = exp(total -log p(x) / total tokens);
+* `elbo` = rec + KL per example (positive, lower is better), one posterior sample per example;
+* `kl`: KL(q(z|x) || p(z)) per example, summed over latent groups;
+* `mi`: I_q(x; z) = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with the aggregate posterior
+  over the whole evaluation set: log q(z_i) = logsumexp_j log q(z_i | x_j) - log N, one z_i
+  per x_i;
+* `au`: dimensions d with Cov_x(E_q(z|x)[z_d]) > delta (unbiased variance over examples).
 """
 
 from __future__ import annotations
@@ -27,27 +33,70 @@ def log_marginal(model: TextVAE, batch, k: int, chunk: int = 20) -> torch.Tensor
 
 
 @torch.no_grad()
+def mutual_information(posteriors: list, chunk: int = 1024) -> float:
+    """I_q(x; z) over the examples of all `posteriors` (one distribution object per batch,
+    each with `rsample()`, `log_prob(z)` and a batch of [B_j] examples), in nats."""
+    samples = [posterior.rsample() for posterior in posteriors]  # [B_j, D] each
+    log_q_own = torch.cat([q.log_prob(z) for q, z in zip(posteriors, samples)])  # [N]
+    every_z = torch.cat(samples)  # [N, D]
+    count = every_z.shape[0]
+    log_aggregate = torch.full((count,), float("-inf"), dtype=torch.float64, device=every_z.device)
+    for posterior in posteriors:
+        rows = posterior.mean.shape[0]
+        for start in range(0, count, chunk):
+            block = every_z[start : start + chunk]
+            log_q = posterior.log_prob(block[None].expand(rows, -1, -1))  # [B_j, chunk]
+            part = torch.logsumexp(log_q.double(), dim=0)
+            log_aggregate[start : start + chunk] = torch.logaddexp(log_aggregate[start : start + chunk], part)
+    log_aggregate -= math.log(count)
+    return float(log_q_own.double().mean() - log_aggregate.mean())
+
+
+def active_units(means: torch.Tensor, delta: float) -> torch.Tensor:
+    """Which latent dimensions are active: means [N, D] of E_q(z|x)[z] -> bool [D]."""
+    return means.double().var(dim=0, unbiased=True) > delta
+
+
+@torch.no_grad()
 def evaluate_likelihood(
     model: TextVAE,
     data: list[Encoded],
     batch_size: int = 32,
     iw_samples: int = 100,
+    au_delta: float = 0.01,
     bf16: bool = False,
+    seed: int = 0,
 ) -> dict:
-    """PPL, NLL, token and example counts of `model` on `data`."""
+    """`ppl`, `nll`, and for latent models `elbo`, `rec`, `kl`, `mi`, `au` (plus per-group KL
+    and AU when the model has several latent groups), `tokens`, `examples`."""
     model.eval()
+    torch.manual_seed(seed)  # posterior samples: the same run evaluates to the same numbers
     device = next(model.parameters()).device
-    total_nll, tokens = 0.0, 0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    total_nll, rec, kl, tokens = 0.0, 0.0, 0.0, 0
+    kl_groups, posteriors = [], []
     for rows in eval_batches([len(item.ids) for item in data], batch_size):
         batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         with autocast:
-            log_px = log_marginal(model, batch, iw_samples)
-        total_nll -= float(log_px.double().sum())
+            total_nll -= float(log_marginal(model, batch, iw_samples).double().sum())
+            if model.has_latent:
+                out = model(batch)
+                rec += float(out.rec.double().sum())
+                kl += float(out.kl.double().sum())
+                if out.kl_groups is not None:
+                    kl_groups.append(out.kl_groups.double().sum(0))
+                posteriors.append(model.posterior(batch))
         tokens += int(batch.target_mask.sum())
-    return {
-        "ppl": math.exp(total_nll / tokens),
-        "nll": total_nll / len(data),
-        "tokens": tokens,
-        "examples": len(data),
-    }
+    examples = len(data)
+    metrics = {"ppl": math.exp(total_nll / tokens), "nll": total_nll / examples}
+    if model.has_latent:
+        active = active_units(torch.cat([q.mean for q in posteriors]), au_delta)
+        metrics.update(elbo=(rec + kl) / examples, rec=rec / examples, kl=kl / examples)
+        metrics.update(mi=mutual_information(posteriors), au=int(active.sum()))
+        groups = model.latent_group_sizes
+        if len(groups) > 1:
+            metrics["kl_groups"] = (torch.stack(kl_groups).sum(0) / examples).tolist()
+            metrics["au_groups"] = [int(part.sum()) for part in active.split(groups)]
+            metrics["au_mean"] = sum(metrics["au_groups"]) / len(groups)
+    metrics.update(tokens=tokens, examples=examples)
+    return metrics

@@ -66,6 +66,21 @@ class TextVAE(nn.Module):
     def forward(self, batch: Batch, beta: float = 1.0) -> Output:
         raise NotImplementedError
 
+    @property
+    def latent_group_sizes(self) -> list[int]:
+        """Sizes of the latent groups (layers, segments) that make up z's last dimension."""
+        return [self.config.latent_size]
+
+    def posterior(self, batch: Batch):
+        """q(z | x) for every example, as an object with `rsample(num)`, `log_prob(z)` and
+        `mean` over all latent groups (z: [B, D] or [B, k, D], D = all groups concatenated).
+        `log_prob` also scores latents drawn for other examples, which MI needs."""
+        raise NotImplementedError(f"{self.name} has no latent variables")
+
+    def prior(self, batch: Batch):
+        """p(z) (or p(z | condition)) for every example, with the same interface."""
+        raise NotImplementedError(f"{self.name} has no latent variables")
+
     def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
         """[B, k] log p(x, z_i) - log q(z_i | x) for k posterior samples z_i."""
         raise NotImplementedError

@@ -169,7 +169,7 @@ class Trainer:
         # without a progress bar (logs, batch jobs) print about ten lines per run
         log_every = self.train_config.log_every
         quiet_every = log_every * max(1, round(self.total_steps / 10 / log_every))
-        started, interval, grad_norms = time.perf_counter(), torch.zeros(5, dtype=torch.float64), []
+        started, interval, grad_norms = time.perf_counter(), {}, []
         while self.step < self.total_steps:
             batches = self.sampler.epoch_batches(self.epoch)
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
@@ -182,7 +182,7 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 sums, grad_norm = self._optimizer_step(global_batch, beta)
-                interval += sums
+                interval = {key: interval.get(key, 0.0) + value for key, value in sums.items()}
                 grad_norms.append(grad_norm)
                 self.step += 1
                 progress.update(1)
@@ -196,7 +196,7 @@ class Trainer:
                     self._write_metrics(record)
                     if progress.disable and self.env.main and self.step % quiet_every == 0:
                         tqdm.write(_one_line(record, self.total_steps))
-                    started, interval, grad_norms = time.perf_counter(), torch.zeros(5, dtype=torch.float64), []
+                    started, interval, grad_norms = time.perf_counter(), {}, []
                 end_of_epoch = self.batch_in_epoch == len(batches)
                 eval_every = self.train_config.eval_every
                 if (eval_every and self.step % eval_every == 0) or (not eval_every and end_of_epoch) or self.step == self.total_steps:
@@ -217,14 +217,14 @@ class Trainer:
             dist.barrier()
         return validation
 
-    def _optimizer_step(self, global_batch: list[int], beta: float) -> tuple[torch.Tensor, float]:
+    def _optimizer_step(self, global_batch: list[int], beta: float) -> tuple[dict[str, float], float]:
         """Forward/backward over this process's share of `global_batch`, then one update.
-        Returns the summed [loss, rec, kl, target tokens, examples] over all processes and
-        the gradient norm before clipping."""
+        Returns sums over all processes of loss, rec, kl and the model's extra logs (each
+        times the examples), target tokens and examples; and the gradient norm before clipping."""
         share = global_batch[self.env.rank :: self.env.world_size]
         micro_batches = [m for m in np.array_split(np.asarray(share), self.train_config.grad_accum) if len(m)]
         self.wrapped.train()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.env.device)
+        sums: dict[str, torch.Tensor] = {}
         for index, rows in enumerate(micro_batches):
             batch = collate([self.train_data[i] for i in rows], self.pad_id).to(self.env.device)
             last = index == len(micro_batches) - 1
@@ -234,15 +234,20 @@ class Trainer:
                     out = self.wrapped(batch, beta)
                 weight = len(rows) * self.env.world_size / len(global_batch)
                 (out.loss * weight).backward()
-            micro_sums = [out.loss.detach() * len(rows), out.rec.detach().sum(), out.kl.detach().sum(), batch.target_mask.sum(), torch.tensor(len(rows), device=self.env.device)]
-            sums += torch.stack([value.double() for value in micro_sums])
+            micro = {"loss": out.loss.detach() * len(rows), "rec": out.rec.detach().sum(), "kl": out.kl.detach().sum()}
+            micro.update({key: torch.as_tensor(value).detach() * len(rows) for key, value in out.logs.items()})
+            micro.update(tokens=batch.target_mask.sum(), examples=torch.tensor(len(rows)))
+            for key, value in micro.items():
+                sums[key] = sums.get(key, 0.0) + value.double().to(self.env.device)
         max_norm = self.train_config.grad_clip if self.train_config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        keys = sorted(sums)  # the same model logs the same keys on every process
+        stacked = torch.stack([sums[key] for key in keys])
         if self.env.world_size > 1:
-            dist.all_reduce(sums)
-        return sums.cpu(), float(grad_norm)
+            dist.all_reduce(stacked)
+        return dict(zip(keys, stacked.tolist())), float(grad_norm)
 
     # --- validation -----------------------------------------------------------------
     @torch.no_grad()
@@ -279,18 +284,21 @@ class Trainer:
         return record
 
     # --- logging ----------------------------------------------------------------------
-    def _log_record(self, sums: torch.Tensor, beta: float, lr: float, seconds: float) -> dict:
+    def _log_record(self, sums: dict[str, float], beta: float, lr: float, seconds: float) -> dict:
         """Means over the examples of the steps since the last record."""
-        loss, rec, kl, tokens, examples = sums.tolist()
+        examples, tokens = sums["examples"], sums["tokens"]
+        standard = ("loss", "rec", "kl", "tokens", "examples")
+        extra = {key: value / examples for key, value in sums.items() if key not in standard}
         return {
             "split": "train",
             "step": self.step,
             "epoch": self.epoch,
-            "loss": loss / examples,
-            "rec": rec / examples,
-            "kl": kl / examples,
+            "loss": sums["loss"] / examples,
+            "rec": sums["rec"] / examples,
+            "kl": sums["kl"] / examples,
+            **extra,
             "beta": beta,
-            "ppl": math.exp(min((rec + kl) / tokens, 50.0)),  # single-sample bound; exact for the LM
+            "ppl": math.exp(min((sums["rec"] + sums["kl"]) / tokens, 50.0)),  # single-sample bound; exact for the LM
             "lr": lr,
             "target_tokens_per_s": tokens / seconds,
         }

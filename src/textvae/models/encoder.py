@@ -1,0 +1,56 @@
+"""The posterior's text encoder: the backbone run with a bidirectional mask, then a learned
+attention pooling of every requested layer's hidden states over the non-pad positions.
+
+Both papers share the encoder's weights with the decoder (`share_encoder: true`); with
+`share_encoder: false` the encoder is a separate copy of the backbone made at construction,
+before any latent injection, so it never carries decoder-side wrappers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from textvae.backbone import masks
+from textvae.backbone.backbone import Backbone
+
+
+class AttentionPooling(nn.Module):
+    """score_t = w · h_t, softmax over the non-pad positions, weighted sum of h_t; one w per
+    pooled layer. The scores start at zero, i.e. as mean pooling."""
+
+    def __init__(self, hidden_size: int, num_states: int):
+        super().__init__()
+        self.score = nn.Parameter(torch.zeros(num_states, hidden_size))
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, S, T, H] (S pooled states), attention_mask: [B, T] -> [B, S, H]."""
+        scores = torch.einsum("bsth,sh->bst", hidden.float(), self.score.float())
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(hidden.dtype)
+        return torch.einsum("bst,bsth->bsh", weights, hidden)
+
+
+class TextEncoder(nn.Module):
+    """Pooled bidirectional states of layers `layers` (1-based; L = the final, normalised one)."""
+
+    def __init__(self, backbone: Backbone, layers: list[int], share: bool = True):
+        super().__init__()
+        if not layers or min(layers) < 1 or max(layers) > backbone.num_layers:
+            raise ValueError(f"encoder layers must lie in 1..{backbone.num_layers}, got {layers}")
+        self.layers = list(layers)
+        self.pooling = AttentionPooling(backbone.hidden_size, len(self.layers))
+        self.own_backbone = None if share else copy.deepcopy(backbone)
+
+    def forward(self, backbone: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encode [B, T] token ids with the decoder's `backbone` (or the own copy) -> [B, S, H]."""
+        body = self.own_backbone if self.own_backbone is not None else backbone
+        only_last = self.layers == [body.num_layers]
+        out = body(input_ids, masks.bidirectional(attention_mask), output_hidden_states=not only_last)
+        if only_last:
+            states = out.hidden[:, None]
+        else:
+            states = torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
+        return self.pooling(states, attention_mask)

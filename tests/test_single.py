@@ -90,9 +90,65 @@ def test_vae_cli_trains_with_tricks_evaluates_interpolates_and_reconstructs(tiny
                      "--decoding", "greedy", "--max-new-tokens", "12"]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 2
 
+    assert main(["generate", str(run), "--num", "3", "--decoding", "sample", "--max-new-tokens", "12"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3  # latents drawn from the prior
+
     assert main(["interpolate", str(run), "a", "b", "--steps", "1"]) == 2
     assert "--steps must be >= 2" in capsys.readouterr().err
     assert main(["train", "--model", "embed", "--data", str(tiny_txt), "--out", str(tmp_path / "x"), "--set", "kl.schedule=wavy"]) == 2
     assert "kl.schedule must be" in capsys.readouterr().err
     assert main(["train", "--model", "embed", "--data", str(tiny_txt), "--out", str(tmp_path / "x"), "--set", "model.latent_size=0"]) == 2
     assert "model.latent_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ("gpt2", "llama"))
+@pytest.mark.parametrize("name", ("embed", "memory", "softmax", "optimus"))
+def test_cached_decoding_with_a_latent_equals_full_recomputation(name, family, tiny_tokenizer):
+    """The KV-cached loop (memory pre-filled in the cache, offsets on every new token) picks
+    the same greedy tokens as re-running the whole prefix with z injected at every step."""
+    from textvae.generation.decode import DecodingConfig, decode
+
+    config = Config.from_dict({"model": {"name": name, "latent_size": 8}})
+    torch.manual_seed(1)
+    model = model_class(name)(tiny_backbone(family, vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, model_config(config)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():  # a latent strong enough to steer the tokens
+            if parameter.dim() == 2 and parameter.shape[1] == 8:
+                parameter.mul_(20)
+    z = torch.randn(3, 8)
+    prompts = [[tiny_tokenizer.bos_id]] * 3
+    cached = decode(model, prompts, z, DecodingConfig(strategy="greedy", max_new_tokens=10))
+    for row in range(3):
+        tokens = [tiny_tokenizer.bos_id]
+        for _ in range(len(cached[row])):
+            ids = torch.tensor([tokens])
+            with torch.no_grad():
+                hidden = model.backbone(ids, torch.ones_like(ids), **model.injections(z[row : row + 1])).hidden
+            tokens.append(int(model.backbone.logits(hidden[:, -1]).argmax(-1)))
+        assert cached[row] == tokens[1:]
+    assert len({tuple(row) for row in cached}) > 1  # different latents, different texts
+    beams = decode(model, prompts, z, DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=10))
+    assert len(beams) == 3
+
+
+def test_separate_encoder_has_its_own_weights_and_pooling_ignores_padding(tiny_tokenizer):
+    from textvae.models.encoder import TextEncoder
+
+    backbone = tiny_backbone("gpt2", vocab=tiny_tokenizer.vocab_size)
+    shared = TextEncoder(backbone, layers=[1, 2])
+    separate = TextEncoder(backbone, layers=[2], share=False)
+    assert not any(name.startswith("own_backbone") for name, _ in shared.named_parameters())
+    assert any(name.startswith("own_backbone") for name, _ in separate.named_parameters())
+    assert separate.own_backbone.causal_lm.transformer.h[0].attn.c_attn.weight is not backbone.layers[0].attn.c_attn.weight
+    ids = torch.tensor([[1, 40, 41, 42, 2, 0], [1, 50, 51, 2, 0, 0]])
+    mask = (torch.arange(6) < torch.tensor([[5], [4]])).long()
+    with torch.no_grad():
+        pooled = shared(backbone, ids, mask)
+        assert pooled.shape == (2, 2, 32)
+        other_padding = shared(backbone, ids.masked_fill(mask == 0, 77), mask)
+        torch.testing.assert_close(other_padding, pooled)  # pad tokens are neither read nor pooled
+        later_token = ids.clone()
+        later_token[0, 3] = 60
+        changed = shared(backbone, later_token, mask)  # a real token changes its own row only
+        assert not torch.allclose(changed[0], pooled[0]) and torch.allclose(changed[1], pooled[1])
+        torch.testing.assert_close(separate(backbone, ids, mask)[:, 0], pooled[:, 1])  # same weights at the start

@@ -74,7 +74,7 @@ def test_vae_cli_trains_with_tricks_evaluates_interpolates_and_reconstructs(tiny
     assert train[-1]["beta"] == 1.0
     capsys.readouterr()
 
-    assert main(["evaluate", str(run), "--iw-samples", "4", "--au-delta", "0.2", "--json", str(tmp_path / "m.json")]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "4", "--au-delta", "0.2", "--precision", "bf16", "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert {"ppl", "nll", "elbo", "kl", "mi", "au", "tokens", "examples"} <= set(metrics)
     assert metrics["nll"] <= metrics["elbo"]

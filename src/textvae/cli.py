@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--iw-samples", type=int, default=100, help="importance samples for log p(x) (latent models)")
     evaluate.add_argument("--au-delta", type=float, default=0.01, help="variance above which a latent dimension is active")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    evaluate.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                          help="bf16 autocast for the networks (densities stay float32); auto = where native")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics as flat JSON")
 
@@ -206,6 +208,7 @@ def _encode(split, model, config, name: str, verbose: bool):
 def _evaluate(args) -> int:
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.likelihood import evaluate_likelihood
+    from textvae.training.trainer import resolve_bf16
 
     if args.iw_samples < 1 or args.batch_size < 1:
         raise TextVAEError("--iw-samples and --batch-size must be >= 1")
@@ -216,7 +219,9 @@ def _evaluate(args) -> int:
     data = _encode(split, model, config, args.split, True)
     if not data:
         raise TextVAEError("no examples left after applying data.max_length (see data.overlong)")
-    metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples, args.au_delta, seed=args.seed)
+    device = next(model.parameters()).device
+    bf16 = resolve_bf16(args.precision, device)
+    metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples, args.au_delta, bf16, args.seed)
     width = max(len(key) for key in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {_readable(value)}")

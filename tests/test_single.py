@@ -152,3 +152,19 @@ def test_separate_encoder_has_its_own_weights_and_pooling_ignores_padding(tiny_t
         changed = shared(backbone, later_token, mask)  # a real token changes its own row only
         assert not torch.allclose(changed[0], pooled[0]) and torch.allclose(changed[1], pooled[1])
         torch.testing.assert_close(separate(backbone, ids, mask)[:, 0], pooled[:, 1])  # same weights at the start
+
+
+def test_softmax_log_weights_shortcut_equals_the_full_decoder(tiny_tokenizer):
+    """`softmax` runs the body once for all k samples; it must equal k full decoder passes."""
+    config = Config.from_dict({"model": {"name": "softmax", "latent_size": 8}})
+    model = model_class("softmax")(tiny_backbone("gpt2", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, model_config(config)).eval()
+    batch = collate(_encoded(tiny_tokenizer, "train", 3), tiny_tokenizer.pad_id)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        shortcut = model.log_weights(batch, 4)
+        torch.manual_seed(0)
+        posterior = model.posterior(batch)
+        z = posterior.rsample(4)
+        full = torch.stack([-model.decoder_nll(batch, z[:, i]) for i in range(4)], 1)
+        full = full + model.prior(batch).log_prob(z) - posterior.log_prob(z)
+    torch.testing.assert_close(shortcut, full, rtol=1e-5, atol=1e-4)

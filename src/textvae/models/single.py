@@ -130,8 +130,14 @@ class SingleLatentVAE(TextVAE):
         """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i ~ q(z | x)."""
         posterior, prior = self.posterior(batch), self.prior(batch)
         z = posterior.rsample(k)  # [B, k, P]
-        repeated = batch.select(torch.arange(batch.size, device=z.device).repeat_interleave(k))
-        log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
+        rows = torch.arange(batch.size, device=z.device).repeat_interleave(k)
+        repeated = batch.select(rows)
+        if self.injection_points == ("softmax",):  # z only shifts the head: run the body once
+            hidden = self.backbone(batch.input_ids, batch.attention_mask).hidden[rows]
+            shifted = hidden + self.latent_to_head(z.flatten(0, 1))[:, None]
+            log_px_z = -self.target_nll(shifted, repeated).view(batch.size, k)
+        else:
+            log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
         return log_px_z + prior.log_prob(z) - posterior.log_prob(z)
 
 

@@ -46,12 +46,16 @@ class ValueFusion(nn.Module):
         return torch.cat([head, self.fusion(values, self.latent)], dim=-1)
 
 
-def inject_value_fusion(backbone, fusions: list[nn.Module]) -> list[ValueFusion]:
-    """Wrap the value projection of every layer `l` with `fusions[l]`; returns the wrappers."""
+def inject_value_fusion(backbone, fusions: list[nn.Module | None]) -> list[ValueFusion | None]:
+    """Wrap the value projection of every layer `l` with `fusions[l]` (None: leave the layer
+    as it is); returns the wrappers."""
     if len(fusions) != backbone.num_layers:
-        raise ValueError(f"need one fusion per layer ({backbone.num_layers}), got {len(fusions)}")
+        raise ValueError(f"need one fusion (or None) per layer ({backbone.num_layers}), got {len(fusions)}")
     wrappers = []
     for layer, fusion in enumerate(fusions):
+        if fusion is None:
+            wrappers.append(None)
+            continue
         parent, name, value_start = backbone.value_projection(layer)
         projection = getattr(parent, name)
         if isinstance(projection, ValueFusion):

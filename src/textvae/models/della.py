@@ -1,0 +1,289 @@
+"""DELLA: layer-wise latent variables fused into every decoder layer by a low-rank tensor
+product (DELLA paper section 4; DESIGN.md section 4.2).
+
+    latent layers  l = latent_begin .. latent_end (1-based; default every layer)
+    summary        s_l = tanh(A_l s_{l-1} + B_l z_{l-1}),  s = 0 at the first latent layer
+    prior          p(z_first) = N(0, I);  [mu, log sigma^2] = P_l s_l above it
+    posterior      [mu, log sigma^2] = Q_l [s_l ; x_l],  x_l = pooled encoder state of layer l
+    KL             sum over layers of KL(q(z_l | z_<l, x) || p(z_l | z_<l)) at the sampled z_<l
+    fusion         every value vector v of decoder layer l becomes
+                   v' = sum_{j=1..r} (U_j [v; 1]) * (V_j [z_l; 1])
+
+Ablations (config): `fusion: add` (v' = v + W z_l, the -LTP row), `latent_begin/latent_end`,
+`independent: true` (no s_l, every prior N(0, I): "Separate"), `kl_layers: first | last`
+(penalise one layer's KL only), `ltp_init: random` (the paper's initialisation instead of the
+identity) and `kl_reduction: mean` (the released code averages the KL over layers; the
+reported KL is always the sum, the true KL of the chain).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from textvae.backbone.inject import inject_value_fusion
+from textvae.data.batching import Batch
+from textvae.errors import TextVAEError
+from textvae.latent.gaussian import DiagonalGaussian
+from textvae.latent.regularizers import BagOfWords, thresholded_kl
+from textvae.models.base import Output, TextVAE
+from textvae.models.encoder import TextEncoder
+
+
+@dataclass
+class DellaConfig:
+    name: str = "della"
+    latent_size: int = 32  # per latent layer
+    rank: int = 4  # r of the low-rank tensor product
+    share_encoder: bool = True
+    fusion: str = "ltp"  # ltp | add
+    ltp_init: str = "identity"  # identity (v' = v at the start) | random (the paper)
+    latent_begin: int = 1  # first layer with a latent (1-based)
+    latent_end: int | None = None  # last layer with a latent (default: the top layer)
+    independent: bool = False  # Separate: no summary of lower latents, priors N(0, I)
+    kl_layers: str = "all"  # all | first | last: the layers whose KL the loss penalises
+    kl_reduction: str = "sum"  # sum | mean over the penalised layers (the reported KL is summed)
+    kl_threshold: float = 0.0  # per-dimension free bits; 0 = off
+    bow_weight: float = 0.0  # bag-of-words loss from all latents; 0 = off
+
+    def validate(self) -> None:
+        choices = {"fusion": ("ltp", "add"), "ltp_init": ("identity", "random"),
+                   "kl_layers": ("all", "first", "last"), "kl_reduction": ("sum", "mean")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise TextVAEError(f"model.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.latent_size < 1 or self.rank < 1 or self.latent_begin < 1:
+            raise TextVAEError("model.latent_size, model.rank and model.latent_begin must be >= 1")
+        if self.latent_end is not None and self.latent_end < self.latent_begin:
+            raise TextVAEError(f"model.latent_end ({self.latent_end}) is below model.latent_begin ({self.latent_begin})")
+        if self.kl_threshold < 0 or self.bow_weight < 0:
+            raise TextVAEError("model.kl_threshold and model.bow_weight must be >= 0")
+
+
+class LowRankTensorFusion(nn.Module):
+    """v' = sum_j (U_j v + u_j) * g_j with gates g_j = V_j [z; 1]: values [B, T, V], z [B, P].
+
+    Computed as one per-example matrix W_b = sum_j diag(g_j) U_j applied to all T positions,
+    which costs (r + T) V^2 per example instead of r T V^2 when T > r."""
+
+    def __init__(self, value_size: int, latent_size: int, rank: int, init: str):
+        super().__init__()
+        self.rank, self.value_size = rank, value_size
+        self.value_maps = nn.Parameter(torch.empty(rank, value_size, value_size))  # U_j (out, in)
+        self.value_bias = nn.Parameter(torch.zeros(rank, value_size))  # u_j
+        self.gates = nn.Linear(latent_size, rank * value_size)  # V_j [z; 1]
+        bound = 1 / math.sqrt(value_size)
+        nn.init.uniform_(self.value_maps, -bound, bound)  # nn.Linear's default
+        if init == "identity":  # U_1 = I, V_1 [z; 1] = 1, V_j = 0 above: v' = v, all parts trainable
+            with torch.no_grad():
+                self.value_maps[0].copy_(torch.eye(value_size))
+                nn.init.zeros_(self.gates.weight)
+                self.gates.bias.zero_()
+                self.gates.bias[:value_size] = 1.0
+
+    def forward(self, values: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = values.shape
+        gates = self.gates(latent).view(batch, self.rank, self.value_size)  # [B, r, V]
+        bias = torch.einsum("brv,rv->bv", gates, self.value_bias.to(gates.dtype))
+        if length > self.rank:
+            matrices = torch.einsum("brv,rvw->bvw", gates, self.value_maps.to(gates.dtype))  # [B, V, V]
+            return torch.einsum("btw,bvw->btv", values, matrices.to(values.dtype)) + bias[:, None].to(values.dtype)
+        projected = torch.einsum("btw,rvw->btrv", values, self.value_maps.to(values.dtype))  # [B, T, r, V]
+        return (projected * gates[:, None].to(values.dtype)).sum(2) + bias[:, None].to(values.dtype)
+
+
+class AdditiveFusion(nn.Module):
+    """v' = v + W z (the -LTP ablation); W starts at zero, so v' = v at the start."""
+
+    def __init__(self, value_size: int, latent_size: int):
+        super().__init__()
+        self.project = nn.Linear(latent_size, value_size, bias=False)
+        nn.init.zeros_(self.project.weight)
+
+    def forward(self, values: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        return values + self.project(latent)[:, None].to(values.dtype)
+
+
+class LatentChain:
+    """The prior or the posterior over all latent layers, as one distribution over the
+    concatenation z = [z_1; ...; z_n] ([..., n P]) with ancestral structure.
+
+    `text_terms` (posterior only) are Q_l's contributions from x_l, [B, 2P] per layer, so
+    that scoring many latents per example ([B, k, nP]) never copies x_l."""
+
+    def __init__(self, latents: "LayerwiseLatents", text_terms: list[torch.Tensor] | None, batch: int, device):
+        self.latents = latents
+        self.text_terms = text_terms
+        self.batch, self.device = batch, device
+
+    def layer(self, index: int, summary: torch.Tensor | None) -> DiagonalGaussian:
+        """The distribution of latent layer `index` given the summary s of the layers below
+        ([..., P]; None at the first layer and for independent layers)."""
+        if self.text_terms is None:  # prior
+            if summary is None:
+                zeros = torch.zeros(self.batch, self.latents.latent_size, device=self.device)
+                return DiagonalGaussian(zeros, zeros)
+            mean, log_var = self.latents.prior_heads[index - 1](summary).float().chunk(2, -1)
+            return DiagonalGaussian(mean, log_var)
+        params = self.text_terms[index].float()
+        if summary is not None:
+            if summary.dim() == 3:  # k latents per example
+                params = params[:, None]
+            params = params + self.latents.posterior_from_summary[index - 1](summary).float()
+        return DiagonalGaussian(*params.chunk(2, -1))
+
+    def _summary(self, index: int, summary, below):
+        if index == 0 or self.latents.independent:
+            return None
+        return self.latents.summarise(index, summary, below)
+
+    def rsample(self, num: int | None = None) -> torch.Tensor:
+        """Ancestral sample: [B, nP], or `num` per example [B, num, nP]."""
+        summary, below, drawn = None, None, []
+        for index in range(self.latents.num_latent_layers):
+            summary = self._summary(index, summary, below)
+            distribution = self.layer(index, summary)
+            has_sample_dim = distribution.mean.dim() == 3
+            below = distribution.rsample(None if (num is None or has_sample_dim) else num)
+            drawn.append(below)
+        return torch.cat(drawn, dim=-1)
+
+    def layers_along(self, z: torch.Tensor) -> list[tuple[DiagonalGaussian, torch.Tensor]]:
+        """(distribution of z_l given the z_<l read from z, z_l) for every latent layer."""
+        parts = z.split(self.latents.latent_size, dim=-1)
+        summary, result = None, []
+        for index, part in enumerate(parts):
+            summary = self._summary(index, summary, parts[index - 1] if index else None)
+            result.append((self.layer(index, summary), part))
+        return result
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of z [B, nP] or [B, k, nP] along the chain: [B] or [B, k]."""
+        return sum(distribution.log_prob(part) for distribution, part in self.layers_along(z))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The chain run on means (each z_<l at its conditional mean): [B, nP]. For AU and
+        interpolation; for a non-linear chain it is not exactly E[z]."""
+        summary, below, means = None, None, []
+        for index in range(self.latents.num_latent_layers):
+            summary = self._summary(index, summary, below)
+            below = self.layer(index, summary).mean
+            means.append(below)
+        return torch.cat(means, dim=-1)
+
+
+class LayerwiseLatents(nn.Module):
+    """The small networks of the chain: summaries (A_l, B_l), prior heads P_l and the
+    summary part of the posterior heads Q_l (the text part lives in `posterior_from_text`)."""
+
+    def __init__(self, num_latent_layers: int, latent_size: int, hidden_size: int, independent: bool):
+        super().__init__()
+        self.num_latent_layers, self.latent_size, self.independent = num_latent_layers, latent_size, independent
+        above = num_latent_layers - 1  # layers that have latents below them
+        self.posterior_from_text = nn.ModuleList(nn.Linear(hidden_size, 2 * latent_size) for _ in range(num_latent_layers))
+        if not independent:
+            self.summary_from_summary = nn.ModuleList(nn.Linear(latent_size, latent_size, bias=False) for _ in range(above))
+            self.summary_from_latent = nn.ModuleList(nn.Linear(latent_size, latent_size) for _ in range(above))
+            self.prior_heads = nn.ModuleList(nn.Linear(latent_size, 2 * latent_size) for _ in range(above))
+            self.posterior_from_summary = nn.ModuleList(nn.Linear(latent_size, 2 * latent_size, bias=False) for _ in range(above))
+
+    def summarise(self, index: int, summary: torch.Tensor | None, below: torch.Tensor) -> torch.Tensor:
+        """s_l = tanh(A_l s_{l-1} + B_l z_{l-1}) for latent layer `index` >= 1: [..., P]."""
+        pre = self.summary_from_latent[index - 1](below)
+        if summary is not None:
+            pre = pre + self.summary_from_summary[index - 1](summary)
+        return torch.tanh(pre)
+
+    def posterior(self, pooled: torch.Tensor) -> LatentChain:
+        """q(z | x) from the pooled encoder states [B, n, H] of the latent layers."""
+        terms = [head(pooled[:, index]) for index, head in enumerate(self.posterior_from_text)]
+        return LatentChain(self, terms, pooled.shape[0], pooled.device)
+
+    def prior(self, batch: int, device) -> LatentChain:
+        return LatentChain(self, None, batch, device)
+
+
+class Della(TextVAE):
+    name = "della"
+    config_class = DellaConfig
+
+    def __init__(self, backbone, tokenizer, config: DellaConfig):
+        super().__init__(backbone, tokenizer, config)
+        end = config.latent_end or backbone.num_layers
+        if end > backbone.num_layers:
+            raise TextVAEError(f"model.latent_end={end} but the backbone has {backbone.num_layers} layers")
+        self.latent_layers = list(range(config.latent_begin, end + 1))  # 1-based
+        size = config.latent_size
+        self.encoder = TextEncoder(backbone, layers=self.latent_layers, share=config.share_encoder)
+        self.latents = LayerwiseLatents(len(self.latent_layers), size, backbone.hidden_size, config.independent)
+        fusions: list[nn.Module | None] = [None] * backbone.num_layers
+        for layer in self.latent_layers:
+            if config.fusion == "ltp":
+                fusions[layer - 1] = LowRankTensorFusion(backbone.value_size, size, config.rank, config.ltp_init)
+            else:
+                fusions[layer - 1] = AdditiveFusion(backbone.value_size, size)
+        inject_value_fusion(backbone, fusions)  # the wrappers own the fusions' parameters
+        self.bag_of_words = BagOfWords(size * len(self.latent_layers), tokenizer.vocab_size) if config.bow_weight else None
+
+    @property
+    def latent_group_sizes(self) -> list[int]:
+        return [self.config.latent_size] * len(self.latent_layers)
+
+    # --- the two distributions ---------------------------------------------------------
+    def posterior(self, batch: Batch) -> LatentChain:
+        return self.latents.posterior(self.encoder(self.backbone, batch.input_ids, batch.attention_mask))
+
+    def prior(self, batch: Batch) -> LatentChain:
+        return self.latents.prior(batch.size, batch.input_ids.device)
+
+    # --- the decoder -----------------------------------------------------------------
+    def injections(self, z: torch.Tensor) -> dict:
+        """z [B, nP] -> one latent per decoder layer for the value fusions (None elsewhere)."""
+        parts = z.split(self.config.latent_size, dim=-1)
+        per_layer: list[torch.Tensor | None] = [None] * self.backbone.num_layers
+        for layer, part in zip(self.latent_layers, parts, strict=True):
+            per_layer[layer - 1] = part
+        return {"value_latents": per_layer}
+
+    def decoder_nll(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
+        """-log p(x | z) of each example's targets: z [B, nP] -> [B]."""
+        hidden = self.backbone(batch.input_ids, batch.attention_mask, **self.injections(z)).hidden
+        return self.target_nll(hidden, batch)
+
+    def sample_prior_latent(self, num: int, device: torch.device) -> torch.Tensor:
+        return self.latents.prior(num, device).rsample()
+
+    # --- objective and bounds ----------------------------------------------------------
+    def forward(self, batch: Batch, beta: float = 1.0) -> Output:
+        posterior, prior = self.posterior(batch), self.prior(batch)
+        z = posterior.rsample()
+        rec = self.decoder_nll(batch, z)
+        kl_per_dim = torch.stack(  # [B, n, P], each layer at the sampled z_<l
+            [q.kl_per_dim(p) for (q, _), (p, _) in zip(posterior.layers_along(z), prior.layers_along(z))], dim=1
+        )
+        kl_groups = kl_per_dim.sum(-1)
+        penalised = thresholded_kl(kl_per_dim, self.config.kl_threshold)  # [B, n]
+        if self.config.kl_layers == "first":
+            penalised = penalised[:, :1]
+        elif self.config.kl_layers == "last":
+            penalised = penalised[:, -1:]
+        penalty = penalised.mean(1) if self.config.kl_reduction == "mean" else penalised.sum(1)
+        loss = rec + beta * penalty
+        logs = {}
+        if self.bag_of_words is not None:
+            bow = self.bag_of_words(z, batch.input_ids, batch.target_mask)
+            loss = loss + self.config.bow_weight * bow
+            logs["bow"] = bow.mean()
+        return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups, z=z, logs=logs)
+
+    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
+        """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x) along the chain, z_i ~ q(z | x)."""
+        posterior, prior = self.posterior(batch), self.prior(batch)
+        z = posterior.rsample(k)  # [B, k, nP]
+        repeated = batch.select(torch.arange(batch.size, device=z.device).repeat_interleave(k))
+        log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
+        return log_px_z + prior.log_prob(z) - posterior.log_prob(z)

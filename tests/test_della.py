@@ -52,6 +52,7 @@ def test_low_rank_fusion_matches_its_definition_for_long_and_short_inputs():
             (values @ fusion.value_maps[j].T + fusion.value_bias[j]) * gates[:, j, None] for j in range(2)
         )
         torch.testing.assert_close(fusion(values, z), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fusion(values, fusion.prepare(z)), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("independent", (False, True))

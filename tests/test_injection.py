@@ -62,7 +62,7 @@ def test_identity_value_fusion_leaves_logits_unchanged(family):
     nn.init.normal_(fusions[1].weight.weight)
     fused = _logits(backbone, ids, mask, value_latents=latents)
     assert (fused - plain).abs().max() > 1e-3
-    assert all(wrapper.latent is None for wrapper in (backbone._fusion_wrapper(i) for i in range(2)))
+    assert all(wrapper.latent is None for wrapper in (backbone.fusion_wrapper(i) for i in range(2)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

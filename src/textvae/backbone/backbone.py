@@ -135,7 +135,7 @@ class Backbone(nn.Module):
         if latents is None:
             yield
             return
-        wrappers = [self._fusion_wrapper(layer) for layer in range(self.num_layers)]
+        wrappers = [self.fusion_wrapper(layer) for layer in range(self.num_layers)]
         try:
             for wrapper, latent in zip(wrappers, latents, strict=True):
                 if wrapper is None and latent is not None:
@@ -148,7 +148,7 @@ class Backbone(nn.Module):
                 if wrapper is not None:
                     wrapper.latent = None
 
-    def _fusion_wrapper(self, layer: int) -> ValueFusion | None:
+    def fusion_wrapper(self, layer: int) -> ValueFusion | None:
         parent, name, _ = self.value_projection(layer)
         module = getattr(parent, name)
         return module if isinstance(module, ValueFusion) else None

@@ -66,8 +66,9 @@ class DellaConfig:
 class LowRankTensorFusion(nn.Module):
     """v' = sum_j (U_j v + u_j) * g_j with gates g_j = V_j [z; 1]: values [B, T, V], z [B, P].
 
-    Computed as one per-example matrix W_b = sum_j diag(g_j) U_j applied to all T positions,
-    which costs (r + T) V^2 per example instead of r T V^2 when T > r."""
+    Long inputs (training, prompts) apply one per-example matrix W_b = sum_j diag(g_j) U_j to
+    all T positions: (r + T) V^2 per example instead of r T V^2. Short inputs (decoding, one
+    token a step) use one shared GEMM with the stacked U_j and the gates `prepare`d once."""
 
     def __init__(self, value_size: int, latent_size: int, rank: int, init: str):
         super().__init__()
@@ -84,15 +85,22 @@ class LowRankTensorFusion(nn.Module):
                 self.gates.bias.zero_()
                 self.gates.bias[:value_size] = 1.0
 
-    def forward(self, values: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def prepare(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What z [B, P] contributes: gates [B, r, V] and the summed bias sum_j g_j u_j [B, V]."""
+        gates = self.gates(latent).view(latent.shape[0], self.rank, self.value_size)
+        return gates, torch.einsum("brv,rv->bv", gates, self.value_bias.to(gates.dtype))
+
+    def forward(self, values: torch.Tensor, latent) -> torch.Tensor:
+        """values [B, T, V]; latent: z [B, P], or `prepare(z)` (decoding reuses it every step)."""
+        gates, bias = self.prepare(latent) if isinstance(latent, torch.Tensor) else latent
+        gates, bias = gates.to(values.dtype), bias.to(values.dtype)[:, None]
+        maps = self.value_maps.to(values.dtype)
         batch, length, _ = values.shape
-        gates = self.gates(latent).view(batch, self.rank, self.value_size)  # [B, r, V]
-        bias = torch.einsum("brv,rv->bv", gates, self.value_bias.to(gates.dtype))
         if length > self.rank:
-            matrices = torch.einsum("brv,rvw->bvw", gates, self.value_maps.to(gates.dtype))  # [B, V, V]
-            return torch.einsum("btw,bvw->btv", values, matrices.to(values.dtype)) + bias[:, None].to(values.dtype)
-        projected = torch.einsum("btw,rvw->btrv", values, self.value_maps.to(values.dtype))  # [B, T, r, V]
-        return (projected * gates[:, None].to(values.dtype)).sum(2) + bias[:, None].to(values.dtype)
+            matrices = torch.einsum("brv,rvw->bvw", gates, maps)  # [B, V, V]
+            return torch.einsum("btw,bvw->btv", values, matrices) + bias
+        projected = (values @ maps.flatten(0, 1).T).view(batch, length, self.rank, self.value_size)
+        return (projected * gates[:, None]).sum(2) + bias
 
 
 class AdditiveFusion(nn.Module):
@@ -103,8 +111,14 @@ class AdditiveFusion(nn.Module):
         self.project = nn.Linear(latent_size, value_size, bias=False)
         nn.init.zeros_(self.project.weight)
 
-    def forward(self, values: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        return values + self.project(latent)[:, None].to(values.dtype)
+    def prepare(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        """The per-example shift W z: ([B, V],)."""
+        return (self.project(latent),)
+
+    def forward(self, values: torch.Tensor, latent) -> torch.Tensor:
+        """values [B, T, V]; latent: z [B, P], or `prepare(z)`."""
+        (shift,) = self.prepare(latent) if isinstance(latent, torch.Tensor) else latent
+        return values + shift[:, None].to(values.dtype)
 
 
 class LatentChain:
@@ -241,8 +255,11 @@ class Della(TextVAE):
         return self.latents.prior(batch.size, batch.input_ids.device)
 
     # --- the decoder -----------------------------------------------------------------
-    def injections(self, z: torch.Tensor) -> dict:
-        """z [B, nP] -> one latent per decoder layer for the value fusions (None elsewhere)."""
+    def injections(self, z) -> dict:
+        """z [B, nP] -> one latent per decoder layer for the value fusions (None elsewhere).
+        In decoding z arrives already prepared by `decode_start`."""
+        if isinstance(z, dict):
+            return {"value_latents": z["prepared"]}
         parts = z.split(self.config.latent_size, dim=-1)
         per_layer: list[torch.Tensor | None] = [None] * self.backbone.num_layers
         for layer, part in zip(self.latent_layers, parts, strict=True):
@@ -256,6 +273,17 @@ class Della(TextVAE):
 
     def sample_prior_latent(self, num: int, device: torch.device) -> torch.Tensor:
         return self.latents.prior(num, device).rsample()
+
+    @torch.no_grad()
+    def decode_start(self, prompt_ids, prompt_mask, latent):
+        """Decoding feeds one token at a time: map each z_l to its fusion's per-example
+        matrices once, instead of re-deriving them at every step."""
+        per_layer = self.injections(latent)["value_latents"]
+        prepared = [None if z is None else self._fusion(layer).prepare(z) for layer, z in enumerate(per_layer)]
+        return super().decode_start(prompt_ids, prompt_mask, {"prepared": prepared})
+
+    def _fusion(self, layer: int) -> nn.Module:
+        return self.backbone.fusion_wrapper(layer).fusion  # the wrapper owns it
 
     # --- objective and bounds ----------------------------------------------------------
     def forward(self, batch: Batch, beta: float = 1.0) -> Output:

@@ -62,7 +62,7 @@ def main() -> None:
         for repeat in range(args.repeats + 1):
             for name, model in models.items():
                 start = time.perf_counter()
-                latent = model.sample_prior_latent(args.num, torch.device("cpu"))
+                latent = model.sample_prior_latent(prompts, torch.device("cpu"))
                 outputs = decode(model, prompts, latent, decoding, torch.Generator().manual_seed(repeat))
                 elapsed = time.perf_counter() - start
                 assert all(len(row) == args.new_tokens for row in outputs)

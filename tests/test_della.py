@@ -32,7 +32,7 @@ def test_identity_initialised_fusion_leaves_the_backbone_logits_unchanged(family
     with torch.no_grad():
         expected = bare.logits(bare(batch.input_ids, batch.attention_mask).hidden)
         model = _della(tiny_tokenizer, family, fusion=fusion).eval()
-        z = model.sample_prior_latent(batch.size, "cpu") * 3
+        z = model.sample_prior_latent([[1]] * batch.size, "cpu") * 3
         hidden = model.backbone(batch.input_ids, batch.attention_mask, **model.injections(z)).hidden
         torch.testing.assert_close(model.backbone.logits(hidden), expected, rtol=0, atol=1e-5)
         random = _della(tiny_tokenizer, family, ltp_init="random").eval()  # the paper's initialisation
@@ -144,7 +144,7 @@ def test_every_ablation_trains_saves_reloads_and_evaluates(options, tiny_tokeniz
 def test_cached_decoding_with_value_fusion_equals_full_recomputation(family, tiny_tokenizer):
     torch.manual_seed(2)
     model = _della(tiny_tokenizer, family, ltp_init="random").eval()
-    z = model.sample_prior_latent(3, "cpu")
+    z = model.sample_prior_latent([[1]] * 3, "cpu")
     prompts = [[tiny_tokenizer.bos_id]] * 3
     cached = decode(model, prompts, z, DecodingConfig(strategy="greedy", max_new_tokens=8))
     for row in range(3):
@@ -155,3 +155,68 @@ def test_cached_decoding_with_value_fusion_equals_full_recomputation(family, tin
                 hidden = model.backbone(ids, torch.ones_like(ids), **model.injections(z[row : row + 1])).hidden
             tokens.append(int(model.backbone.logits(hidden[:, -1]).argmax(-1)))
         assert cached[row] == tokens[1:]
+
+
+def _conditional(tokenizer, tiny_jsonl):
+    from textvae.data.corpus import read_split
+
+    examples = read_split(tiny_jsonl, "train").examples[:4]
+    encoded, _ = encode_examples(examples, tokenizer, 64, 16, "truncate")
+    torch.manual_seed(3)
+    model = _della(tokenizer, "llama", conditional=True, ltp_init="random").eval()
+    return model, examples, encoded, collate(encoded, tokenizer.pad_id)
+
+
+def test_conditional_della_reads_the_source_only_through_c_and_scores_only_targets(tiny_tokenizer, tiny_jsonl):
+    model, examples, encoded, batch = _conditional(tiny_tokenizer, tiny_jsonl)
+    with torch.no_grad():
+        text, condition = model.encode(batch)
+        changed = batch.input_ids.clone()
+        last_target = batch.attention_mask.sum(1) - 2  # the token before EOS
+        changed[torch.arange(4), last_target] = 7
+        from textvae.data.batching import Batch
+
+        other = Batch(changed, batch.attention_mask, batch.target_mask)
+        text2, condition2 = model.encode(other)
+        torch.testing.assert_close(condition2, condition)  # c never sees the target
+        assert not torch.allclose(text2, text)
+        # the prior depends on the source: different sources, different prior means
+        prior_means = model.prior(batch).mean
+        assert (prior_means[0] - prior_means[1]).abs().max() > 1e-3
+        # rec counts target tokens (and EOS) only
+        z = model.posterior(batch).rsample()
+        hidden = model.backbone(batch.input_ids, batch.attention_mask, **model.injections(z)).hidden
+        logits = model.backbone.logits(hidden[:, :-1])
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+        expected = (token_nll * batch.target_mask[:, 1:]).sum(1)
+        torch.testing.assert_close(model.decoder_nll(batch, z), expected, rtol=1e-5, atol=1e-4)
+    for row, item in enumerate(encoded):  # [BOS] source [SEP] is never a target
+        assert item.prefix_length > 2 and not batch.target_mask[row, : item.prefix_length].any()
+        assert batch.input_ids[row, item.prefix_length - 1] == tiny_tokenizer.sep_id
+
+
+def test_conditional_della_samples_differ_for_the_same_prompt(tiny_tokenizer, tiny_jsonl):
+    from textvae.generation.decode import generate_texts
+
+    model, examples, _, _ = _conditional(tiny_tokenizer, tiny_jsonl)
+    config = DecodingConfig(strategy="greedy", max_new_tokens=10)  # only the latent varies
+    texts = generate_texts(model, 4, config, seed=0, sources=[examples[0].source, examples[1].source])
+    assert len(texts) == 8
+    assert len(set(texts[:4])) > 1 and len(set(texts[4:])) > 1
+
+
+def test_cli_makes_della_conditional_on_jsonl_data_and_generates_per_prompt(tiny_jsonl, tmp_path, capsys):
+    from textvae.cli import main
+
+    run = tmp_path / "run"
+    sets = ["data.max_length=40", "data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "model.latent_size=4"]
+    args = ["train", "--model", "della", "--data", str(tiny_jsonl), "--out", str(run), "--max-steps", "3",
+            "--backbone", "llama-tiny", *[part for item in sets for part in ("--set", item)]]
+    assert main(args) == 0
+    model, config = load_model(run)
+    assert model.conditional and config.model["conditional"] is True
+    (tmp_path / "prompts.txt").write_text("a man is sleeping .\ntwo dogs run .\n")
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--num", "2", "--max-new-tokens", "6"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4
+    assert main([*args[:6], str(tmp_path / "txt-run"), *args[7:], "--set", "model.conditional=true", "--data", str(tmp_path)]) == 2

@@ -50,13 +50,28 @@ def test_model_trains_saves_reloads_and_evaluates_the_same(name, family, tiny_to
     assert first["kl"] > 0 and 0 <= first["au"] <= 8
 
 
-def test_every_injection_point_makes_the_decoder_depend_on_z(tiny_tokenizer):
+def _randomise_latent_maps(model, std=0.5):
+    """The latent maps start at zero (the bare backbone); give them weight."""
+    with torch.no_grad():
+        for name in ("latent_to_embedding", "latent_to_memory", "latent_to_head"):
+            if hasattr(model, name):
+                torch.nn.init.normal_(getattr(model, name).weight, std=std)
+
+
+def test_decoder_starts_as_the_backbone_and_every_injection_point_carries_z(tiny_tokenizer):
     batch = collate(_encoded(tiny_tokenizer, "train", 4), tiny_tokenizer.pad_id)
+    bare = tiny_backbone("llama", vocab=tiny_tokenizer.vocab_size)
+    with torch.no_grad():
+        bare_hidden = bare(batch.input_ids, batch.attention_mask).hidden
     for name in ("embed", "memory", "softmax", "optimus"):
         config = Config.from_dict({"model": {"name": name, "latent_size": 8}})
         model = model_class(name)(tiny_backbone("llama", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, model_config(config)).eval()
+        z = torch.randn(4, 8)
         with torch.no_grad():
-            z = torch.randn(4, 8)
+            if "memory" not in model.injection_points:  # a zero memory slot still takes attention
+                hidden = model.backbone(batch.input_ids, batch.attention_mask, **model.injections(z)).hidden
+                torch.testing.assert_close(hidden, bare_hidden, rtol=0, atol=1e-6)
+            _randomise_latent_maps(model)
             assert not torch.allclose(model.decoder_nll(batch, z), model.decoder_nll(batch, -z)), name
 
 
@@ -111,10 +126,7 @@ def test_cached_decoding_with_a_latent_equals_full_recomputation(name, family, t
     config = Config.from_dict({"model": {"name": name, "latent_size": 8}})
     torch.manual_seed(1)
     model = model_class(name)(tiny_backbone(family, vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, model_config(config)).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():  # a latent strong enough to steer the tokens
-            if parameter.dim() == 2 and parameter.shape[1] == 8:
-                parameter.mul_(20)
+    _randomise_latent_maps(model, std=2.0)  # a latent strong enough to steer the tokens
     z = torch.randn(3, 8)
     prompts = [[tiny_tokenizer.bos_id]] * 3
     cached = decode(model, prompts, z, DecodingConfig(strategy="greedy", max_new_tokens=10))

@@ -123,13 +123,14 @@ def _train(args) -> int:
     config.validate()
     model_config(config)  # unknown model names and model options fail here
     out = Path(args.out)
-    if args.resume:
-        _check_resume(out, config)
-    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+    if not args.resume and out.exists() and any(out.iterdir()) and not args.overwrite:
         raise TextVAEError(f"{out} already exists; use --resume to continue it or --overwrite to replace it")
 
     data_dir = resolve_data_dir(config.data.path)
     train_split, valid_split = read_split(data_dir, "train"), read_split(data_dir, "valid")
+    _resolve_conditional(config, train_split.conditional)
+    if args.resume:
+        _check_resume(out, config)
     env = setup_environment(config.train)
     seed_everything(config.train.seed)
     if args.resume:
@@ -158,6 +159,22 @@ def _train(args) -> int:
     if env.world_size > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _resolve_conditional(config, has_source: bool) -> None:
+    """Models with a `conditional` option (CVAEs) condition on the source when the data has
+    one, unless told otherwise; the resolved value is stored with the run."""
+    import dataclasses
+
+    from textvae.models.registry import model_class
+
+    cls = model_class(str(config.model.get("name", "lm")))
+    if "conditional" not in {f.name for f in dataclasses.fields(cls.config_class)}:
+        return
+    if config.model.get("conditional") is None:
+        config.model["conditional"] = has_source
+    elif config.model["conditional"] and not has_source:
+        raise TextVAEError("model.conditional=true needs .jsonl data with a source for every example")
 
 
 def _check_resume(out: Path, config) -> None:

@@ -194,7 +194,7 @@ def generate_texts(
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        latent = model.sample_prior_latent(len(chunk), device)
+        latent = model.sample_prior_latent(chunk, device)
         for tokens in decode(model, chunk, latent, config, generator):
             texts.append(tokenizer.decode(tokens))
     return texts

@@ -101,8 +101,9 @@ class TextVAE(nn.Module):
         """Backbone keyword arguments that feed `latent` to the decoder (none for the LM)."""
         return {}
 
-    def sample_prior_latent(self, num: int, device: torch.device) -> Any:
-        """Latents for unconditional generation: one per sequence (None for the LM)."""
+    def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> Any:
+        """Latents drawn from the prior, one per prompt (token ids; a conditional model's
+        prior reads them). None for the LM."""
         return None
 
     @torch.no_grad()

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from textvae.backbone import masks
 from textvae.backbone.inject import inject_value_fusion
 from textvae.data.batching import Batch
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
 from textvae.latent.regularizers import BagOfWords, thresholded_kl
 from textvae.models.base import Output, TextVAE
-from textvae.models.encoder import TextEncoder
+from textvae.models.encoder import AttentionPooling, TextEncoder
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DellaConfig:
     kl_reduction: str = "sum"  # sum | mean over the penalised layers (the reported KL is summed)
     kl_threshold: float = 0.0  # per-dimension free bits; 0 = off
     bow_weight: float = 0.0  # bag-of-words loss from all latents; 0 = off
+    conditional: bool | None = None  # CVAE: prior and posterior read the source (None: when the data has one)
 
     def validate(self) -> None:
         choices = {"fusion": ("ltp", "add"), "ltp_init": ("identity", "random"),
@@ -123,30 +125,32 @@ class AdditiveFusion(nn.Module):
 
 class LatentChain:
     """The prior or the posterior over all latent layers, as one distribution over the
-    concatenation z = [z_1; ...; z_n] ([..., n P]) with ancestral structure.
+    concatenation z = [z_1; ...; z_n] ([..., n P]) with ancestral structure:
 
-    `text_terms` (posterior only) are Q_l's contributions from x_l, [B, 2P] per layer, so
-    that scoring many latents per example ([B, k, nP]) never copies x_l."""
+        [mu_l, log sigma_l^2] = terms_l + summary_heads_l(s_l)
 
-    def __init__(self, latents: "LayerwiseLatents", text_terms: list[torch.Tensor] | None, batch: int, device):
-        self.latents = latents
-        self.text_terms = text_terms
+    `terms` hold what does not depend on z, [B, 2P] per layer: Q_l's text (and condition)
+    part for the posterior, the condition part of a conditional prior, None for N(0, I) at
+    the bottom of an unconditional prior. Scoring many latents per example ([B, k, nP]) thus
+    never copies them."""
+
+    def __init__(self, latents: "LayerwiseLatents", terms: list[torch.Tensor] | None, summary_heads, batch: int, device):
+        self.latents, self.terms, self.summary_heads = latents, terms, summary_heads
         self.batch, self.device = batch, device
 
     def layer(self, index: int, summary: torch.Tensor | None) -> DiagonalGaussian:
         """The distribution of latent layer `index` given the summary s of the layers below
         ([..., P]; None at the first layer and for independent layers)."""
-        if self.text_terms is None:  # prior
-            if summary is None:
-                zeros = torch.zeros(self.batch, self.latents.latent_size, device=self.device)
-                return DiagonalGaussian(zeros, zeros)
-            mean, log_var = self.latents.prior_heads[index - 1](summary).float().chunk(2, -1)
-            return DiagonalGaussian(mean, log_var)
-        params = self.text_terms[index].float()
+        params = None if self.terms is None else self.terms[index].float()
         if summary is not None:
-            if summary.dim() == 3:  # k latents per example
-                params = params[:, None]
-            params = params + self.latents.posterior_from_summary[index - 1](summary).float()
+            from_summary = self.summary_heads[index - 1](summary).float()
+            if params is None:
+                params = from_summary
+            else:
+                params = (params[:, None] if summary.dim() == 3 else params) + from_summary
+        if params is None:  # N(0, I)
+            zeros = torch.zeros(self.batch, self.latents.latent_size, device=self.device)
+            return DiagonalGaussian(zeros, zeros)
         return DiagonalGaussian(*params.chunk(2, -1))
 
     def _summary(self, index: int, summary, below):
@@ -191,19 +195,27 @@ class LatentChain:
 
 
 class LayerwiseLatents(nn.Module):
-    """The small networks of the chain: summaries (A_l, B_l), prior heads P_l and the
-    summary part of the posterior heads Q_l (the text part lives in `posterior_from_text`)."""
+    """The small networks of the chain: summaries (A_l, B_l), the prior heads P_l and the
+    posterior heads Q_l, each Q_l split into its text part and its summary part; with a
+    condition c, extra maps from c_l into both (paper section 4.4)."""
 
-    def __init__(self, num_latent_layers: int, latent_size: int, hidden_size: int, independent: bool):
+    def __init__(self, num_latent_layers: int, latent_size: int, hidden_size: int, independent: bool, conditional: bool):
         super().__init__()
         self.num_latent_layers, self.latent_size, self.independent = num_latent_layers, latent_size, independent
         above = num_latent_layers - 1  # layers that have latents below them
-        self.posterior_from_text = nn.ModuleList(nn.Linear(hidden_size, 2 * latent_size) for _ in range(num_latent_layers))
+
+        def maps(count, inputs, bias=True):
+            return nn.ModuleList(nn.Linear(inputs, 2 * latent_size, bias=bias) for _ in range(count))
+
+        self.posterior_from_text = maps(num_latent_layers, hidden_size)
+        if conditional:
+            self.posterior_from_condition = maps(num_latent_layers, hidden_size, bias=False)
+            self.prior_from_condition = maps(num_latent_layers, hidden_size)
         if not independent:
             self.summary_from_summary = nn.ModuleList(nn.Linear(latent_size, latent_size, bias=False) for _ in range(above))
             self.summary_from_latent = nn.ModuleList(nn.Linear(latent_size, latent_size) for _ in range(above))
-            self.prior_heads = nn.ModuleList(nn.Linear(latent_size, 2 * latent_size) for _ in range(above))
-            self.posterior_from_summary = nn.ModuleList(nn.Linear(latent_size, 2 * latent_size, bias=False) for _ in range(above))
+            self.prior_heads = maps(above, latent_size)
+            self.posterior_from_summary = maps(above, latent_size, bias=False)
 
     def summarise(self, index: int, summary: torch.Tensor | None, below: torch.Tensor) -> torch.Tensor:
         """s_l = tanh(A_l s_{l-1} + B_l z_{l-1}) for latent layer `index` >= 1: [..., P]."""
@@ -212,13 +224,19 @@ class LayerwiseLatents(nn.Module):
             pre = pre + self.summary_from_summary[index - 1](summary)
         return torch.tanh(pre)
 
-    def posterior(self, pooled: torch.Tensor) -> LatentChain:
-        """q(z | x) from the pooled encoder states [B, n, H] of the latent layers."""
-        terms = [head(pooled[:, index]) for index, head in enumerate(self.posterior_from_text)]
-        return LatentChain(self, terms, pooled.shape[0], pooled.device)
+    def posterior(self, text: torch.Tensor, condition: torch.Tensor | None = None) -> LatentChain:
+        """q(z | x[, c]) from pooled encoder states [B, n, H] of the latent layers."""
+        terms = [head(text[:, index]) for index, head in enumerate(self.posterior_from_text)]
+        if condition is not None:
+            terms = [term + head(condition[:, index]) for index, (term, head) in enumerate(zip(terms, self.posterior_from_condition))]
+        return LatentChain(self, terms, getattr(self, "posterior_from_summary", None), text.shape[0], text.device)
 
-    def prior(self, batch: int, device) -> LatentChain:
-        return LatentChain(self, None, batch, device)
+    def prior(self, batch: int, device, condition: torch.Tensor | None = None) -> LatentChain:
+        """p(z[ | c]); `condition`: pooled encoder states [B, n, H] of the condition."""
+        terms = None
+        if condition is not None:
+            terms = [head(condition[:, index]) for index, head in enumerate(self.prior_from_condition)]
+        return LatentChain(self, terms, getattr(self, "prior_heads", None), batch, device)
 
 
 class Della(TextVAE):
@@ -233,7 +251,10 @@ class Della(TextVAE):
         self.latent_layers = list(range(config.latent_begin, end + 1))  # 1-based
         size = config.latent_size
         self.encoder = TextEncoder(backbone, layers=self.latent_layers, share=config.share_encoder)
-        self.latents = LayerwiseLatents(len(self.latent_layers), size, backbone.hidden_size, config.independent)
+        self.conditional = bool(config.conditional)
+        if self.conditional:  # c_l: pooled over the source prefix of the same encoder pass
+            self.condition_pooling = AttentionPooling(backbone.hidden_size, len(self.latent_layers))
+        self.latents = LayerwiseLatents(len(self.latent_layers), size, backbone.hidden_size, config.independent, self.conditional)
         fusions: list[nn.Module | None] = [None] * backbone.num_layers
         for layer in self.latent_layers:
             if config.fusion == "ltp":
@@ -248,11 +269,29 @@ class Della(TextVAE):
         return [self.config.latent_size] * len(self.latent_layers)
 
     # --- the two distributions ---------------------------------------------------------
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pooled per-layer states [B, n, H] of the text x and (conditional) of the source c.
+
+        Conditional: one encoder pass where the prefix ([BOS] source [SEP]) sees only itself
+        and the target sees everything; c is pooled over the prefix, x over the whole text."""
+        if not self.conditional:
+            return self.encoder(self.backbone, batch.input_ids, batch.attention_mask), None
+        segments = batch.target_mask.long()  # 0: prefix, 1: target
+        states = self.encoder.states(self.backbone, batch.input_ids, masks.block(segments, batch.attention_mask, "extra"))
+        prefix = batch.attention_mask.bool() & ~batch.target_mask
+        return self.encoder.pooling(states, batch.attention_mask), self.condition_pooling(states, prefix)
+
     def posterior(self, batch: Batch) -> LatentChain:
-        return self.latents.posterior(self.encoder(self.backbone, batch.input_ids, batch.attention_mask))
+        return self.latents.posterior(*self.encode(batch))
 
     def prior(self, batch: Batch) -> LatentChain:
-        return self.latents.prior(batch.size, batch.input_ids.device)
+        condition = self.encode(batch)[1] if self.conditional else None
+        return self.latents.prior(batch.size, batch.input_ids.device, condition)
+
+    def _distributions(self, batch: Batch) -> tuple[LatentChain, LatentChain]:
+        """Posterior and prior from one encoder pass."""
+        text, condition = self.encode(batch)
+        return self.latents.posterior(text, condition), self.latents.prior(batch.size, batch.input_ids.device, condition)
 
     # --- the decoder -----------------------------------------------------------------
     def injections(self, z) -> dict:
@@ -271,8 +310,13 @@ class Della(TextVAE):
         hidden = self.backbone(batch.input_ids, batch.attention_mask, **self.injections(z)).hidden
         return self.target_nll(hidden, batch)
 
-    def sample_prior_latent(self, num: int, device: torch.device) -> torch.Tensor:
-        return self.latents.prior(num, device).rsample()
+    def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
+        """z ~ p(z) per prompt, or p(z | c) with c the prompt ([BOS] source [SEP]): [N, nP]."""
+        if not self.conditional:
+            return self.latents.prior(len(prompts), device).rsample()
+        ids, mask = _right_pad(prompts, self.tokenizer.pad_id, device)
+        states = self.encoder.states(self.backbone, ids, masks.bidirectional(mask))
+        return self.latents.prior(len(prompts), device, self.condition_pooling(states, mask)).rsample()
 
     @torch.no_grad()
     def decode_start(self, prompt_ids, prompt_mask, latent):
@@ -287,7 +331,7 @@ class Della(TextVAE):
 
     # --- objective and bounds ----------------------------------------------------------
     def forward(self, batch: Batch, beta: float = 1.0) -> Output:
-        posterior, prior = self.posterior(batch), self.prior(batch)
+        posterior, prior = self._distributions(batch)
         z = posterior.rsample()
         rec = self.decoder_nll(batch, z)
         kl_per_dim = torch.stack(  # [B, n, P], each layer at the sampled z_<l
@@ -310,8 +354,18 @@ class Della(TextVAE):
 
     def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
         """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x) along the chain, z_i ~ q(z | x)."""
-        posterior, prior = self.posterior(batch), self.prior(batch)
+        posterior, prior = self._distributions(batch)
         z = posterior.rsample(k)  # [B, k, nP]
         repeated = batch.select(torch.arange(batch.size, device=z.device).repeat_interleave(k))
         log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
         return log_px_z + prior.log_prob(z) - posterior.log_prob(z)
+
+
+def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row, device=device)
+        mask[index, : len(row)] = 1
+    return ids, mask

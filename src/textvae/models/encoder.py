@@ -44,13 +44,16 @@ class TextEncoder(nn.Module):
         self.pooling = AttentionPooling(backbone.hidden_size, len(self.layers))
         self.own_backbone = None if share else copy.deepcopy(backbone)
 
-    def forward(self, backbone: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Encode [B, T] token ids with the decoder's `backbone` (or the own copy) -> [B, S, H]."""
+    def states(self, backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, S, T, H] of the pooled layers under a [B, 1, T, T] `mask`, run
+        with the decoder's `backbone` (or the encoder's own copy)."""
         body = self.own_backbone if self.own_backbone is not None else backbone
-        only_last = self.layers == [body.num_layers]
-        out = body(input_ids, masks.bidirectional(attention_mask), output_hidden_states=not only_last)
-        if only_last:
-            states = out.hidden[:, None]
-        else:
-            states = torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
+        if self.layers == [body.num_layers]:
+            return body(input_ids, mask).hidden[:, None]
+        out = body(input_ids, mask, output_hidden_states=True)
+        return torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
+
+    def forward(self, backbone: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Bidirectional encoding of [B, T] token ids, pooled over real tokens -> [B, S, H]."""
+        states = self.states(backbone, input_ids, masks.bidirectional(attention_mask))
         return self.pooling(states, attention_mask)

@@ -22,10 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/textvae train --model lm --data demo --out $(DEMO_RUN) --overwrite --config configs/demo.yaml
+	$(BIN)/textvae train --data demo --out $(DEMO_RUN) --overwrite --config configs/demo.yaml
 	$(BIN)/textvae evaluate $(DEMO_RUN) --split test --json $(DEMO_RUN)/test_metrics.json
-	@echo "--- samples (top-p 0.9) ---"
+	@echo "--- samples from the prior (top-p 0.9) ---"
 	$(BIN)/textvae generate $(DEMO_RUN) --num 8 --decoding top-p --seed 1
+	@echo "--- interpolation between two posterior means (greedy) ---"
+	$(BIN)/textvae interpolate $(DEMO_RUN) "a man is playing a guitar on stage ." "two dogs are running through the snow ." --steps 5
 
 test: setup
 	$(BIN)/python -m pytest -q

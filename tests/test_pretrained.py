@@ -96,3 +96,33 @@ def test_smollm2_identity_fusion_and_cached_greedy(smollm2):
         for layer, wrapper in enumerate(wrappers):
             parent, name, _ = backbone.value_projection(layer)
             setattr(parent, name, wrapper.projection)
+
+
+def test_della_on_smollm2_starts_as_the_pretrained_model_and_trains(smollm2):
+    """DELLA on the real 30-layer grouped-query backbone: identity fusion on every layer
+    leaves the pretrained logits unchanged; one training step runs and moves the fusion."""
+    from textvae.models.della import Della, DellaConfig
+
+    tokenizer, backbone = smollm2.tokenizer, smollm2.backbone
+    encoded, _ = encode_examples([Example("The cat sat on the mat.")], tokenizer, 64, 8, "error")
+    batch = collate(encoded, tokenizer.pad_id)
+    with torch.no_grad():
+        plain = backbone.logits(backbone(batch.input_ids, batch.attention_mask).hidden)
+    della = Della(backbone, tokenizer, DellaConfig(latent_size=8, rank=2))
+    try:
+        assert della.latent_group_sizes == [8] * 30 and backbone.value_size == 192  # 3 KV heads x 64
+        with torch.no_grad():
+            z = della.sample_prior_latent([[tokenizer.bos_id]], "cpu")
+            hidden = backbone(batch.input_ids, batch.attention_mask, **della.injections(z)).hidden
+        torch.testing.assert_close(backbone.logits(hidden), plain, rtol=0, atol=1e-4)
+        della.train()
+        out = della(batch)
+        assert out.kl_groups.shape == (1, 30) and torch.isfinite(out.loss)
+        out.loss.backward()
+        assert della.backbone.fusion_wrapper(29).fusion.gates.weight.grad.abs().sum() > 0
+    finally:  # un-inject so the module-scoped model stays plain
+        della.zero_grad(set_to_none=True)
+        for layer in range(30):
+            parent, name, _ = backbone.value_projection(layer)
+            setattr(parent, name, getattr(parent, name).projection)
+        smollm2.eval()

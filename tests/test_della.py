@@ -107,6 +107,7 @@ ABLATIONS = [
     {},
     {"fusion": "add"},
     {"independent": True},
+    {"layerwise": False},
     {"kl_layers": "first"},
     {"kl_layers": "last", "kl_reduction": "mean"},
     {"latent_begin": 2},
@@ -135,7 +136,7 @@ def test_every_ablation_trains_saves_reloads_and_evaluates(options, tiny_tokeniz
     reloaded, _ = load_model(tmp_path / "saved")
     first = evaluate_likelihood(model, valid, batch_size=5, iw_samples=4)
     assert first == evaluate_likelihood(reloaded, valid, batch_size=5, iw_samples=4)
-    layers = len(model.latent_layers)
+    layers = len(model.inference_layers)
     assert len(first["kl_groups"]) == layers if layers > 1 else "kl_groups" not in first
     assert first["nll"] <= first["elbo"]
 
@@ -220,3 +221,13 @@ def test_cli_makes_della_conditional_on_jsonl_data_and_generates_per_prompt(tiny
     assert main(["generate", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--num", "2", "--max-new-tokens", "6"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4
     assert main([*args[:6], str(tmp_path / "txt-run"), *args[7:], "--set", "model.conditional=true", "--data", str(tmp_path)]) == 2
+
+
+def test_single_latent_ablation_fuses_one_latent_into_every_layer(tiny_tokenizer):
+    model = _della(tiny_tokenizer, layerwise=False)
+    assert model.latent_group_sizes == [6] and model.inference_layers == [2] and model.latent_layers == [1, 2]
+    z = torch.randn(3, 6)
+    layers = model.injections(z)["value_latents"]
+    assert len(layers) == 2 and all(torch.equal(layer, z) for layer in layers)
+    _, batch = _batch(tiny_tokenizer, 3)
+    assert model.posterior(batch).rsample().shape == (3, 6)

@@ -9,7 +9,8 @@ product (DELLA paper section 4; DESIGN.md section 4.2).
     fusion         every value vector v of decoder layer l becomes
                    v' = sum_{j=1..r} (U_j [v; 1]) * (V_j [z_l; 1])
 
-Ablations (config): `fusion: add` (v' = v + W z_l, the -LTP row), `latent_begin/latent_end`,
+Ablations (config): `fusion: add` (v' = v + W z_l, the -LTP row), `layerwise: false` (one
+latent, inferred from the top latent layer, fused into every layer: -LW), `latent_begin/latent_end`,
 `independent: true` (no s_l, every prior N(0, I): "Separate"), `kl_layers: first | last`
 (penalise one layer's KL only), `ltp_init: random` (the paper's initialisation instead of the
 identity) and `kl_reduction: mean` (the released code averages the KL over layers; the
@@ -45,6 +46,7 @@ class DellaConfig:
     latent_begin: int = 1  # first layer with a latent (1-based)
     latent_end: int | None = None  # last layer with a latent (default: the top layer)
     independent: bool = False  # Separate: no summary of lower latents, priors N(0, I)
+    layerwise: bool = True  # false: the -LW row, one latent (from the top layer) fused into every layer
     kl_layers: str = "all"  # all | first | last: the layers whose KL the loss penalises
     kl_reduction: str = "sum"  # sum | mean over the penalised layers (the reported KL is summed)
     kl_threshold: float = 0.0  # per-dimension free bits; 0 = off
@@ -248,13 +250,15 @@ class Della(TextVAE):
         end = config.latent_end or backbone.num_layers
         if end > backbone.num_layers:
             raise TextVAEError(f"model.latent_end={end} but the backbone has {backbone.num_layers} layers")
-        self.latent_layers = list(range(config.latent_begin, end + 1))  # 1-based
+        self.latent_layers = list(range(config.latent_begin, end + 1))  # fused layers, 1-based
+        # layers whose pooled encoder state infers a latent: all of them, or the top one (-LW)
+        self.inference_layers = self.latent_layers if config.layerwise else self.latent_layers[-1:]
         size = config.latent_size
-        self.encoder = TextEncoder(backbone, layers=self.latent_layers, share=config.share_encoder)
+        self.encoder = TextEncoder(backbone, layers=self.inference_layers, share=config.share_encoder)
         self.conditional = bool(config.conditional)
         if self.conditional:  # c_l: pooled over the source prefix of the same encoder pass
-            self.condition_pooling = AttentionPooling(backbone.hidden_size, len(self.latent_layers))
-        self.latents = LayerwiseLatents(len(self.latent_layers), size, backbone.hidden_size, config.independent, self.conditional)
+            self.condition_pooling = AttentionPooling(backbone.hidden_size, len(self.inference_layers))
+        self.latents = LayerwiseLatents(len(self.inference_layers), size, backbone.hidden_size, config.independent, self.conditional)
         fusions: list[nn.Module | None] = [None] * backbone.num_layers
         for layer in self.latent_layers:
             if config.fusion == "ltp":
@@ -262,11 +266,11 @@ class Della(TextVAE):
             else:
                 fusions[layer - 1] = AdditiveFusion(backbone.value_size, size)
         inject_value_fusion(backbone, fusions)  # the wrappers own the fusions' parameters
-        self.bag_of_words = BagOfWords(size * len(self.latent_layers), tokenizer.vocab_size) if config.bow_weight else None
+        self.bag_of_words = BagOfWords(size * len(self.inference_layers), tokenizer.vocab_size) if config.bow_weight else None
 
     @property
     def latent_group_sizes(self) -> list[int]:
-        return [self.config.latent_size] * len(self.latent_layers)
+        return [self.config.latent_size] * len(self.inference_layers)
 
     # --- the two distributions ---------------------------------------------------------
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -300,6 +304,8 @@ class Della(TextVAE):
         if isinstance(z, dict):
             return {"value_latents": z["prepared"]}
         parts = z.split(self.config.latent_size, dim=-1)
+        if not self.config.layerwise:
+            parts = parts * len(self.latent_layers)  # the one latent goes to every fused layer
         per_layer: list[torch.Tensor | None] = [None] * self.backbone.num_layers
         for layer, part in zip(self.latent_layers, parts, strict=True):
             per_layer[layer - 1] = part

@@ -8,6 +8,8 @@ product (DELLA paper section 4; DESIGN.md section 4.2).
     KL             sum over layers of KL(q(z_l | z_<l, x) || p(z_l | z_<l)) at the sampled z_<l
     fusion         every value vector v of decoder layer l becomes
                    v' = sum_{j=1..r} (U_j [v; 1]) * (V_j [z_l; 1])
+    conditional    (section 4.4, .jsonl data) posterior and prior also read c_l, the pooled
+                   encoder state of the source: Q_l [s_l; x_l; c_l], P_l [s_l; c_l]
 
 Ablations (config): `fusion: add` (v' = v + W z_l, the -LTP row), `layerwise: false` (one
 latent, inferred from the top latent layer, fused into every layer: -LW), `latent_begin/latent_end`,
@@ -326,8 +328,8 @@ class Della(TextVAE):
 
     @torch.no_grad()
     def decode_start(self, prompt_ids, prompt_mask, latent):
-        """Decoding feeds one token at a time: map each z_l to its fusion's per-example
-        matrices once, instead of re-deriving them at every step."""
+        """Decoding feeds one token at a time: map each z_l to its fusion's gates once per
+        sequence instead of at every step (`LowRankTensorFusion.prepare`)."""
         per_layer = self.injections(latent)["value_latents"]
         prepared = [None if z is None else self._fusion(layer).prepare(z) for layer, z in enumerate(per_layer)]
         return super().decode_start(prompt_ids, prompt_mask, {"prepared": prepared})

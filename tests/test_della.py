@@ -138,7 +138,9 @@ def test_every_ablation_trains_saves_reloads_and_evaluates(options, tiny_tokeniz
     assert first == evaluate_likelihood(reloaded, valid, batch_size=5, iw_samples=4)
     layers = len(model.inference_layers)
     assert len(first["kl_groups"]) == layers if layers > 1 else "kl_groups" not in first
-    assert first["nll"] <= first["elbo"]
+    # the IW bound is never looser than the ELBO in expectation; both are estimates (one
+    # posterior sample per example for the ELBO), so allow their noise on a dozen examples
+    assert first["nll"] <= first["elbo"] + 1.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -215,8 +215,8 @@ class LayerwiseLatents(nn.Module):
         if conditional:
             self.posterior_from_condition = maps(num_latent_layers, hidden_size, bias=False)
             self.prior_from_condition = maps(num_latent_layers, hidden_size)
-        if not independent:
-            self.summary_from_summary = nn.ModuleList(nn.Linear(latent_size, latent_size, bias=False) for _ in range(above))
+        if not independent:  # A_l exists from the third latent layer up: s of the first is 0
+            self.summary_from_summary = nn.ModuleList(nn.Linear(latent_size, latent_size, bias=False) for _ in range(above - 1))
             self.summary_from_latent = nn.ModuleList(nn.Linear(latent_size, latent_size) for _ in range(above))
             self.prior_heads = maps(above, latent_size)
             self.posterior_from_summary = maps(above, latent_size, bias=False)
@@ -225,7 +225,7 @@ class LayerwiseLatents(nn.Module):
         """s_l = tanh(A_l s_{l-1} + B_l z_{l-1}) for latent layer `index` >= 1: [..., P]."""
         pre = self.summary_from_latent[index - 1](below)
         if summary is not None:
-            pre = pre + self.summary_from_summary[index - 1](summary)
+            pre = pre + self.summary_from_summary[index - 2](summary)
         return torch.tanh(pre)
 
     def posterior(self, text: torch.Tensor, condition: torch.Tensor | None = None) -> LatentChain:

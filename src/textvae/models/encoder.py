@@ -42,7 +42,10 @@ class TextEncoder(nn.Module):
             raise ValueError(f"encoder layers must lie in 1..{backbone.num_layers}, got {layers}")
         self.layers = list(layers)
         self.pooling = AttentionPooling(backbone.hidden_size, len(self.layers))
-        self.own_backbone = None if share else copy.deepcopy(backbone)
+        self.own_backbone = None
+        if not share:
+            self.own_backbone = copy.deepcopy(backbone)
+            self.own_backbone.causal_lm.lm_head = nn.Identity()  # an encoder needs no LM head
 
     def states(self, backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, S, T, H] of the pooled layers under a [B, 1, T, T] `mask`, run

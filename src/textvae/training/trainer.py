@@ -144,7 +144,12 @@ class Trainer:
         self.total_steps = train_config.max_steps or train_config.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, train_config)
         self.wrapped = (
-            DistributedDataParallel(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            # some configurations leave parameters out of the loss (a separate encoder read
+            # below its top layer, say); DDP must not wait for their gradients
+            DistributedDataParallel(
+                self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
             if env.world_size > 1
             else self.model
         )

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from textvae.data.corpus import Example
+from textvae.data.segment import Segmenter
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
 
@@ -53,9 +54,12 @@ def encode_examples(
     max_length: int,
     max_source_length: int,
     overlong: str,
+    segmenter: Segmenter | None = None,
 ) -> tuple[list[Encoded], EncodeStats]:
-    """Tokenise and lay out `examples` under the max-length policy (see module docstring)."""
-    targets = tokenizer.encode_batch([e.target for e in examples])
+    """Tokenise and lay out `examples` under the max-length policy (see module docstring);
+    with a `segmenter` (segment-wise models) targets carry [SEP] between their segments."""
+    texts = [e.target for e in examples]
+    targets = segmenter.target_ids(texts, tokenizer) if segmenter is not None else tokenizer.encode_batch(texts)
     has_source = any(e.source is not None for e in examples)
     sources = tokenizer.encode_batch([e.source or "" for e in examples]) if has_source else None
     stats = EncodeStats(examples=len(examples))
@@ -102,6 +106,12 @@ class Batch:
 
     def select(self, rows: slice | list[int]) -> "Batch":
         return Batch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows])
+
+
+def counted_tokens(batch: Batch, sep_id: int) -> torch.Tensor:
+    """Tokens that count for PPL: scored targets, without the [SEP]s that segment-wise models
+    insert between segments (those are scored but are not text)."""
+    return (batch.target_mask & (batch.input_ids != sep_id)).sum()
 
 
 def collate(items: list[Encoded], pad_id: int) -> Batch:

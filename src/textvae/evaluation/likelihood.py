@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from textvae.data.batching import Encoded, collate, eval_batches
+from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
 from textvae.models.base import TextVAE
 
 
@@ -86,7 +86,7 @@ def evaluate_likelihood(
                 if out.kl_groups is not None:
                     kl_groups.append(out.kl_groups.double().sum(0))
                 posteriors.append(model.posterior(batch))
-        tokens += int(batch.target_mask.sum())
+        tokens += int(counted_tokens(batch, model.tokenizer.sep_id))
     examples = len(data)
     metrics = {"ppl": math.exp(total_nll / tokens), "nll": total_nll / examples}
     if model.has_latent:

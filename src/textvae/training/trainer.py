@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from textvae.config import TrainConfig
-from textvae.data.batching import Encoded, LengthBucketSampler, collate, eval_batches
+from textvae.data.batching import Encoded, LengthBucketSampler, collate, counted_tokens, eval_batches
 from textvae.errors import TextVAEError
 from textvae.models.base import TextVAE
 from textvae.training import checkpoint
@@ -136,7 +136,7 @@ class Trainer:
         self.beta_schedule = beta_schedule or (lambda step, steps_per_epoch: 1.0)
         self.callbacks = callbacks or []
         self.save_final = save_final
-        self.pad_id = model.tokenizer.pad_id
+        self.pad_id, self.sep_id = model.tokenizer.pad_id, model.tokenizer.sep_id
         self.sampler = LengthBucketSampler(
             [len(item.ids) for item in train_data], train_config.batch_size, train_config.seed, train_config.bucket_batches
         )
@@ -241,7 +241,7 @@ class Trainer:
                 (out.loss * weight).backward()
             micro = {"loss": out.loss.detach() * len(rows), "rec": out.rec.detach().sum(), "kl": out.kl.detach().sum()}
             micro.update({key: torch.as_tensor(value).detach() * len(rows) for key, value in out.logs.items()})
-            micro.update(tokens=batch.target_mask.sum(), examples=torch.tensor(len(rows)))
+            micro.update(tokens=counted_tokens(batch, self.sep_id), examples=torch.tensor(len(rows)))
             for key, value in micro.items():
                 sums[key] = sums.get(key, 0.0) + value.double().to(self.env.device)
         max_norm = self.train_config.grad_clip if self.train_config.grad_clip > 0 else float("inf")
@@ -267,7 +267,7 @@ class Trainer:
                 batch = collate([self.valid_data[i] for i in rows], self.pad_id).to(self.env.device)
                 with self.env.autocast():
                     out = self.model(batch, 1.0)
-                sums += [out.rec.sum().item(), out.kl.sum().item(), batch.target_mask.sum().item(), batch.size]
+                sums += [out.rec.sum().item(), out.kl.sum().item(), counted_tokens(batch, self.sep_id).item(), batch.size]
             rec, kl, tokens, examples = sums
             record = {
                 "split": "valid",

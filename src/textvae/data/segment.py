@@ -1,0 +1,83 @@
+"""Segments for the segment-wise latent models (TRACE, IND, CGD; DESIGN.md section 4.3).
+
+A target text is cut into segments, every n tokens (`fixed`) or at sentence ends (`sentence`,
+with pysbd: rule-based, offline). Segments are joined by [SEP]; the last one is closed by EOS
+(or by nothing, when max-length truncation cut it). The decoder layout becomes
+
+    [BOS] seg_1 [SEP] seg_2 [SEP] ... seg_T [EOS]        (.txt)
+    [BOS] source [SEP] seg_1 [SEP] ... seg_T [EOS]       (.jsonl: the source is segment 0)
+
+The segment of a position is the number of [SEP]s before it, so each [SEP] belongs to the
+segment it closes, and a segment's representation is read at its last position (its closer).
+[SEP]s inside a target are scored (the model must learn where segments end) but not counted
+as tokens for PPL, which stays comparable with the other models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from textvae.errors import TextVAEError
+
+
+@dataclass
+class Segmenter:
+    kind: str = "fixed"  # fixed | sentence
+    length: int = 10  # tokens per segment (fixed)
+
+    def validate(self) -> None:
+        if self.kind not in ("fixed", "sentence"):
+            raise TextVAEError(f"segment kind must be fixed or sentence, got {self.kind!r}")
+        if self.length < 1:
+            raise TextVAEError(f"segment length must be >= 1, got {self.length}")
+
+    def target_ids(self, texts: list[str], tokenizer) -> list[list[int]]:
+        """Token ids of each target with [SEP] between its segments."""
+        if self.kind == "fixed":
+            return [self._join([ids[i : i + self.length] for i in range(0, len(ids), self.length)], tokenizer.sep_id)
+                    for ids in tokenizer.encode_batch(texts)]
+        splitter = _sentence_splitter()
+        sentences = [[s.strip() for s in splitter.segment(text) if s.strip()] or [text] for text in texts]
+        flat = tokenizer.encode_batch([s for group in sentences for s in group])
+        result, start = [], 0
+        for group in sentences:
+            result.append(self._join(flat[start : start + len(group)], tokenizer.sep_id))
+            start += len(group)
+        return result
+
+    @staticmethod
+    def _join(chunks: list[list[int]], sep_id: int) -> list[int]:
+        ids: list[int] = []
+        for index, chunk in enumerate(chunks):
+            ids += chunk if index == 0 else [sep_id, *chunk]
+        return ids
+
+
+def _sentence_splitter():
+    import pysbd
+
+    return pysbd.Segmenter(language="en", clean=False)
+
+
+def segment_ids(input_ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """Segment of every position: the number of [SEP]s strictly before it. [B, T] -> [B, T]."""
+    is_sep = (input_ids == sep_id).long()
+    return is_sep.cumsum(1) - is_sep
+
+
+def segment_closers(segments: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last real position of each segment and which segments exist.
+
+    segments, attention_mask: [B, T] -> closers [B, S] (long), present [B, S] (bool), with S
+    the largest segment count in the batch; absent segments point at position 0."""
+    real = attention_mask.bool()
+    count = torch.where(real, segments, -1).amax(1) + 1  # [B]
+    width = int(count.max())
+    positions = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    closers = torch.zeros(segments.shape[0], width, dtype=torch.long, device=segments.device)
+    index = torch.where(real, segments, 0).clamp(max=width - 1)
+    closers.scatter_reduce_(1, index, torch.where(real, positions, 0), reduce="amax")
+    present = torch.arange(width, device=segments.device)[None] < count[:, None]
+    return closers, present

@@ -1,6 +1,8 @@
 """DELLA: identity fusion leaves the backbone unchanged, the chain densities and KL are
 exact, every ablation trains and evaluates, cached decoding matches recomputation."""
 
+import json
+
 import pytest
 import torch
 
@@ -132,6 +134,10 @@ def test_every_ablation_trains_saves_reloads_and_evaluates(options, tiny_tokeniz
     trainer = Trainer(model, config.train, train, valid, tmp_path, Environment(torch.device("cpu"), bf16=False))
     before = trainer.validate()["elbo"]
     assert trainer.train()["elbo"] < before - 10
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if r["split"] == "train"][-1]
+    per_layer = [last[f"kl_layer_{layer}"] for layer in model.inference_layers]
+    assert sum(per_layer) == pytest.approx(last["kl"], rel=1e-4)  # the logged KL is their sum
     save_model(model, tmp_path / "saved", config.to_dict())
     reloaded, _ = load_model(tmp_path / "saved")
     first = evaluate_likelihood(model, valid, batch_size=5, iw_samples=4)

@@ -353,7 +353,8 @@ class Della(TextVAE):
             penalised = penalised[:, -1:]
         penalty = penalised.mean(1) if self.config.kl_reduction == "mean" else penalised.sum(1)
         loss = rec + beta * penalty
-        logs = {}
+        # per-layer KL in the training log (metrics.jsonl, TensorBoard), named by backbone layer
+        logs = {f"kl_layer_{layer}": value for layer, value in zip(self.inference_layers, kl_groups.detach().mean(0))}
         if self.bag_of_words is not None:
             bow = self.bag_of_words(z, batch.input_ids, batch.target_mask)
             loss = loss + self.config.bow_weight * bow

@@ -88,7 +88,6 @@ def _bad_inputs(tmp_path, tiny_txt):
         "empty split": (["--data", str(empty)], "holds no examples"),
         "undecodable": (["--data", str(binary)], "not valid UTF-8"),
         "unknown model": (["--data", str(tiny_txt), "--model", "vae9000"], "unknown model 'vae9000'"),
-        "planned model": (["--data", str(tiny_txt), "--model", "trace-r"], "not implemented yet"),
         "unknown backbone": (["--data", str(tiny_txt), "--backbone", "gpt5-huge"], "unknown backbone"),
         "invalid value": (["--data", str(tiny_txt), "--set", "train.lr=fast"], "train.lr must be float"),
         "invalid choice": (["--data", str(tiny_txt), "--set", "data.overlong=squash"], "data.overlong must be one of"),
@@ -99,7 +98,7 @@ def _bad_inputs(tmp_path, tiny_txt):
     }
 
 
-CASES = ["missing data", "empty split", "undecodable", "unknown model", "planned model", "unknown backbone",
+CASES = ["missing data", "empty split", "undecodable", "unknown model", "unknown backbone",
          "invalid value", "invalid choice", "unknown key", "too long for backbone", "over-long input", "bad flag"]
 
 

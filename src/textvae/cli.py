@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a model", description="Train a model and save it to RUN_DIR.")
-    train.add_argument("--model", help="lm | embed | memory | softmax | optimus | norec (default: the config's, else lm)")
+    train.add_argument("--model", help="lm | embed | memory | softmax | optimus | norec | della | trace-r | trace-p | ind | cgd "
+                                        "(default: the config's, else lm)")
     train.add_argument("--data", help="folder with train/valid/test .txt or .jsonl, or a bundled corpus (demo)")
     train.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
     train.add_argument("--backbone", metavar="SPEC", help="gpt2-tiny | gpt2-small | llama-tiny | smollm2 | FOLDER | FILE.gguf | hf:NAME")
@@ -215,7 +216,10 @@ def _encode(split, model, config, name: str, verbose: bool):
     from textvae.data.batching import encode_examples
 
     data = config.data
-    encoded, stats = encode_examples(split.examples, model.tokenizer, data.max_length, data.max_source_length, data.overlong)
+    segmenter = getattr(model, "segmenter", None)  # segment-wise models: [SEP] between segments
+    encoded, stats = encode_examples(
+        split.examples, model.tokenizer, data.max_length, data.max_source_length, data.overlong, segmenter
+    )
     blank = f", {split.blank_lines} blank lines skipped" if split.blank_lines else ""
     _info(verbose, f"{name}: {stats.describe()} (max_length {data.max_length}, overlong={data.overlong}){blank}")
     return encoded

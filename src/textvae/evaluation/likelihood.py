@@ -8,7 +8,8 @@
 * `mi`: I_q(x; z) = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with the aggregate posterior
   over the whole evaluation set: log q(z_i) = logsumexp_j log q(z_i | x_j) - log N, one z_i
   per x_i;
-* `au`: dimensions d with Cov_x(E_q(z|x)[z_d]) > delta (unbiased variance over examples).
+* `au`: dimensions d with Cov_x(E_q(z|x)[z_d]) > delta (unbiased variance over examples; for
+  segment-wise latents every present segment of every example is one observation).
 """
 
 from __future__ import annotations
@@ -33,23 +34,28 @@ def log_marginal(model: TextVAE, batch, k: int, chunk: int = 20) -> torch.Tensor
 
 
 @torch.no_grad()
-def mutual_information(posteriors: list, chunk: int = 1024) -> float:
+def mutual_information(posteriors: list) -> float:
     """I_q(x; z) over the examples of all `posteriors` (one distribution object per batch,
-    each with `rsample()`, `log_prob(z)` and a batch of [B_j] examples), in nats."""
-    samples = [posterior.rsample() for posterior in posteriors]  # [B_j, D] each
+    with `rsample()` and `log_prob(z)`), in nats. log q(z_i | x_j) for every pair comes from
+    `cross_log_prob(z_i, owner)` where a posterior defines it (latents whose shape depends on
+    the example, e.g. one per segment: no mass where the shapes differ), else from `log_prob`
+    of z_i broadcast over x_j's batch."""
+    samples = [posterior.rsample() for posterior in posteriors]
     log_q_own = torch.cat([q.log_prob(z) for q, z in zip(posteriors, samples)])  # [N]
-    every_z = torch.cat(samples)  # [N, D]
-    count = every_z.shape[0]
-    log_aggregate = torch.full((count,), float("-inf"), dtype=torch.float64, device=every_z.device)
+    log_aggregate = [torch.full((z.shape[0],), float("-inf"), dtype=torch.float64, device=z.device) for z in samples]
     for posterior in posteriors:
-        rows = posterior.mean.shape[0]
-        for start in range(0, count, chunk):
-            block = every_z[start : start + chunk]
-            log_q = posterior.log_prob(block[None].expand(rows, -1, -1))  # [B_j, chunk]
-            part = torch.logsumexp(log_q.double(), dim=0)
-            log_aggregate[start : start + chunk] = torch.logaddexp(log_aggregate[start : start + chunk], part)
-    log_aggregate -= math.log(count)
-    return float(log_q_own.double().mean() - log_aggregate.mean())
+        for index, (owner, z) in enumerate(zip(posteriors, samples)):
+            log_q = _cross_log_prob(posterior, z, owner)  # [B_j, B_i]
+            log_aggregate[index] = torch.logaddexp(log_aggregate[index], torch.logsumexp(log_q.double(), dim=0))
+    count = log_q_own.shape[0]
+    return float(log_q_own.double().mean() - (torch.cat(log_aggregate) - math.log(count)).mean())
+
+
+def _cross_log_prob(posterior, z: torch.Tensor, owner) -> torch.Tensor:
+    if hasattr(posterior, "cross_log_prob"):
+        return posterior.cross_log_prob(z, owner)
+    rows = posterior.mean.shape[0]
+    return posterior.log_prob(z[None].expand(rows, *z.shape))
 
 
 def active_units(means: torch.Tensor, delta: float) -> torch.Tensor:

@@ -13,6 +13,9 @@ from textvae.generation.decode import DecodingConfig, decode
 def _require_latent(model) -> None:
     if not model.has_latent:
         raise TextVAEError(f"model {model.name!r} has no latent variable to encode texts into")
+    if hasattr(model, "segmenter"):
+        raise TextVAEError(f"model {model.name!r} has one latent per segment; reconstruction and interpolation "
+                           "need a single latent path (use generate to sample)")
 
 
 def _posterior(model, texts: list[str], max_length: int):

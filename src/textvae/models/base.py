@@ -101,6 +101,11 @@ class TextVAE(nn.Module):
         """Backbone keyword arguments that feed `latent` to the decoder (none for the LM)."""
         return {}
 
+    def prompt_injections(self, latent: Any, prompt_ids: torch.Tensor) -> dict[str, Any]:
+        """Injections for the prompt pass of decoding [N, T] (by default the same at every
+        position; segment-wise models keep a source prefix latent-free)."""
+        return self.injections(latent)
+
     def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> Any:
         """Latents drawn from the prior, one per prompt (token ids; a conditional model's
         prior reads them). None for the LM."""
@@ -109,7 +114,7 @@ class TextVAE(nn.Module):
     @torch.no_grad()
     def decode_start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, latent: Any) -> tuple[torch.Tensor, DecodeState]:
         """Run left-padded prompts [N, T]; returns next-token logits [N, V] and the state."""
-        injections = self.injections(latent)
+        injections = self.prompt_injections(latent, prompt_ids)
         memory = injections.pop("memory", None)
         cache = self.backbone.new_cache(memory)
         mask = prompt_mask

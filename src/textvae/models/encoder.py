@@ -36,24 +36,27 @@ class AttentionPooling(nn.Module):
 class TextEncoder(nn.Module):
     """Pooled bidirectional states of layers `layers` (1-based; L = the final, normalised one)."""
 
-    def __init__(self, backbone: Backbone, layers: list[int], share: bool = True):
+    def __init__(self, backbone: Backbone, layers: list[int], share: bool = True, pooled: bool = True):
         super().__init__()
         if not layers or min(layers) < 1 or max(layers) > backbone.num_layers:
             raise ValueError(f"encoder layers must lie in 1..{backbone.num_layers}, got {layers}")
         self.layers = list(layers)
-        self.pooling = AttentionPooling(backbone.hidden_size, len(self.layers))
+        # segment-wise models read states at given positions and need no pooling
+        self.pooling = AttentionPooling(backbone.hidden_size, len(self.layers)) if pooled else None
         self.own_backbone = None
         if not share:
             self.own_backbone = copy.deepcopy(backbone)
             self.own_backbone.causal_lm.lm_head = nn.Identity()  # an encoder needs no LM head
 
-    def states(self, backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, S, T, H] of the pooled layers under a [B, 1, T, T] `mask`, run
+    def states(
+        self, backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states [B, S, T, H] of the requested layers under a [B, 1, T, T] `mask`, run
         with the decoder's `backbone` (or the encoder's own copy)."""
         body = self.own_backbone if self.own_backbone is not None else backbone
         if self.layers == [body.num_layers]:
-            return body(input_ids, mask).hidden[:, None]
-        out = body(input_ids, mask, output_hidden_states=True)
+            return body(input_ids, mask, position_ids=position_ids).hidden[:, None]
+        out = body(input_ids, mask, position_ids=position_ids, output_hidden_states=True)
         return torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
 
     def forward(self, backbone: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -18,20 +18,18 @@ from textvae.models.base import TextVAE
 from textvae.models.della import Della
 from textvae.models.lm import LanguageModel
 from textvae.models.single import Embed, Memory, NoRecurrence, Optimus, Softmax
+from textvae.models.temporal import Conditional, Independent, TraceP, TraceR
 
 MODELS: dict[str, type[TextVAE]] = {
-    cls.name: cls for cls in (LanguageModel, Embed, Memory, Softmax, Optimus, NoRecurrence, Della)
+    cls.name: cls
+    for cls in (LanguageModel, Embed, Memory, Softmax, Optimus, NoRecurrence, Della, TraceR, TraceP, Independent, Conditional)
 }
-# The papers' other rows, named in the CLI contract and built in later issues.
-PLANNED = ("trace-r", "trace-p", "ind", "cgd")
 
 
 def model_class(name: str) -> type[TextVAE]:
-    if name in MODELS:
-        return MODELS[name]
-    if name in PLANNED:
-        raise TextVAEError(f"model {name!r} is not implemented yet (available: {', '.join(MODELS)})")
-    raise TextVAEError(f"unknown model {name!r}; known models: {', '.join(list(MODELS) + list(PLANNED))}")
+    if name not in MODELS:
+        raise TextVAEError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def model_config(config: Config):

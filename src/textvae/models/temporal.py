@@ -1,0 +1,482 @@
+"""Segment-wise latent variables: TRACE (recurrent, exact and parallel), IND and CGD (TRACE
+paper sections 3.2 and 4; DESIGN.md section 4.3).
+
+The target is cut into segments closed by [SEP] (data/segment.py); latent slot t belongs to
+target segment t (with a `.jsonl` source, segment 0 is the source: the condition, no latent).
+The encoder (the decoder's weights) runs with block masks and is read at each segment's
+closing position:
+
+    extra pass   a token sees its own and earlier segments: x_<=t at closer t; x_<t at closer
+                 t-1 (a learned start vector before the first segment, the source if any)
+    intra pass   a token sees its own segment only: x_t at closer t
+    full pass    bidirectional over the whole text (CGD's posterior)
+
+    trace-r  p(z_t | z_<t, x_<t) = N(mu_t, sigma_t^2), [mu_t, log sigma_t^2] = F [z_{t-1}; x_<t]
+             (p(z_1) = N(0, I) without a source); residual posterior
+             q(z_t | z_<t, x_<=t) = N(mu_t + d_mu_t, sigma_t^2 d_sigma_t^2),
+             [d_mu_t, log d_sigma_t^2] = G x_t, d_mu_t normalised with a fixed scale gamma
+             (`posterior_norm`), so KL_t >= P gamma^2 / (2 max_d sigma_t,d^2) cannot vanish
+    trace-p  trace-r's model trained with the parallel sampler of section 4.2 / appendix B.2
+    ind      p(z_t) = N(0, I), q(z_t | x_<=t) from the extra pass
+    cgd      p(z_t | x_<t) from the extra pass, q(z_t | x) from the full pass
+
+Decoder: W z_t is added to the input embedding of every position whose next token lies in
+segment t; in generation a new z is drawn from the prior each time [SEP] is emitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from textvae.backbone import masks
+from textvae.data.batching import Batch
+from textvae.data.segment import Segmenter, segment_closers, segment_ids
+from textvae.errors import TextVAEError
+from textvae.latent.gaussian import DiagonalGaussian
+from textvae.latent.regularizers import thresholded_kl
+from textvae.models.base import DecodeState, Output, TextVAE
+from textvae.models.encoder import TextEncoder
+
+
+@dataclass
+class TemporalConfig:
+    name: str = "trace-r"
+    latent_size: int = 32
+    segment: str = "fixed"  # fixed | sentence
+    segment_length: int = 10  # tokens per segment (fixed)
+    share_encoder: bool = True
+    posterior_norm: str = "ln"  # ln | bn | none: normalisation of TRACE's residual d_mu
+    ln_gamma: float = 3.0  # its fixed scale
+    spectral_norm: bool = True  # trace-p: on the z-to-z maps F_mu1, F_sig1
+    kl_threshold: float = 0.0  # per-dimension free bits; 0 = off
+    conditional: bool | None = None  # the source is segment 0 (None: when the data has one)
+
+    def validate(self) -> None:
+        Segmenter(self.segment, self.segment_length).validate()
+        if self.posterior_norm not in ("ln", "bn", "none"):
+            raise TextVAEError(f"model.posterior_norm must be ln, bn or none, got {self.posterior_norm!r}")
+        if self.latent_size < 1 or self.ln_gamma <= 0 or self.kl_threshold < 0:
+            raise TextVAEError("model.latent_size >= 1, model.ln_gamma > 0 and model.kl_threshold >= 0 needed")
+
+
+@dataclass
+class SegmentLayout:
+    """Where the segments of a batch are. S = segments in the widest row, L = latent slots."""
+
+    segments: torch.Tensor  # [B, T] segment of every position
+    closers: torch.Tensor  # [B, S] last position of each segment
+    present: torch.Tensor  # [B, S] which segments exist
+    offset: int  # 1 when segment 0 is a source (no latent), else 0
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int, offset: int) -> "SegmentLayout":
+        segments = segment_ids(input_ids, sep_id)
+        closers, present = segment_closers(segments, attention_mask)
+        if offset and closers.shape[1] < 2:  # a source and no target segment yet: one empty slot
+            closers = F.pad(closers, (0, 1))
+            present = F.pad(present, (0, 1))
+        return cls(segments, closers, present, offset)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """[B, L] which latent slots exist."""
+        return self.present[:, self.offset :]
+
+    def read(self, states: torch.Tensor) -> torch.Tensor:
+        """States [B, T, H] at every segment's closer: [B, S, H]."""
+        return states.gather(1, self.closers[..., None].expand(-1, -1, states.shape[-1]))
+
+    def next_token_slot(self) -> torch.Tensor:
+        """[B, T] latent slot of the token each position predicts (-1: none, e.g. a source)."""
+        following = torch.cat([self.segments[:, 1:], self.segments[:, -1:]], dim=1)
+        return following - self.offset
+
+
+class SegmentChain:
+    """Per-slot Gaussians over z [B, L, P] (or [B, k, L, P]) with an optional recurrence:
+
+        [mu_t, log var_t] = base_t + recurrent(z_{t-1}) (+ residual_t),   z_0 = 0
+
+    `base` and `residual` [B, L, 2P] hold what depends on the text; absent slots (`present`
+    False) are ignored by densities. Without a recurrence every slot is independent."""
+
+    def __init__(self, base: torch.Tensor, present: torch.Tensor, recurrent: nn.Module | None = None,
+                 residual: torch.Tensor | None = None):
+        self.base, self.present, self.recurrent, self.residual = base.float(), present, recurrent, residual
+
+    def _params(self, previous: torch.Tensor | None, slot: slice | int) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.base[:, slot]
+        if self.residual is not None:
+            params = params + self.residual[:, slot]
+        if self.recurrent is not None and previous is not None:
+            if previous.dim() > params.dim():  # k samples per example
+                params = params.unsqueeze(1)
+            params = params + self.recurrent(previous).float()
+        return params.chunk(2, dim=-1)
+
+    def given(self, z: torch.Tensor) -> DiagonalGaussian:
+        """The slots' distributions with z_{t-1} read from z (teacher forcing), shaped like z
+        ([B, L, P] or [B, k, L, P])."""
+        previous = None
+        if self.recurrent is not None:
+            previous = torch.cat([torch.zeros_like(z[..., :1, :]), z[..., :-1, :]], dim=-2)
+        mean, log_var = self._params(previous, slice(None))
+        if mean.dim() < z.dim():
+            mean, log_var = mean.unsqueeze(1), log_var.unsqueeze(1)
+        return DiagonalGaussian(mean.expand_as(z), log_var.expand_as(z))
+
+    def rsample(self, num: int | None = None) -> torch.Tensor:
+        """[B, L, P] or [B, num, L, P]; ancestral over slots when recurrent."""
+        batch, slots, size = self.base.shape[0], self.base.shape[1], self.base.shape[2] // 2
+        shape = (batch, slots, size) if num is None else (batch, num, slots, size)
+        noise = torch.randn(shape, device=self.base.device)
+        if self.recurrent is None:
+            mean, log_var = self._params(None, slice(None))
+            if num is not None:
+                mean, log_var = mean[:, None], log_var[:, None]
+            return mean + torch.exp(0.5 * log_var) * noise
+        previous, drawn = torch.zeros(shape[:-2] + (size,), device=self.base.device), []
+        for slot in range(slots):  # T small products, vectorised over examples and samples
+            mean, log_var = self._params(previous, slot)
+            previous = mean + torch.exp(0.5 * log_var) * noise[..., slot, :]
+            drawn.append(previous)
+        return torch.stack(drawn, dim=-2)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Log density of z [B, L, P] or [B, k, L, P] summed over present slots: [B] or [B, k]."""
+        per_slot = self.given(z).log_prob(z)  # [.., L]
+        present = self.present if z.dim() == 3 else self.present[:, None]
+        return (per_slot * present).sum(-1)
+
+    def cross_log_prob(self, z: torch.Tensor, owner: "SegmentChain") -> torch.Tensor:
+        """log q(z_i | x_j) for every example j here and every latent z_i [B_i, L_i, P] drawn
+        by `owner`: [B_j, B_i]; -inf where the slot counts differ (no mass there)."""
+        mine, theirs = self.present.sum(1), owner.present.sum(1)
+        width = self.base.shape[1]
+        aligned = z[:, :width] if z.shape[1] >= width else F.pad(z, (0, 0, 0, width - z.shape[1]))
+        expanded = aligned[None].expand(self.base.shape[0], -1, -1, -1)  # [B_j, B_i, L, P]
+        log_q = self.log_prob(expanded)
+        return log_q.masked_fill(mine[:, None] != theirs[None, :], float("-inf"))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-slot means along the chain run on means, present slots only: [slots in batch, P]
+        (each slot is one observation of the same P-dim latent space, for AU)."""
+        if self.recurrent is None:
+            means = self._params(None, slice(None))[0]
+        else:
+            previous, steps = None, []
+            for slot in range(self.base.shape[1]):
+                previous = self._params(previous, slot)[0]
+                steps.append(previous)
+            means = torch.stack(steps, dim=1)
+        return means[self.present]
+
+
+class ResidualNorm(nn.Module):
+    """Normalises TRACE's residual mean d_mu with a fixed scale gamma (no learned shift):
+    `ln` per latent vector (sum_d d_mu_d^2 = P gamma^2 exactly), `bn` per dimension over the
+    batch's slots (E[d_mu_d^2] = gamma^2), `none` leaves it."""
+
+    def __init__(self, kind: str, size: int, gamma: float):
+        super().__init__()
+        self.kind, self.gamma = kind, gamma
+        if kind == "bn":
+            self.batch_norm = nn.BatchNorm1d(size, affine=False)
+
+    def forward(self, residual_mean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """residual_mean [B, L, P] (float32), present [B, L] -> [B, L, P]."""
+        if self.kind == "ln":
+            return self.gamma * F.layer_norm(residual_mean, residual_mean.shape[-1:])
+        if self.kind == "bn":
+            rows = residual_mean[present]
+            norm = self.batch_norm
+            use_batch = self.training and rows.shape[0] > 1
+            normed = F.batch_norm(rows, norm.running_mean, norm.running_var, training=use_batch, momentum=norm.momentum, eps=norm.eps)
+            return residual_mean.masked_scatter(present[..., None], self.gamma * normed)
+        return residual_mean
+
+
+class SegmentLatentVAE(TextVAE):
+    """Shared machinery of trace-r, trace-p, ind and cgd: segments, encoder passes, the
+    decoder's per-position latents, the bound, and generation with a new latent per [SEP]."""
+
+    config_class = TemporalConfig
+    passes: tuple[str, ...]  # encoder passes the model reads: extra, intra, full
+
+    def __init__(self, backbone, tokenizer, config: TemporalConfig):
+        super().__init__(backbone, tokenizer, config)
+        hidden, size = backbone.hidden_size, config.latent_size
+        self.segmenter = Segmenter(config.segment, config.segment_length)
+        self.conditional = bool(config.conditional)
+        self.encoder = TextEncoder(backbone, layers=[backbone.num_layers], share=config.share_encoder, pooled=False)
+        self.start = nn.Parameter(torch.randn(hidden) * 0.02)  # x_<1 when there is no source
+        self.latent_to_embedding = nn.Linear(size, hidden, bias=False)
+        nn.init.zeros_(self.latent_to_embedding.weight)  # the decoder starts as the backbone
+        self.build_heads(hidden, size)
+
+    def build_heads(self, hidden: int, size: int) -> None:
+        raise NotImplementedError
+
+    # --- encoder -----------------------------------------------------------------------
+    def layout(self, batch: Batch) -> SegmentLayout:
+        return SegmentLayout.of(batch.input_ids, batch.attention_mask, self.tokenizer.sep_id, int(self.conditional))
+
+    def read(self, batch: Batch, layout: SegmentLayout) -> dict[str, torch.Tensor]:
+        """Encoder states at the segment closers, per pass: [B, S, H] each, plus "before"
+        [B, L, H]: x_<t of every latent slot (the start vector, or the source, first)."""
+        out = {}
+        for kind in self.passes:
+            if kind == "full":
+                mask = masks.bidirectional(batch.attention_mask)
+            else:
+                mask = masks.block(layout.segments, batch.attention_mask, kind)
+            out[kind] = layout.read(self.encoder.states(self.backbone, batch.input_ids, mask)[:, 0])
+        if "extra" in out:
+            extra = out["extra"]
+            start = self.start.to(extra.dtype).expand(extra.shape[0], 1, -1)
+            everything = torch.cat([start, extra], dim=1)  # [B, 1 + S, H]: index s = x_<s
+            out["before"] = everything[:, layout.offset : layout.offset + layout.slots.shape[1]]
+        return out
+
+    def distributions(self, batch: Batch) -> tuple[SegmentLayout, SegmentChain, SegmentChain]:
+        """The layout, the posterior and the prior (exact densities) of a batch."""
+        layout = self.layout(batch)
+        posterior, prior = self.chains(self.read(batch, layout), layout)
+        return layout, posterior, prior
+
+    def chains(self, states: dict[str, torch.Tensor], layout: SegmentLayout) -> tuple[SegmentChain, SegmentChain]:
+        raise NotImplementedError
+
+    def posterior(self, batch: Batch) -> SegmentChain:
+        return self.distributions(batch)[1]
+
+    def prior(self, batch: Batch) -> SegmentChain:
+        return self.distributions(batch)[2]
+
+    # --- decoder -----------------------------------------------------------------------
+    def decoder_nll(self, batch: Batch, z: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+        """-log p(x | z) with z [B, L, P] added where the next token lies in slot t: [B]."""
+        slot = layout.next_token_slot()  # [B, T]
+        vectors = self.latent_to_embedding(z)  # [B, L, H]
+        offsets = vectors.gather(1, slot.clamp(0, vectors.shape[1] - 1)[..., None].expand(-1, -1, vectors.shape[-1]))
+        offsets = offsets * (slot >= 0)[..., None].to(offsets.dtype)
+        hidden = self.backbone(batch.input_ids, batch.attention_mask, embed_offset=offsets).hidden
+        return self.target_nll(hidden, batch)
+
+    # --- objective and bound -------------------------------------------------------------
+    def training_sample(self, posterior: SegmentChain, states, layout) -> torch.Tensor:
+        """z for the training objective (the exact posterior sample; TRACE-P overrides)."""
+        return posterior.rsample()
+
+    def forward(self, batch: Batch, beta: float = 1.0) -> Output:
+        layout = self.layout(batch)
+        states = self.read(batch, layout)
+        posterior, prior = self.chains(states, layout)
+        z = self.training_sample(posterior, states, layout)
+        rec = self.decoder_nll(batch, z, layout)
+        kl_per_dim = posterior.given(z).kl_per_dim(prior.given(z)) * layout.slots[..., None]  # [B, L, P]
+        kl_groups = kl_per_dim.sum(-1)  # per segment
+        loss = rec + beta * thresholded_kl(kl_per_dim.flatten(1), self.config.kl_threshold)
+        logs = {"segments": layout.slots.sum(1).float().mean()}
+        return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups, z=z, logs=logs)
+
+    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
+        """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i from the exact posterior."""
+        layout, posterior, prior = self.distributions(batch)
+        z = posterior.rsample(k)  # [B, k, L, P]
+        rows = torch.arange(batch.size, device=z.device).repeat_interleave(k)
+        repeated = batch.select(rows)
+        repeated_layout = SegmentLayout(layout.segments[rows], layout.closers[rows], layout.present[rows], layout.offset)
+        log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1), repeated_layout).view(batch.size, k)
+        return log_px_z + prior.log_prob(z) - posterior.log_prob(z)
+
+    # --- generation: a new latent each time [SEP] is emitted -----------------------------
+    def next_prior(self, before: torch.Tensor, previous: torch.Tensor | None, first: bool) -> DiagonalGaussian:
+        """p(z_t | z_{t-1}, x_<t) for one slot: before [N, H] (x_<t), previous [N, P] or None."""
+        raise NotImplementedError
+
+    def _prior_draw(self, ids: torch.Tensor, mask: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """Draw z for the segment that starts after the left-padded text `ids` [N, T]."""
+        self.prior_draws += ids.shape[0]
+        first = previous is None
+        if first and not self.conditional:
+            before = self.start.expand(ids.shape[0], -1)
+        else:
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            segments = segment_ids(ids, self.tokenizer.sep_id)
+            states = self.encoder.states(self.backbone, ids, masks.block(segments, mask, "extra"), positions)[:, 0]
+            before = states[:, -1]  # the closer just emitted (or the prompt's [SEP])
+        return self.next_prior(before, previous, first).rsample()
+
+    prior_draws = 0  # latents drawn in generation (a counter for tests and diagnostics)
+
+    def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> dict:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+            mask[row, width - len(prompt) :] = 1
+        return {"z": self._prior_draw(ids, mask, None), "ids": ids, "mask": mask}
+
+    def injections(self, latent: dict) -> dict:
+        return {"embed_offset": self.latent_to_embedding(latent["z"])}
+
+    def prompt_injections(self, latent: dict, prompt_ids: torch.Tensor) -> dict:
+        """As in training: positions predicting source tokens carry no latent; the prompt's
+        last position ([BOS], or the source's [SEP]) predicts segment 1 and carries z_1."""
+        offsets = self.latent_to_embedding(latent["z"])[:, None].expand(-1, prompt_ids.shape[1], -1)
+        if self.conditional:
+            last = torch.zeros(prompt_ids.shape[1], device=prompt_ids.device)
+            last[-1] = 1
+            offsets = offsets * last[None, :, None].to(offsets.dtype)
+        return {"embed_offset": offsets}
+
+    @torch.no_grad()
+    def decode_next(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        latent = dict(state.latent)
+        latent["ids"] = torch.cat([latent["ids"], tokens[:, None]], dim=1)
+        latent["mask"] = torch.cat([latent["mask"], torch.ones_like(tokens)[:, None]], dim=1)
+        closed = tokens == self.tokenizer.sep_id
+        if closed.any():  # the [SEP] itself already carries the next segment's latent
+            rows = closed.nonzero()[:, 0]
+            z = latent["z"].clone()
+            z[rows] = self._prior_draw(latent["ids"][rows], latent["mask"][rows], latent["z"][rows]).to(z.dtype)
+            latent["z"] = z
+        state.latent = latent
+        return super().decode_next(state, tokens)
+
+
+class TraceR(SegmentLatentVAE):
+    """Exact recurrence: prior F [z_{t-1}; x_<t], residual posterior from G x_t."""
+
+    name = "trace-r"
+    passes = ("extra", "intra")
+
+    def build_heads(self, hidden: int, size: int) -> None:
+        self.prior_from_text = nn.Linear(hidden, 2 * size)  # F's x_<t part (and its bias)
+        self.prior_from_latent = nn.Linear(size, 2 * size, bias=False)  # F's z_{t-1} part
+        # starts at zero: a random map whose norm exceeds 1 makes z_t (and, through the
+        # log-variance, sigma_t) grow geometrically over the segments of a long text
+        nn.init.zeros_(self.prior_from_latent.weight)
+        self.residual_from_text = nn.Linear(hidden, 2 * size)  # G
+        self.residual_norm = ResidualNorm(self.config.posterior_norm, size, self.config.ln_gamma)
+
+    def prior_base(self, before: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+        """F's text part for every slot [B, L, 2P]; zero at the first slot without a source,
+        where p(z_1) = N(0, I)."""
+        base = self.prior_from_text(before).float()
+        if not self.conditional:
+            base = torch.cat([torch.zeros_like(base[:, :1]), base[:, 1:]], dim=1)
+        return base
+
+    def chains(self, states, layout):
+        slots = layout.slots
+        own = states["intra"][:, layout.offset :]
+        residual_mean, residual_log_var = self.residual_from_text(own).float().chunk(2, dim=-1)
+        residual = torch.cat([self.residual_norm(residual_mean, slots), residual_log_var], dim=-1)
+        base = self.prior_base(states["before"], layout)
+        prior = SegmentChain(base, slots, self.prior_from_latent)
+        posterior = SegmentChain(base, slots, self.prior_from_latent, residual)
+        return posterior, prior
+
+    def next_prior(self, before, previous, first):
+        if first and not self.conditional:
+            zeros = torch.zeros(before.shape[0], self.config.latent_size, device=before.device)
+            return DiagonalGaussian(zeros, zeros)
+        params = self.prior_from_text(before).float()
+        if previous is not None:
+            params = params + self.prior_from_latent(previous).float()
+        return DiagonalGaussian(*params.chunk(2, dim=-1))
+
+
+class TraceP(TraceR):
+    """TRACE-R's model trained with the parallel sampler (paper section 4.2, appendix B.2):
+
+        v_t = F_mu2 x_<t + d_mu_t + exp(1/2 (F_sig2 x_<t + log d_sigma_t^2)) * eps_t
+        u_t = F_mu1 v_t + (F_sig1 v_t) * xi_t,      z_t = v_t + sum_{i<t} u_i
+
+    (the exp, not its linearisation 1 + a: with the z-to-z maps at zero, z_t is then exactly
+    TRACE-R's sample for the same noise). [F_mu1; F_sig1] has its spectral norm capped at 1
+    (`spectral_norm`; W / max(1, ||W||_2)) rather than set to exactly 1 as torch's
+    spectral_norm does: at exactly 1 the sum of u_i, fed by gamma = 3 residual means, grew to
+    |z| ~ 30 over a dozen segments and the KL of a fresh model to ~5e5 nats; capped, the map
+    starts at zero like TRACE-R's. Bounds, KL, MI and AU use the exact recurrent densities of
+    the same parameters, as for TRACE-R."""
+
+    name = "trace-p"
+
+    def build_heads(self, hidden: int, size: int) -> None:
+        super().build_heads(hidden, size)
+        if self.config.spectral_norm:
+            parametrize.register_parametrization(self.prior_from_latent, "weight", SpectralCap())
+
+    def training_sample(self, posterior: SegmentChain, states, layout) -> torch.Tensor:
+        size = self.config.latent_size
+        base_mean, base_log_var = posterior.base.chunk(2, dim=-1)
+        residual_mean, residual_log_var = posterior.residual.chunk(2, dim=-1)
+        eps = torch.randn_like(base_mean)
+        v = base_mean + residual_mean + torch.exp(0.5 * (base_log_var + residual_log_var)) * eps
+        maps = self.prior_from_latent(v).float()  # [B, L, 2P]: F_mu1 v_t and F_sig1 v_t
+        u = maps[..., :size] + maps[..., size:] * torch.randn_like(v)
+        slots = v.shape[1]
+        strictly_lower = torch.ones(slots, slots, device=v.device).tril(-1)
+        return v + torch.einsum("ts,bsp->btp", strictly_lower, u)
+
+
+class Independent(SegmentLatentVAE):
+    """IND: p(z_t) = N(0, I), q(z_t | x_<=t) from the extra pass at closer t."""
+
+    name = "ind"
+    passes = ("extra",)
+
+    def build_heads(self, hidden: int, size: int) -> None:
+        self.posterior_head = nn.Linear(hidden, 2 * size)
+
+    def chains(self, states, layout):
+        slots = layout.slots
+        upto = states["extra"][:, layout.offset :]
+        posterior = SegmentChain(self.posterior_head(upto), slots)
+        return posterior, SegmentChain(torch.zeros_like(posterior.base), slots)
+
+    def next_prior(self, before, previous, first):
+        zeros = torch.zeros(before.shape[0], self.config.latent_size, device=before.device)
+        return DiagonalGaussian(zeros, zeros)
+
+    def _prior_draw(self, ids, mask, previous):  # N(0, I): no encoder pass needed
+        self.prior_draws += ids.shape[0]
+        return torch.randn(ids.shape[0], self.config.latent_size, device=ids.device)
+
+
+class Conditional(SegmentLatentVAE):
+    """CGD: p(z_t | x_<t) from the extra pass, q(z_t | x) from a bidirectional pass."""
+
+    name = "cgd"
+    passes = ("extra", "full")
+
+    def build_heads(self, hidden: int, size: int) -> None:
+        self.prior_head = nn.Linear(hidden, 2 * size)
+        self.posterior_head = nn.Linear(hidden, 2 * size)
+
+    def chains(self, states, layout):
+        slots = layout.slots
+        prior = SegmentChain(self.prior_head(states["before"]), slots)
+        posterior = SegmentChain(self.posterior_head(states["full"][:, layout.offset :]), slots)
+        return posterior, prior
+
+    def next_prior(self, before, previous, first):
+        return DiagonalGaussian(*self.prior_head(before).float().chunk(2, dim=-1))
+
+
+class SpectralCap(nn.Module):
+    """Weight parametrisation W -> W / max(1, ||W||_2): the spectral norm never exceeds 1."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.matrix_norm(weight.float(), ord=2)
+        return weight / torch.clamp(norm, min=1.0).to(weight.dtype)

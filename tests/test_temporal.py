@@ -1,0 +1,164 @@
+"""Segment-wise models (trace-r, trace-p, ind, cgd): encoder masks read at segment closers,
+the vectorised recurrence against a step-by-step reference, TRACE-P's closed form, the KL
+bound of the fixed-gamma residual, one new latent per emitted [SEP], and train/save/evaluate."""
+
+import pytest
+import torch
+
+from conftest import demo_lines, tiny_backbone
+from textvae.config import Config
+from textvae.data.batching import Batch, collate, encode_examples
+from textvae.data.corpus import Example
+from textvae.evaluation.likelihood import evaluate_likelihood
+from textvae.generation.decode import DecodingConfig, decode
+from textvae.models.registry import load_model, model_class, model_config, save_model
+from textvae.models.temporal import TemporalConfig, TraceP, TraceR
+from textvae.training.trainer import Environment, Trainer
+
+
+def _model(name, tokenizer, family="gpt2", **options):
+    config = Config.from_dict({"model": {"name": name, "latent_size": 6, "segment_length": 3, **options}})
+    torch.manual_seed(0)
+    return model_class(name)(tiny_backbone(family, vocab=tokenizer.vocab_size), tokenizer, model_config(config))
+
+
+def _data(model, count=6, split="train"):
+    examples = [Example(text) for text in demo_lines(split, count)]
+    encoded, _ = encode_examples(examples, model.tokenizer, 48, 16, "truncate", model.segmenter)
+    return encoded, collate(encoded, model.tokenizer.pad_id)
+
+
+def test_extra_and_intra_passes_read_at_each_sep_see_what_they_should(tiny_tokenizer):
+    model = _model("trace-r", tiny_tokenizer).eval()
+    _, batch = _data(model, 2)
+    layout = model.layout(batch)
+    with torch.no_grad():
+        states = model.read(batch, layout)
+        closers = layout.closers[0]
+        assert layout.present[0].sum() >= 3
+        # change one token of segment 1 (row 0)
+        position = int(closers[0]) + 1
+        changed = batch.input_ids.clone()
+        changed[0, position] = 7 if changed[0, position] != 7 else 8
+        other = model.read(Batch(changed, batch.attention_mask, batch.target_mask), layout)
+    moved_extra = (other["extra"][0] - states["extra"][0]).abs().amax(-1) > 1e-5
+    moved_intra = (other["intra"][0] - states["intra"][0]).abs().amax(-1) > 1e-5
+    count = int(layout.present[0].sum())
+    assert moved_extra[:count].tolist() == [False] + [True] * (count - 1)  # segments >= 1 see it
+    assert moved_intra[:count].tolist() == [False, True] + [False] * (count - 2)  # only its own
+    assert torch.equal(other["extra"][1], states["extra"][1])  # other rows untouched
+
+
+def test_vectorised_recurrence_equals_a_step_by_step_reference(tiny_tokenizer):
+    model = _model("trace-r", tiny_tokenizer).eval()
+    torch.nn.init.normal_(model.prior_from_latent.weight, std=0.1)  # an active recurrence
+    _, batch = _data(model, 4)
+    with torch.no_grad():
+        layout, posterior, _ = model.distributions(batch)
+        torch.manual_seed(1)
+        z = posterior.rsample(3)  # [B, 3, L, P]
+        torch.manual_seed(1)
+        noise = torch.randn(z.shape)
+        for row in range(batch.size):  # one example, one sample, one segment at a time
+            for sample in range(3):
+                previous = torch.zeros(6)
+                for slot in range(int(layout.slots[row].sum())):
+                    params = posterior.base[row, slot] + posterior.residual[row, slot]
+                    params = params + model.prior_from_latent(previous)
+                    mean, log_var = params.chunk(2)
+                    previous = mean + torch.exp(0.5 * log_var) * noise[row, sample, slot]
+                    torch.testing.assert_close(z[row, sample, slot], previous, rtol=1e-4, atol=1e-4)
+
+
+def test_trace_p_sample_matches_its_closed_form_and_the_exact_model_without_recurrence(tiny_tokenizer):
+    model = _model("trace-p", tiny_tokenizer).eval()
+    _, batch = _data(model, 3)
+    with torch.no_grad():
+        layout = model.layout(batch)
+        states = model.read(batch, layout)
+        posterior, _ = model.chains(states, layout)
+        torch.manual_seed(2)
+        parallel = model.training_sample(posterior, states, layout)
+        torch.manual_seed(2)
+        exact = posterior.rsample()
+        torch.testing.assert_close(parallel, exact)  # z-to-z maps start at zero: u = 0
+        torch.nn.init.normal_(model.prior_from_latent.parametrizations.weight.original, std=0.5)
+        weight = model.prior_from_latent.weight  # the capped matrix
+        assert torch.linalg.matrix_norm(weight, ord=2) <= 1 + 1e-5
+        torch.manual_seed(3)
+        parallel = model.training_sample(posterior, states, layout)
+        torch.manual_seed(3)
+        base_mean, base_log_var = posterior.base.chunk(2, -1)
+        residual_mean, residual_log_var = posterior.residual.chunk(2, -1)
+        eps = torch.randn_like(base_mean)
+        xi = torch.randn_like(base_mean)
+        v = base_mean + residual_mean + torch.exp(0.5 * (base_log_var + residual_log_var)) * eps
+        u = v @ weight[:6].T + (v @ weight[6:].T) * xi
+        for slot in range(v.shape[1]):  # z_t = v_t + sum_{i<t} u_i
+            torch.testing.assert_close(parallel[:, slot], v[:, slot] + u[:, :slot].sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_gamma_keeps_every_segment_kl_above_the_theorem_bound(tiny_tokenizer):
+    """KL_t >= 1/2 sum_d d_mu_d^2 / sigma_d^2 >= P gamma^2 / (2 max_d sigma_d^2) with layer norm."""
+    for seed in range(3):
+        model = _model("trace-r", tiny_tokenizer, ln_gamma=2.0)
+        torch.manual_seed(seed)
+        for parameter in model.parameters():  # random inputs to the heads
+            parameter.data.add_(torch.randn_like(parameter) * 0.05)
+        _, batch = _data(model, 4)
+        with torch.no_grad():
+            layout, posterior, prior = model.distributions(batch)
+            z = posterior.rsample()
+            out_kl = posterior.given(z).kl_per_dim(prior.given(z)).sum(-1)  # [B, L]
+            prior_var = prior.given(z).log_var.exp()
+            bound = 6 * 2.0**2 / (2 * prior_var.amax(-1))
+        slots = layout.slots
+        assert (out_kl[slots] >= bound[slots] - 1e-4).all()
+        assert (out_kl[slots] > 1.0).all()
+
+
+def test_generation_draws_one_new_latent_per_emitted_sep(tiny_tokenizer):
+    model = _model("trace-r", tiny_tokenizer).eval()
+    with torch.no_grad():  # make [SEP] likely so segments do close
+        head = model.backbone.causal_lm.get_output_embeddings()
+        head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
+        head.bias[tiny_tokenizer.sep_id] = 4.0
+    prompts = [[tiny_tokenizer.bos_id]] * 5
+    model.prior_draws = 0
+    latent = model.sample_prior_latent(prompts, torch.device("cpu"))
+    assert model.prior_draws == 5  # z_1 for every sequence
+    outputs = decode(model, prompts, latent, DecodingConfig(strategy="sample", max_new_tokens=12), torch.Generator().manual_seed(0))
+    seps = sum(row.count(tiny_tokenizer.sep_id) for row in outputs)
+    assert seps > 3
+    assert model.prior_draws == 5 + seps
+
+
+@pytest.mark.parametrize(("name", "family"), [("trace-r", "gpt2"), ("trace-p", "llama"), ("ind", "gpt2"), ("cgd", "llama")])
+def test_segment_model_trains_saves_reloads_and_evaluates(name, family, tiny_tokenizer, tmp_path):
+    config = Config.from_dict({
+        "model": {"name": name, "latent_size": 6, "segment_length": 4},
+        "train": {"batch_size": 16, "lr": 3e-3, "warmup_steps": 0, "max_steps": 12, "log_every": 4,
+                  "precision": "fp32", "checkpoint_every": 100},
+    })
+    torch.manual_seed(0)
+    model = model_class(name)(tiny_backbone(family, vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, model_config(config))
+    train, _ = _data(model, 64)
+    valid, _ = _data(model, 10, "valid")
+    trainer = Trainer(model, config.train, train, valid, tmp_path, Environment(torch.device("cpu"), bf16=False))
+    before = trainer.validate()["elbo"]
+    assert trainer.train()["elbo"] < before - 10
+    save_model(model, tmp_path / "saved", config.to_dict())
+    reloaded, _ = load_model(tmp_path / "saved")
+    first = evaluate_likelihood(model, valid, batch_size=4, iw_samples=3)
+    assert first == evaluate_likelihood(reloaded, valid, batch_size=4, iw_samples=3)
+    assert first["kl"] > 0 and 0 <= first["au"] <= 6 and first["mi"] == first["mi"]  # not NaN
+    texts = __import__("textvae.generation.decode", fromlist=["generate_texts"]).generate_texts(
+        reloaded, 3, DecodingConfig(strategy="top-k", max_new_tokens=10), seed=0
+    )
+    assert len(texts) == 3 and all("<sep>" not in text for text in texts)
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="posterior_norm"):
+        TemporalConfig(posterior_norm="group").validate()
+    assert TraceP.name == "trace-p" and issubclass(TraceP, TraceR)

@@ -162,3 +162,26 @@ def test_config_validation():
     with pytest.raises(Exception, match="posterior_norm"):
         TemporalConfig(posterior_norm="group").validate()
     assert TraceP.name == "trace-p" and issubclass(TraceP, TraceR)
+
+
+def test_conditional_trace_treats_the_source_as_segment_zero_and_decodes_with_beams(tiny_tokenizer, tiny_jsonl):
+    from textvae.data.corpus import read_split
+    from textvae.generation.decode import generate_texts
+
+    model = _model("trace-r", tiny_tokenizer, family="llama", conditional=True).eval()
+    examples = read_split(tiny_jsonl, "train").examples[:4]
+    encoded, _ = encode_examples(examples, tiny_tokenizer, 64, 16, "truncate", model.segmenter)
+    batch = collate(encoded, tiny_tokenizer.pad_id)
+    with torch.no_grad():
+        layout, posterior, prior = model.distributions(batch)
+        assert layout.offset == 1
+        assert (layout.slots.sum(1) == layout.present.sum(1) - 1).all()  # no latent for the source
+        z = posterior.rsample()
+        first = prior.given(z).mean[:, 0]  # p(z_1 | source): differs between sources
+        assert (first[0] - first[1]).abs().max() > 1e-4
+        slot = layout.next_token_slot()
+        for row, item in enumerate(encoded):  # source tokens carry no latent; the source [SEP] carries z_1
+            assert (slot[row, : item.prefix_length - 1] < 0).all() and slot[row, item.prefix_length - 1] == 0
+    texts = generate_texts(model, 2, DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=8), seed=0,
+                           sources=[examples[0].source, examples[1].source])
+    assert len(texts) == 4

@@ -1,0 +1,44 @@
+#!/bin/bash
+# The Penn Treebank rows of docs/results.md: one shared config (configs/ptb.yaml: gpt2-tiny,
+# 2 epochs = 2,630 steps, batch 32, lr 1e-3, seed 0), one row per model setting.
+# Each row trains to runs/ptb-ROW and evaluates the test split (IW-PPL with k = 100, bf16
+# autocast, densities in float32) into runs/ptb-ROW-test.json; finished parts are skipped.
+#
+#   bash benchmarks/ptb_rows.sh embed-constant embed-cyclical ...   (rows run one after another)
+#   OMP_NUM_THREADS=1 bash benchmarks/ptb_rows.sh ... &   (two such lists side by side used the
+#                                                          2 cores best: ~1.3x the throughput)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
+
+row_args() {
+  case "$1" in
+    lm) echo "--model lm" ;;
+    embed-constant|memory-constant|softmax-constant|optimus-constant|embed-cyclical|memory-cyclical|softmax-cyclical|optimus-cyclical)
+      echo "--model ${1%-*} --set kl.schedule=${1##*-}" ;;
+    della-constant) echo "--model della --set kl.schedule=constant" ;;
+    della-cyclical) echo "--model della --set kl.schedule=cyclical" ;;
+    della-ltp) echo "--model della --set kl.schedule=cyclical --set model.fusion=add" ;;       # -LTP
+    della-lw) echo "--model della --set kl.schedule=cyclical --set model.layerwise=false" ;;  # -LW
+    della-separate) echo "--model della --set kl.schedule=cyclical --set model.independent=true" ;;
+    della-klfirst) echo "--model della --set kl.schedule=cyclical --set model.kl_layers=first" ;;
+    trace-r|trace-p|ind|cgd|norec) echo "--model $1 --set kl.schedule=cyclical" ;;  # segments of 10 tokens
+    *) echo "unknown row $1" >&2; return 2 ;;
+  esac
+}
+
+for row in "$@"; do
+  args=$(row_args "$row")
+  run=runs/ptb-$row
+  if [ ! -f "$run/model.safetensors" ]; then
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    "$TEXTVAE" train $args --config configs/ptb.yaml --out "$run" --overwrite > "$run.log" 2>&1
+    echo "train_seconds $(( $(date +%s) - start ))" >> "$run.log"
+  fi
+  if [ ! -f "$run-test.json" ]; then
+    start=$(date +%s)
+    "$TEXTVAE" evaluate "$run" --precision bf16 --json "$run-test.json" >> "$run.log" 2>&1
+    echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
+  fi
+done

@@ -73,3 +73,15 @@ def tiny_lm(tokenizer, family: str = "gpt2", seed: int = 0):
 
     backbone = tiny_backbone(family, vocab=tokenizer.vocab_size, seed=seed)
     return LanguageModel(backbone, tokenizer, LMConfig()).eval()
+
+
+def uncached_greedy(model, latent, steps: int) -> list[int]:
+    """Greedy tokens after BOS, recomputing the whole prefix with `latent` [1, ...] injected
+    at every step: the reference for the KV-cached decoding loop."""
+    tokens = [model.tokenizer.bos_id]
+    for _ in range(steps):
+        ids = torch.tensor([tokens])
+        with torch.no_grad():
+            hidden = model.backbone(ids, torch.ones_like(ids), **model.injections(latent)).hidden
+        tokens.append(int(model.backbone.logits(hidden[:, -1]).argmax(-1)))
+    return tokens[1:]

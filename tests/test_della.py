@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import FAMILIES, demo_lines, tiny_backbone
+from conftest import FAMILIES, demo_lines, tiny_backbone, uncached_greedy
 from textvae.config import Config
 from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
@@ -157,13 +157,7 @@ def test_cached_decoding_with_value_fusion_equals_full_recomputation(family, tin
     prompts = [[tiny_tokenizer.bos_id]] * 3
     cached = decode(model, prompts, z, DecodingConfig(strategy="greedy", max_new_tokens=8))
     for row in range(3):
-        tokens = [tiny_tokenizer.bos_id]
-        for _ in range(len(cached[row])):
-            ids = torch.tensor([tokens])
-            with torch.no_grad():
-                hidden = model.backbone(ids, torch.ones_like(ids), **model.injections(z[row : row + 1])).hidden
-            tokens.append(int(model.backbone.logits(hidden[:, -1]).argmax(-1)))
-        assert cached[row] == tokens[1:]
+        assert cached[row] == uncached_greedy(model, z[row : row + 1], len(cached[row]))
 
 
 def _conditional(tokenizer, tiny_jsonl):

@@ -153,9 +153,10 @@ class Embed(SingleLatentVAE):
     injection_points = ("embed",)
 
 
-class NoRecurrence(SingleLatentVAE):
+class NoRecurrence(Embed):
+    """The TRACE paper's "No Recurrence" row is the embed model under its own name."""
+
     name = "norec"
-    injection_points = ("embed",)
 
 
 class Memory(SingleLatentVAE):

@@ -1,0 +1,112 @@
+"""Text metrics on generated samples (definitions: docs/metrics.md).
+
+BLEU and Self-BLEU are NLTK's `sentence_bleu` (BLEU-4, uniform weights, smoothing method 1,
+epsilon 0.1, as Texygen uses it), computed exactly but fast: the clipping counts of a
+hypothesis only need, per n-gram, its largest count over the references, so that maximum is
+precomputed once for the whole reference set. Self-BLEU scores each sample against all the
+others, so per n-gram the two largest counts (and who holds the largest) give the maximum
+over "everyone but me" in O(1). Texts are tokenised by whitespace.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+ORDER = 4
+EPSILON = 0.1  # NLTK SmoothingFunction.method1
+
+
+def tokenize(text: str) -> list[str]:
+    return text.split()
+
+
+def ngrams(tokens: list[str], n: int) -> Iterable[tuple[str, ...]]:
+    return zip(*(tokens[i:] for i in range(n)))
+
+
+def _closest_length(lengths: list[int], hyp_len: int) -> int:
+    """NLTK's closest reference length: smallest |len - hyp_len|, ties to the shorter."""
+    index = bisect.bisect_left(lengths, hyp_len)
+    candidates = lengths[max(0, index - 1) : index + 1]
+    return min(candidates, key=lambda length: (abs(length - hyp_len), length))
+
+
+def _sentence_bleu(hypothesis: list[str], max_count, closest_length: int) -> float:
+    """BLEU-4 of one hypothesis given max_count(n, ngram) over its references."""
+    log_precisions = []
+    for n in range(1, ORDER + 1):
+        counts = Counter(ngrams(hypothesis, n))
+        matched = sum(min(count, max_count(n, gram)) for gram, count in counts.items())
+        total = max(1, sum(counts.values()))
+        if n == 1 and matched == 0:
+            return 0.0  # NLTK: no unigram in common
+        log_precisions.append(math.log(matched / total if matched else EPSILON / total))
+    length = len(hypothesis)
+    penalty = 1.0 if length > closest_length else math.exp(1 - closest_length / length)
+    return penalty * math.exp(math.fsum(0.25 * value for value in log_precisions))
+
+
+class References:
+    """A reference set prepared for many BLEU queries."""
+
+    def __init__(self, references: list[list[str]]):
+        if not references:
+            raise ValueError("BLEU needs at least one reference")
+        self.max_counts: list[dict] = [{} for _ in range(ORDER + 1)]
+        for reference in references:
+            for n in range(1, ORDER + 1):
+                table = self.max_counts[n]
+                for gram, count in Counter(ngrams(reference, n)).items():
+                    if count > table.get(gram, 0):
+                        table[gram] = count
+        self.lengths = sorted({len(reference) for reference in references})
+
+    def bleu(self, hypothesis: list[str]) -> float:
+        """Equal to nltk sentence_bleu(references, hypothesis, smoothing method1)."""
+        closest = _closest_length(self.lengths, len(hypothesis))
+        return _sentence_bleu(hypothesis, lambda n, gram: self.max_counts[n].get(gram, 0), closest)
+
+
+def bleu(samples: list[str], references: list[str]) -> float:
+    """Mean BLEU-4 of each sample against the whole reference set (percent: x 100 not applied)."""
+    prepared = References([tokenize(text) for text in references])
+    return sum(prepared.bleu(tokenize(text)) for text in samples) / len(samples)
+
+
+def self_bleu(samples: list[str]) -> float:
+    """Mean BLEU-4 of each sample against all the other samples (needs at least two)."""
+    if len(samples) < 2:
+        raise ValueError("Self-BLEU needs at least two samples")
+    tokens = [tokenize(text) for text in samples]
+    top: list[dict] = [{} for _ in range(ORDER + 1)]  # gram -> (largest, holder, second largest)
+    for index, sample in enumerate(tokens):
+        for n in range(1, ORDER + 1):
+            table = top[n]
+            for gram, count in Counter(ngrams(sample, n)).items():
+                best, holder, second = table.get(gram, (0, -1, 0))
+                if count > best:
+                    table[gram] = (count, index, best)
+                elif count > second:
+                    table[gram] = (best, holder, count)
+    length_counts = Counter(len(sample) for sample in tokens)
+    unique_lengths = sorted(length_counts)
+    total = 0.0
+    for index, sample in enumerate(tokens):
+        own = len(sample)
+        lengths = unique_lengths if length_counts[own] > 1 else [x for x in unique_lengths if x != own]
+
+        def max_count(n, gram, index=index):
+            best, holder, second = top[n].get(gram, (0, -1, 0))
+            return second if holder == index else best
+
+        total += _sentence_bleu(sample, max_count, _closest_length(lengths, own))
+    return total / len(tokens)
+
+
+def distinct(samples: list[str], n: int) -> float:
+    """Dist-n: distinct n-grams over total n-grams, pooled over all samples (0 if none)."""
+    grams = [gram for text in samples for gram in ngrams(tokenize(text), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -1,0 +1,56 @@
+"""Text metrics: our fast BLEU and Self-BLEU equal NLTK's sentence_bleu, and every metric
+gives the hand-computed value on small inputs."""
+
+import math
+import random
+
+import pytest
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+from textvae.evaluation.text_metrics import bleu, distinct, self_bleu
+
+
+def _random_corpus(rng, count):
+    words = "the a dog cat runs sleeps on mat .".split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(0, 8))) for _ in range(count)]
+
+
+def test_bleu_and_self_bleu_equal_nltk_on_random_corpora_with_empty_and_short_texts():
+    rng = random.Random(0)
+    smoothing = SmoothingFunction().method1
+    for _ in range(30):
+        references, samples = _random_corpus(rng, 12), _random_corpus(rng, 9)
+        samples[0], samples[1] = "", "dog"  # empty and one-token texts
+        expected = sum(sentence_bleu([r.split() for r in references], s.split(), smoothing_function=smoothing)
+                       for s in samples) / len(samples)
+        assert bleu(samples, references) == pytest.approx(expected, abs=1e-9)
+        expected_self = sum(
+            sentence_bleu([o.split() for j, o in enumerate(samples) if j != i], s.split(), smoothing_function=smoothing)
+            for i, s in enumerate(samples)
+        ) / len(samples)
+        assert self_bleu(samples) == pytest.approx(expected_self, abs=1e-9)
+
+
+def test_bleu_by_hand():
+    sentence = "the dog runs on the mat"
+    assert bleu([sentence], [sentence, "a cat"]) == pytest.approx(1.0)  # an exact match
+    assert bleu(["x y z w"], ["the dog runs"]) == 0.0  # no unigram in common
+    # 3 of 4 unigrams, 1 of 3 bigrams, no 3-/4-grams (smoothed 0.1/2, 0.1/1); same length: no penalty
+    expected = math.exp(0.25 * (math.log(3 / 4) + math.log(1 / 3) + math.log(0.1 / 2) + math.log(0.1 / 1)))
+    assert bleu(["the dog runs fast"], ["the dog sleeps runs"]) == pytest.approx(expected)
+    # a shorter hypothesis pays exp(1 - r / h)
+    assert bleu(["the dog runs on"], [sentence]) == pytest.approx(math.exp(1 - 6 / 4))
+
+
+def test_self_bleu_of_identical_and_disjoint_samples():
+    assert self_bleu(["the dog runs on the mat"] * 3) == pytest.approx(1.0)
+    assert self_bleu(["a b c d", "e f g h", "i j k l"]) == 0.0
+    with pytest.raises(ValueError):
+        self_bleu(["only one"])
+
+
+def test_distinct_n_pooled_over_samples():
+    samples = ["a a a", "a b", ""]
+    assert distinct(samples, 1) == pytest.approx(2 / 5)  # {a, b} of 5 unigrams
+    assert distinct(samples, 2) == pytest.approx(2 / 3)  # {a a, a b} of 3 bigrams
+    assert distinct(samples, 4) == 0.0  # no 4-grams at all

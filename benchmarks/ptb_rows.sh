@@ -2,7 +2,8 @@
 # The Penn Treebank rows of docs/results.md: one shared config (configs/ptb.yaml: gpt2-tiny,
 # 2 epochs = 2,630 steps, batch 32, lr 1e-3, seed 0), one row per model setting.
 # Each row trains to runs/ptb-ROW and evaluates the test split (IW-PPL with k = 100, bf16
-# autocast, densities in float32) into runs/ptb-ROW-test.json; finished parts are skipped.
+# autocast, densities in float32) into runs/ptb-ROW-test.json; finished parts are skipped and
+# an interrupted training run resumes from its last checkpoint.
 #
 #   bash benchmarks/ptb_rows.sh embed-constant embed-cyclical ...   (rows run one after another)
 #   OMP_NUM_THREADS=1 bash benchmarks/ptb_rows.sh ... &   (two such lists side by side used the
@@ -32,8 +33,13 @@ for row in "$@"; do
   run=runs/ptb-$row
   if [ ! -f "$run/model.safetensors" ]; then
     start=$(date +%s)
-    # shellcheck disable=SC2086
-    "$TEXTVAE" train $args --config configs/ptb.yaml --out "$run" --overwrite > "$run.log" 2>&1
+    if [ -f "$run/checkpoints/latest" ]; then  # an interrupted run continues exactly
+      # shellcheck disable=SC2086
+      "$TEXTVAE" train $args --config configs/ptb.yaml --out "$run" --resume >> "$run.log" 2>&1
+    else
+      # shellcheck disable=SC2086
+      "$TEXTVAE" train $args --config configs/ptb.yaml --out "$run" --overwrite > "$run.log" 2>&1
+    fi
     echo "train_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
   if [ ! -f "$run-test.json" ]; then

@@ -129,5 +129,5 @@ def test_other_commands_fail_cleanly(tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
     assert main(["interpolate", str(tmp_path / "nothing"), "a", "b"]) == 2
     assert "run directory not found" in capsys.readouterr().err
-    assert main(["score", "g.txt", "--refs", "r.txt"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt")]) == 2
+    assert "file not found" in capsys.readouterr().err

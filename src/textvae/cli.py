@@ -81,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("--seed", type=int, default=0)
 
     score = commands.add_parser("score", help="text metrics of generated texts against references",
-                                description="BLEU against all references, Self-BLEU, Dist-n, Jaccard (docs/metrics.md).")
+                                description="Text metrics of generated texts against references (docs/metrics.md).")
     score.add_argument("generated", metavar="GENERATED.txt")
     score.add_argument("--refs", required=True, metavar="REFERENCES.txt")
-    score.add_argument("--metrics", help="comma-separated: bleu, self_bleu, dist_1..dist_4, jaccard (default: all)")
+    score.add_argument("--metrics", help="comma-separated: bleu, self_bleu, dist_1..dist_4, jaccard, mauve (the default set), "
+                                         "rouge_1, rouge_2, rouge_l, bertscore (line i against reference line i)")
     score.add_argument("--json", metavar="FILE")
     return parser
 

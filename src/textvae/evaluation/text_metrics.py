@@ -127,17 +127,53 @@ def jaccard(samples: list[str], n: int = 1) -> float:
     return total / pairs
 
 
-def score(samples: list[str], references: list[str], metrics: list[str] | None = None) -> dict[str, float]:
-    """The text metrics under their JSON keys (DESIGN.md section 7). BLEU and Self-BLEU are
-    reported as fractions in [0, 1]."""
-    available = {
-        "bleu": lambda: bleu(samples, references),
-        "self_bleu": lambda: self_bleu(samples),
-        **{f"dist_{n}": (lambda n=n: distinct(samples, n)) for n in range(1, ORDER + 1)},
-        "jaccard": lambda: jaccard(samples),
-    }
-    chosen = metrics or list(available)
-    unknown = [name for name in chosen if name not in available]
+def rouge(samples: list[str], references: list[str]) -> dict[str, float]:
+    """Mean Rouge-1/2/L F-measure (rouge-score, Porter stemmer) of each sample against its
+    own reference (paired by position)."""
+    from rouge_score import rouge_scorer
+
+    if len(samples) != len(references):
+        raise ValueError(f"Rouge pairs samples with references: {len(samples)} samples, {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge_1": 0.0, "rouge_2": 0.0, "rouge_l": 0.0}
+    for sample, reference in zip(samples, references):
+        scores = scorer.score(reference, sample)
+        totals["rouge_1"] += scores["rouge1"].fmeasure
+        totals["rouge_2"] += scores["rouge2"].fmeasure
+        totals["rouge_l"] += scores["rougeL"].fmeasure
+    return {key: value / len(samples) for key, value in totals.items()}
+
+
+UNPAIRED = ("bleu", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "mauve")
+PAIRED = ("rouge_1", "rouge_2", "rouge_l", "bertscore")  # sample i against reference i
+
+
+def score(samples: list[str], references: list[str], metrics: list[str] | None = None) -> dict:
+    """The text metrics under their JSON keys (DESIGN.md section 7); default: the unpaired
+    ones. BLEU and Self-BLEU are fractions in [0, 1]. MAUVE adds `mauve_features`."""
+    chosen = list(metrics or UNPAIRED)
+    unknown = [name for name in chosen if name not in UNPAIRED + PAIRED]
     if unknown:
-        raise ValueError(f"unknown or not yet available metric(s): {', '.join(unknown)} (available: {', '.join(available)})")
-    return {name: available[name]() for name in chosen}
+        raise ValueError(f"unknown metric(s): {', '.join(unknown)} (known: {', '.join(UNPAIRED + PAIRED)})")
+    results: dict = {}
+    for name in chosen:
+        if name == "bleu":
+            results[name] = bleu(samples, references)
+        elif name == "self_bleu":
+            results[name] = self_bleu(samples)
+        elif name.startswith("dist_"):
+            results[name] = distinct(samples, int(name[-1]))
+        elif name == "jaccard":
+            results[name] = jaccard(samples)
+        elif name == "mauve":
+            from textvae.evaluation.embedding_metrics import FEATURES, mauve
+
+            results[name] = mauve(samples, references)
+            results["mauve_features"] = FEATURES
+        elif name.startswith("rouge_"):
+            results[name] = rouge(samples, references)[name]
+        elif name == "bertscore":
+            from textvae.evaluation.embedding_metrics import bertscore
+
+            results[name] = bertscore(samples, references)
+    return results

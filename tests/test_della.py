@@ -233,3 +233,18 @@ def test_single_latent_ablation_fuses_one_latent_into_every_layer(tiny_tokenizer
     assert len(layers) == 2 and all(torch.equal(layer, z) for layer in layers)
     _, batch = _batch(tiny_tokenizer, 3)
     assert model.posterior(batch).rsample().shape == (3, 6)
+
+
+def test_evaluate_generates_one_text_per_source_on_conditional_data(tiny_jsonl, tmp_path):
+    from textvae.cli import main
+
+    run = tmp_path / "run"
+    sets = ["data.max_length=40", "data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "model.latent_size=4"]
+    assert main(["train", "--model", "della", "--data", str(tiny_jsonl), "--out", str(run), "--max-steps", "2",
+                 *[part for item in sets for part in ("--set", item)]]) == 0
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(run), "--iw-samples", "2", "--generate", "5", "--json", str(out),
+                 "--samples-out", str(tmp_path / "s.txt")]) == 0
+    metrics = json.loads(out.read_text())
+    assert {"rouge_1", "rouge_2", "rouge_l", "self_bleu", "dist_1"} <= set(metrics)
+    assert len((tmp_path / "s.txt").read_text().splitlines()) == 5

@@ -91,9 +91,11 @@ def test_vae_cli_trains_with_tricks_evaluates_interpolates_and_reconstructs(tiny
     assert train[-1]["beta"] == 1.0
     capsys.readouterr()
 
-    assert main(["evaluate", str(run), "--iw-samples", "4", "--au-delta", "0.2", "--precision", "bf16", "--json", str(tmp_path / "m.json")]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "4", "--au-delta", "0.2", "--precision", "bf16", "--json", str(tmp_path / "m.json"),
+                 "--generate", "6", "--metrics", "bleu,self_bleu,dist_2", "--samples-out", str(tmp_path / "samples.txt")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert {"ppl", "nll", "elbo", "kl", "mi", "au", "tokens", "examples"} <= set(metrics)
+    assert {"ppl", "nll", "elbo", "kl", "mi", "au", "tokens", "examples", "bleu", "self_bleu", "dist_2"} <= set(metrics)
+    assert len((tmp_path / "samples.txt").read_text().splitlines()) == 6 and 0 <= metrics["bleu"] <= 1
     assert metrics["nll"] <= metrics["elbo"] + 1.0  # both estimates; see the model tests
 
     capsys.readouterr()

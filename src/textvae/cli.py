@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                           help="bf16 autocast for the networks (densities stay float32); auto = where native")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--generate", type=int, default=0, metavar="N",
+                          help="also sample N texts (latents from the prior) and score them against the split; "
+                               ".jsonl: one text for each of the first N sources, against its target")
+    evaluate.add_argument("--decoding", default="top-k", choices=("greedy", "sample", "top-k", "top-p", "beam"),
+                          help="decoding of --generate (the papers: top-k 50)")
+    evaluate.add_argument("--metrics", help="text metrics of --generate (default: bleu, self_bleu, dist_1..4, jaccard, mauve)")
+    evaluate.add_argument("--samples-out", metavar="FILE", help="write the --generate texts here")
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics as flat JSON")
 
     generate = commands.add_parser("generate", help="sample texts from a trained run")
@@ -245,12 +252,39 @@ def _evaluate(args) -> int:
     device = next(model.parameters()).device
     bf16 = resolve_bf16(args.precision, device)
     metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples, args.au_delta, bf16, args.seed)
+    if args.generate:
+        metrics.update(_generate_and_score(model, config, split, args))
     width = max(len(key) for key in metrics)
     for key, value in metrics.items():
         print(f"{key:<{width}}  {_readable(value)}")
     if args.json:
         _write_text(Path(args.json), json.dumps(metrics, indent=1) + "\n")
     return 0
+
+
+def _generate_and_score(model, config, split, args) -> dict:
+    """Sample `args.generate` texts and score them against the split's targets."""
+    from textvae.evaluation.text_metrics import score
+    from textvae.generation.decode import DecodingConfig, generate_texts
+
+    if args.generate < 2:
+        raise TextVAEError("--generate needs at least 2 samples (Self-BLEU and Jaccard compare samples)")
+    decoding = DecodingConfig(strategy=args.decoding, max_new_tokens=config.data.max_length)
+    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
+    references = [example.target for example in split.examples]
+    if split.conditional:  # one text for each of the first N sources, scored against its target
+        examples = split.examples[: args.generate]
+        texts = generate_texts(model, 1, decoding, seed=args.seed, sources=[e.source or "" for e in examples])
+        references = [e.target for e in examples]
+        metrics = metrics or ["rouge_1", "rouge_2", "rouge_l", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4"]
+    else:
+        texts = generate_texts(model, args.generate, decoding, seed=args.seed)
+    if args.samples_out:
+        _write_text(Path(args.samples_out), "".join(" ".join(t.splitlines()) + "\n" for t in texts))
+    try:
+        return score(texts, references, metrics)
+    except ValueError as err:
+        raise TextVAEError(str(err)) from None
 
 
 # --- generate ---------------------------------------------------------------------------

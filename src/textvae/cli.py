@@ -254,11 +254,7 @@ def _evaluate(args) -> int:
     metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples, args.au_delta, bf16, args.seed)
     if args.generate:
         metrics.update(_generate_and_score(model, config, split, args))
-    width = max(len(key) for key in metrics)
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {_readable(value)}")
-    if args.json:
-        _write_text(Path(args.json), json.dumps(metrics, indent=1) + "\n")
+    _report(metrics, args.json)
     return 0
 
 
@@ -344,11 +340,7 @@ def _score(args) -> int:
         results = score(samples, references, metrics)
     except ValueError as err:
         raise TextVAEError(str(err)) from None
-    width = max(len(key) for key in results)
-    for key, value in results.items():
-        print(f"{key:<{width}}  {_readable(value)}")
-    if args.json:
-        _write_text(Path(args.json), json.dumps(results, indent=1) + "\n")
+    _report(results, args.json)
     return 0
 
 
@@ -370,6 +362,15 @@ def _read_lines(path: str, what: str) -> list[str]:
     if not lines:
         raise TextVAEError(f"{path} holds no {what}")
     return lines
+
+
+def _report(metrics: dict, json_path: str | None) -> None:
+    """Print metrics as an aligned table; also write them as flat JSON when asked."""
+    width = max(len(key) for key in metrics)
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {_readable(value)}")
+    if json_path:
+        _write_text(Path(json_path), json.dumps(metrics, indent=1) + "\n")
 
 
 def _readable(value) -> str:

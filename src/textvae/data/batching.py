@@ -114,6 +114,19 @@ def counted_tokens(batch: Batch, sep_id: int) -> torch.Tensor:
     return (batch.target_mask & (batch.input_ids != sep_id)).sum()
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids [N, T] and attention mask [N, T], padded on the right (or on the
+    left, so that every row ends at T - 1, as decoding prompts need)."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[index, span] = torch.tensor(row, dtype=torch.long, device=device)
+        mask[index, span] = 1
+    return ids, mask
+
+
 def collate(items: list[Encoded], pad_id: int) -> Batch:
     """Pad `items` on the right to the longest one."""
     width = max(len(item.ids) for item in items)

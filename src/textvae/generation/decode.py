@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from textvae.data.batching import pad_rows
 from textvae.errors import TextVAEError
 from textvae.models.base import select_rows
 
@@ -37,17 +38,6 @@ class DecodingConfig:
             raise TextVAEError("need num-beams >= 1 and max-new-tokens >= 1")
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists to [N, T] ids and a [N, T] mask (so every prompt ends at T-1)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def decode(
     model,
@@ -61,7 +51,7 @@ def decode(
     `latent` holds one latent per prompt row (batched along dim 0), or None.
     """
     device = next(model.parameters()).device
-    ids, mask = left_pad(prompts, model.tokenizer.pad_id, device)
+    ids, mask = pad_rows(prompts, model.tokenizer.pad_id, device, left=True)
     if config.strategy == "beam":
         return _beam_search(model, ids, mask, latent, config)
     return _sample_or_greedy(model, ids, mask, latent, config, generator)

@@ -29,7 +29,7 @@ from torch import nn
 
 from textvae.backbone import masks
 from textvae.backbone.inject import inject_value_fusion
-from textvae.data.batching import Batch
+from textvae.data.batching import Batch, pad_rows
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
 from textvae.latent.regularizers import BagOfWords, thresholded_kl
@@ -322,7 +322,7 @@ class Della(TextVAE):
         """z ~ p(z) per prompt, or p(z | c) with c the prompt ([BOS] source [SEP]): [N, nP]."""
         if not self.conditional:
             return self.latents.prior(len(prompts), device).rsample()
-        ids, mask = _right_pad(prompts, self.tokenizer.pad_id, device)
+        ids, mask = pad_rows(prompts, self.tokenizer.pad_id, device)
         states = self.encoder.states(self.backbone, ids, masks.bidirectional(mask))
         return self.latents.prior(len(prompts), device, self.condition_pooling(states, mask)).rsample()
 
@@ -369,12 +369,3 @@ class Della(TextVAE):
         log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
         return log_px_z + prior.log_prob(z) - posterior.log_prob(z)
 
-
-def _right_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for index, row in enumerate(rows):
-        ids[index, : len(row)] = torch.tensor(row, device=device)
-        mask[index, : len(row)] = 1
-    return ids, mask

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from textvae.backbone import masks
-from textvae.data.batching import Batch
+from textvae.data.batching import Batch, pad_rows
 from textvae.data.segment import Segmenter, segment_closers, segment_ids
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
@@ -208,6 +208,7 @@ class SegmentLatentVAE(TextVAE):
 
     config_class = TemporalConfig
     passes: tuple[str, ...]  # encoder passes the model reads: extra, intra, full
+    prior_draws = 0  # latents drawn in generation (a counter for tests and diagnostics)
 
     def __init__(self, backbone, tokenizer, config: TemporalConfig):
         super().__init__(backbone, tokenizer, config)
@@ -314,15 +315,10 @@ class SegmentLatentVAE(TextVAE):
             before = states[:, -1]  # the closer just emitted (or the prompt's [SEP])
         return self.next_prior(before, previous, first).rsample()
 
-    prior_draws = 0  # latents drawn in generation (a counter for tests and diagnostics)
-
     def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> dict:
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.tokenizer.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
-            mask[row, width - len(prompt) :] = 1
+        """z_1 per prompt, plus the prompts left-padded as `decode` pads them: the text so far,
+        which later draws read."""
+        ids, mask = pad_rows(prompts, self.tokenizer.pad_id, device, left=True)
         return {"z": self._prior_draw(ids, mask, None), "ids": ids, "mask": mask}
 
     def injections(self, latent: dict) -> dict:

@@ -152,6 +152,10 @@ def test_segment_model_trains_saves_reloads_and_evaluates(name, family, tiny_tok
     first = evaluate_likelihood(model, valid, batch_size=4, iw_samples=3)
     assert first == evaluate_likelihood(reloaded, valid, batch_size=4, iw_samples=3)
     assert first["kl"] > 0 and 0 <= first["au"] <= 6 and first["mi"] == first["mi"]  # not NaN
+    # kl_segments[t] is the mean over the examples having a segment t: weighted back, the total
+    segments = model.layout(collate(valid, tiny_tokenizer.pad_id)).slots.sum(1)
+    having = [int((segments > t).sum()) for t in range(len(first["kl_segments"]))]
+    assert having[-1] > 0 and sum(kl * n for kl, n in zip(first["kl_segments"], having)) == pytest.approx(first["kl"] * 10)
     texts = __import__("textvae.generation.decode", fromlist=["generate_texts"]).generate_texts(
         reloaded, 3, DecodingConfig(strategy="top-k", max_new_tokens=10), seed=0
     )

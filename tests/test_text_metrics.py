@@ -5,6 +5,7 @@ import math
 import random
 
 import pytest
+import torch
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from textvae.evaluation.text_metrics import bleu, distinct, self_bleu
@@ -66,6 +67,32 @@ def test_jaccard_of_word_sets_by_hand():
     assert jaccard(["", ""]) == 1.0
 
 
+def test_ngram_jsd_by_hand_and_against_scipy():
+    from scipy.spatial.distance import jensenshannon
+
+    from textvae.evaluation.text_metrics import ngram_jsd
+
+    assert ngram_jsd(["a b c", "c a"], ["a b c", "c a"]) == 0.0
+    assert ngram_jsd(["x y z"], ["a b c"]) == pytest.approx(1.0)  # disjoint at every order
+    # unigrams only: references {a: 1}, samples {a: 1/2, b: 1/2}:
+    # JSD = 1/2 [1 log2(1 / (3/4))] + 1/2 [1/2 log2((1/2) / (3/4)) + 1/2 log2((1/2) / (1/4))]
+    by_hand = 0.5 * math.log2(4 / 3) + 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * math.log2(2))
+    assert ngram_jsd(["a b"], ["a"], max_order=1) == pytest.approx(by_hand)
+    # orders with no n-gram on one side are skipped: "a" has no bigram, so only unigrams count
+    assert ngram_jsd(["a b"], ["a"]) == pytest.approx(by_hand)
+    assert ngram_jsd([""], [""]) == 0.0
+    rng = random.Random(3)
+    samples, references = _random_corpus(rng, 30), _random_corpus(rng, 40)
+    expected = []
+    for n in range(1, 5):
+        grams = lambda texts: [tuple(t.split()[i : i + n]) for t in texts for i in range(len(t.split()) - n + 1)]
+        vocabulary = sorted(set(grams(samples)) | set(grams(references)))
+        p = [grams(references).count(g) for g in vocabulary]
+        q = [grams(samples).count(g) for g in vocabulary]
+        expected.append(jensenshannon(p, q, base=2) ** 2)  # scipy returns the distance, sqrt(JSD)
+    assert ngram_jsd(samples, references) == pytest.approx(sum(expected) / 4, abs=1e-9)
+
+
 def test_score_command_writes_every_metric(tmp_path, capsys):
     import json
 
@@ -73,7 +100,7 @@ def test_score_command_writes_every_metric(tmp_path, capsys):
 
     (tmp_path / "g.txt").write_text("the dog runs\nthe cat sleeps on the mat\n")
     (tmp_path / "r.txt").write_text("the dog runs\na cat sleeps\n")
-    cheap = "bleu,self_bleu,dist_1,dist_2,dist_3,dist_4,jaccard,rouge_1,rouge_2,rouge_l"
+    cheap = "bleu,ngram_jsd,self_bleu,dist_1,dist_2,dist_3,dist_4,jaccard,rouge_1,rouge_2,rouge_l"
     args = ["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", cheap]
     assert main([*args, "--json", str(tmp_path / "s.json")]) == 0
     results = json.loads((tmp_path / "s.json").read_text())
@@ -121,3 +148,20 @@ def test_bertscore_of_identical_texts_is_one():
     texts = ["a man is playing a guitar .", "stocks fell sharply on monday ."]
     assert bertscore(texts, texts) == pytest.approx(1.0, abs=1e-5)
     assert bertscore(texts, texts[::-1]) < 0.8
+
+
+def test_last_token_states_are_padding_free_and_word_order_aware(tmp_path, tiny_tokenizer):
+    from conftest import demo_lines, tiny_lm
+    from textvae.config import Config
+    from textvae.evaluation.embedding_metrics import last_token_states, mauve
+    from textvae.models.registry import save_model
+
+    save_model(tiny_lm(tiny_tokenizer), tmp_path / "run", Config().to_dict())
+    texts = ["a man is playing a guitar .", "two dogs run", "", "a guitar is playing a man ."]
+    together = last_token_states(texts, str(tmp_path / "run"))
+    alone = torch.cat([last_token_states([text], str(tmp_path / "run")) for text in texts])
+    assert together.shape == (4, 32)
+    assert torch.allclose(together, alone, atol=1e-5)  # a batch's padding changes nothing
+    assert not torch.allclose(together[0], together[3], atol=1e-3)  # same words, other order
+    lines = demo_lines("train", 200)
+    assert 0.0 < mauve(lines[:100], lines[100:], features=str(tmp_path / "run")) <= 1.0

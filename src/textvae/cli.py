@@ -25,6 +25,10 @@ class _Parser(argparse.ArgumentParser):
         raise TextVAEError(f"{message} (see `{self.prog} --help`)")
 
 
+MAUVE_FEATURES_HELP = ("minilm (all-MiniLM-L6-v2 sentence embeddings, default), or a causal LM whose last-token "
+                       "hidden state is the feature: a backbone spec (smollm2, FOLDER, FILE.gguf) or a textvae RUN_DIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="textvae", description="Transformer VAEs for text: train, evaluate, generate.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -59,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                                ".jsonl: one text for each of the first N sources, against its target")
     evaluate.add_argument("--decoding", default="top-k", choices=("greedy", "sample", "top-k", "top-p", "beam"),
                           help="decoding of --generate (the papers: top-k 50)")
-    evaluate.add_argument("--metrics", help="text metrics of --generate (default: bleu, self_bleu, dist_1..4, jaccard, mauve)")
+    evaluate.add_argument("--metrics", help="text metrics of --generate (default: bleu, ngram_jsd, self_bleu, dist_1..4, jaccard, mauve)")
     evaluate.add_argument("--samples-out", metavar="FILE", help="write the --generate texts here")
-    evaluate.add_argument("--json", metavar="FILE", help="also write the metrics as flat JSON")
+    evaluate.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
+    evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here as flat JSON (the run keeps its own "
+                          "copy in RUN_DIR/eval_SPLIT.json unless --data is given)")
 
     generate = commands.add_parser("generate", help="sample texts from a trained run")
     generate.add_argument("run_dir", metavar="RUN_DIR")
@@ -91,9 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Text metrics of generated texts against references (docs/metrics.md).")
     score.add_argument("generated", metavar="GENERATED.txt")
     score.add_argument("--refs", required=True, metavar="REFERENCES.txt")
-    score.add_argument("--metrics", help="comma-separated: bleu, self_bleu, dist_1..dist_4, jaccard, mauve (the default set), "
+    score.add_argument("--metrics", help="comma-separated: bleu, ngram_jsd, self_bleu, dist_1..dist_4, jaccard, mauve (the default set), "
                                          "rouge_1, rouge_2, rouge_l, bertscore (line i against reference line i)")
+    score.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
     score.add_argument("--json", metavar="FILE")
+    report = commands.add_parser("report", help="compare runs: markdown table and plots",
+                                 description="Write OUT/report.md comparing the runs, with training curves (curves.png), "
+                                             "KL per latent layer or segment (kl_groups.png) and optionally an interpolation.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and the plots")
+    report.add_argument("--split", default="test", choices=("train", "valid", "test"),
+                        help="which evaluation to tabulate (RUN_DIR/eval_SPLIT.json, written by textvae evaluate)")
+    report.add_argument("--interpolate", nargs=2, metavar=("SENTENCE_A", "SENTENCE_B"),
+                        help="decode the path between two sentences with every single-latent run")
+    report.add_argument("--steps", type=int, default=5, help="points on the interpolation path, ends included")
     return parser
 
 
@@ -106,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "generate": _generate,
             "interpolate": _interpolate,
             "score": _score,
+            "report": _make_report,
         }[args.command]
         return handler(args) or 0
     except TextVAEError as err:
@@ -255,6 +273,8 @@ def _evaluate(args) -> int:
     if args.generate:
         metrics.update(_generate_and_score(model, config, split, args))
     _report(metrics, args.json)
+    if not args.data:  # the run's own record, read by `textvae report`
+        _write_text(Path(args.run_dir) / f"eval_{args.split}.json", json.dumps(metrics, indent=1) + "\n")
     return 0
 
 
@@ -278,7 +298,7 @@ def _generate_and_score(model, config, split, args) -> dict:
     if args.samples_out:
         _write_text(Path(args.samples_out), "".join(" ".join(t.splitlines()) + "\n" for t in texts))
     try:
-        return score(texts, references, metrics)
+        return score(texts, references, metrics, args.mauve_features)
     except ValueError as err:
         raise TextVAEError(str(err)) from None
 
@@ -337,10 +357,24 @@ def _score(args) -> int:
     references = _read_lines(args.refs, "references")
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     try:
-        results = score(samples, references, metrics)
+        results = score(samples, references, metrics, args.mauve_features)
     except ValueError as err:
         raise TextVAEError(str(err)) from None
     _report(results, args.json)
+    return 0
+
+
+# --- report -----------------------------------------------------------------------------
+def _make_report(args) -> int:
+    from textvae.evaluation.report import build_report
+
+    if args.steps < 2:
+        raise TextVAEError("--steps must be >= 2 (the two end points are included)")
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise TextVAEError(f"run directory not found: {run_dir}")
+    markdown = build_report(args.run_dirs, Path(args.out), args.split, args.interpolate, args.steps)
+    sys.stdout.write(markdown)
     return 0
 
 

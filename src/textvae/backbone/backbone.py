@@ -14,7 +14,6 @@ Logits are computed separately (`logits`) so callers project only the positions 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
-from textvae.backbone.inject import ValueFusion
+from textvae.backbone.inject import ValueFusionSites
 
 
 @dataclass
@@ -32,7 +31,9 @@ class BackboneOutput:
     cache: DynamicCache | None
 
 
-class Backbone(nn.Module):
+class Backbone(ValueFusionSites, nn.Module):
+    is_encoder_decoder = False
+
     def __init__(self, causal_lm: PreTrainedModel):
         super().__init__()
         self.causal_lm = causal_lm
@@ -128,27 +129,3 @@ class Backbone(nn.Module):
         if head_offset is not None:
             hidden = hidden + (head_offset[:, None] if head_offset.dim() == 2 else head_offset)
         return BackboneOutput(hidden, out.hidden_states if output_hidden_states else None, out.past_key_values)
-
-    @contextmanager
-    def value_latents(self, latents: list[torch.Tensor | None] | None):
-        """Set each layer's value-fusion latent for the duration of one forward call."""
-        if latents is None:
-            yield
-            return
-        wrappers = [self.fusion_wrapper(layer) for layer in range(self.num_layers)]
-        try:
-            for wrapper, latent in zip(wrappers, latents, strict=True):
-                if wrapper is None and latent is not None:
-                    raise ValueError("a latent was given for a layer without a value fusion")
-                if wrapper is not None:
-                    wrapper.latent = latent
-            yield
-        finally:
-            for wrapper in wrappers:
-                if wrapper is not None:
-                    wrapper.latent = None
-
-    def fusion_wrapper(self, layer: int) -> ValueFusion | None:
-        parent, name, _ = self.value_projection(layer)
-        module = getattr(parent, name)
-        return module if isinstance(module, ValueFusion) else None

@@ -11,6 +11,7 @@ reads the current layer's latent, set for the duration of one forward call by
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -44,6 +45,35 @@ class ValueFusion(nn.Module):
             return self.fusion(out, self.latent)
         head, values = out[..., : self.value_start], out[..., self.value_start :]
         return torch.cat([head, self.fusion(values, self.latent)], dim=-1)
+
+
+class ValueFusionSites:
+    """For backbones: set the wrapped value projections' latents around one forward call.
+    Needs `value_projection(layer)` and `num_layers`."""
+
+    @contextmanager
+    def value_latents(self, latents: list[torch.Tensor | None] | None):
+        """Set each layer's value-fusion latent for the duration of one forward call."""
+        if latents is None:
+            yield
+            return
+        wrappers = [self.fusion_wrapper(layer) for layer in range(self.num_layers)]
+        try:
+            for wrapper, latent in zip(wrappers, latents, strict=True):
+                if wrapper is None and latent is not None:
+                    raise ValueError("a latent was given for a layer without a value fusion")
+                if wrapper is not None:
+                    wrapper.latent = latent
+            yield
+        finally:
+            for wrapper in wrappers:
+                if wrapper is not None:
+                    wrapper.latent = None
+
+    def fusion_wrapper(self, layer: int) -> ValueFusion | None:
+        parent, name, _ = self.value_projection(layer)
+        module = getattr(parent, name)
+        return module if isinstance(module, ValueFusion) else None
 
 
 def inject_value_fusion(backbone, fusions: list[nn.Module | None]) -> list[ValueFusion | None]:

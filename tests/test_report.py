@@ -47,3 +47,8 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert "is not a textvae run" in capsys.readouterr().err
     assert not (tmp_path / "r" / "report.md").exists()
+    (tmp_path / "empty" / "config.yaml").write_text("run: {model: {name: embed}}\n")
+    (tmp_path / "empty" / "eval_test.json").write_text('{"ppl": 3')  # cut short
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "eval_test.json is not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "report.md").exists()

@@ -42,16 +42,26 @@ def read_run(directory: str | Path, split: str = "test") -> RunRecord:
     curve = []
     if (directory / "metrics.jsonl").is_file():
         for line in (directory / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            record = json.loads(line) if line.strip() else {}
+            record = _json(line, directory / "metrics.jsonl") if line.strip() else {}
             if record.get("split") == "train":
                 curve.append(record)
     metrics = {}
     if (directory / f"eval_{split}.json").is_file():
-        metrics = json.loads((directory / f"eval_{split}.json").read_text(encoding="utf-8"))
+        metrics = _json((directory / f"eval_{split}.json").read_text(encoding="utf-8"), directory / f"eval_{split}.json")
     schedule = (run.get("kl") or {}).get("schedule", "constant")
     model = (run.get("model") or {}).get("name", "lm")
     return RunRecord(directory.name, directory, model, schedule if model != "lm" else "-",
                      curve[-1]["step"] if curve else None, curve, metrics)
+
+
+def _json(text: str, path: Path) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TextVAEError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise TextVAEError(f"{path} does not hold JSON objects")
+    return value
 
 
 def metrics_table(records: list[RunRecord]) -> str:

@@ -366,16 +366,34 @@ def _score(args) -> int:
 
 # --- report -----------------------------------------------------------------------------
 def _make_report(args) -> int:
-    from textvae.evaluation.report import build_report
+    from textvae.evaluation.report import build_report, interpolation_listing, read_run
 
     if args.steps < 2:
         raise TextVAEError("--steps must be >= 2 (the two end points are included)")
     for run_dir in args.run_dirs:
         if not Path(run_dir).is_dir():
             raise TextVAEError(f"run directory not found: {run_dir}")
-    markdown = build_report(args.run_dirs, Path(args.out), args.split, args.interpolate, args.steps)
-    sys.stdout.write(markdown)
+    records = [read_run(run_dir, args.split) for run_dir in args.run_dirs]
+    listing = None
+    if args.interpolate:
+        paths = {record.name: _interpolation_path(record.directory, *args.interpolate, args.steps)
+                 for record in records if record.model != "lm"}
+        listing = interpolation_listing(*args.interpolate, paths)
+    sys.stdout.write(build_report(records, Path(args.out), args.split, listing))
     return 0
+
+
+def _interpolation_path(run_dir: Path, sentence_a: str, sentence_b: str, steps: int) -> list[tuple[float, str]] | str:
+    """Greedy decodings between the posterior means of the two sentences, or why there are none."""
+    from textvae.generation.decode import DecodingConfig
+    from textvae.generation.interpolate import interpolate_texts
+
+    model, config = _load_run(str(run_dir))
+    decoding = DecodingConfig(strategy="greedy", max_new_tokens=config.data.max_length)
+    try:
+        return interpolate_texts(model, sentence_a, sentence_b, steps, decoding, config.data.max_length, seed=0)
+    except TextVAEError as err:  # segment-wise latents have no single point per text
+        return str(err)
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
-from textvae.backbone.inject import ValueFusionSites
+from textvae.backbone.inject import LatentSites
 
 
 @dataclass
@@ -31,7 +31,7 @@ class BackboneOutput:
     cache: DynamicCache | None
 
 
-class Backbone(ValueFusionSites, nn.Module):
+class Backbone(LatentSites, nn.Module):
     is_encoder_decoder = False
 
     def __init__(self, causal_lm: PreTrainedModel):
@@ -61,10 +61,6 @@ class Backbone(ValueFusionSites, nn.Module):
     @property
     def config(self):
         return self.causal_lm.config
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.config._attn_implementation
 
     def value_projection(self, layer: int) -> tuple[nn.Module, str, int]:
         """(parent module, attribute name, offset of the values in its output) for `layer`."""
@@ -103,17 +99,10 @@ class Backbone(ValueFusionSites, nn.Module):
     ) -> BackboneOutput:
         """Run the body. With `cache`, `attention_mask` covers cached and new positions and
         `position_ids` must be given; with `memory` (no cache) a memory column is prepended."""
-        inputs_embeds = self.embed(input_ids)
-        if embed_offset is not None:
-            inputs_embeds = inputs_embeds + (embed_offset[:, None] if embed_offset.dim() == 2 else embed_offset)
+        inputs_embeds = self.add_offset(self.embed(input_ids), embed_offset)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
-        if memory is not None:
-            if cache is not None:
-                raise ValueError("pass memory either directly or inside the cache, not both")
-            cache = self.new_cache(memory)
-            ones = attention_mask.new_ones(attention_mask.shape[0], 1)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        cache, attention_mask = self.with_memory(memory, cache, attention_mask)
         if attention_mask.dim() == 4 and self.attn_implementation != "sdpa":
             attention_mask = masks.to_bias(attention_mask, torch.float32)
         with self.value_latents(value_latents):
@@ -125,7 +114,5 @@ class Backbone(ValueFusionSites, nn.Module):
                 use_cache=cache is not None,
                 output_hidden_states=output_hidden_states,
             )
-        hidden = out.last_hidden_state
-        if head_offset is not None:
-            hidden = hidden + (head_offset[:, None] if head_offset.dim() == 2 else head_offset)
+        hidden = self.add_offset(out.last_hidden_state, head_offset)
         return BackboneOutput(hidden, out.hidden_states if output_hidden_states else None, out.past_key_values)

@@ -47,9 +47,31 @@ class ValueFusion(nn.Module):
         return torch.cat([head, self.fusion(values, self.latent)], dim=-1)
 
 
-class ValueFusionSites:
-    """For backbones: set the wrapped value projections' latents around one forward call.
-    Needs `value_projection(layer)` and `num_layers`."""
+class LatentSites:
+    """What every backbone does at its injection points: offsets at the edges, a memory
+    column, and the wrapped value projections' latents set around one forward call.
+    Needs `config`, `new_cache(memory)`, `value_projection(layer)` and `num_layers`."""
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation
+
+    @staticmethod
+    def add_offset(states: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+        """states [B, T, H] + offset ([B, H]: the same at every position, or [B, T, H])."""
+        if offset is None:
+            return states
+        return states + (offset[:, None] if offset.dim() == 2 else offset)
+
+    def with_memory(self, memory, cache, attention_mask: torch.Tensor):
+        """(cache, attention_mask) for a forward call: with `memory`, a fresh cache holding it
+        and a memory column prepended to the mask."""
+        if memory is None:
+            return cache, attention_mask
+        if cache is not None:
+            raise ValueError("pass memory either directly or inside the cache, not both")
+        ones = attention_mask.new_ones(attention_mask.shape[0], 1)
+        return self.new_cache(memory), torch.cat([ones, attention_mask], dim=1)
 
     @contextmanager
     def value_latents(self, latents: list[torch.Tensor | None] | None):

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from textvae.backbone.backbone import BackboneOutput
-from textvae.backbone.inject import ValueFusionSites
+from textvae.backbone.inject import LatentSites
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SourceContext:
         return SourceContext(tuple(state[rows] for state in self.states), self.mask[rows])
 
 
-class Seq2SeqBackbone(ValueFusionSites, nn.Module):
+class Seq2SeqBackbone(LatentSites, nn.Module):
     is_encoder_decoder = True
 
     def __init__(self, seq2seq_lm: PreTrainedModel):
@@ -63,10 +63,6 @@ class Seq2SeqBackbone(ValueFusionSites, nn.Module):
     @property
     def config(self):
         return self.seq2seq_lm.config
-
-    @property
-    def attn_implementation(self) -> str:
-        return self.config._attn_implementation
 
     def value_projection(self, layer: int) -> tuple[nn.Module, str, int]:
         """(parent module, attribute name, value offset) of decoder layer `layer`'s self-attention."""
@@ -112,15 +108,8 @@ class Seq2SeqBackbone(ValueFusionSites, nn.Module):
         """Run the decoder over `input_ids` [B, T] reading `source`. With `cache`,
         `attention_mask` covers cached and new positions; with `memory` (no cache) a memory
         column is prepended."""
-        inputs_embeds = self.embed(input_ids)
-        if embed_offset is not None:
-            inputs_embeds = inputs_embeds + (embed_offset[:, None] if embed_offset.dim() == 2 else embed_offset)
-        if memory is not None:
-            if cache is not None:
-                raise ValueError("pass memory either directly or inside the cache, not both")
-            cache = self.new_cache(memory)
-            ones = attention_mask.new_ones(attention_mask.shape[0], 1)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        inputs_embeds = self.add_offset(self.embed(input_ids), embed_offset)
+        cache, attention_mask = self.with_memory(memory, cache, attention_mask)
         with self.value_latents(value_latents):
             out = self.seq2seq_lm.get_decoder()(
                 inputs_embeds=inputs_embeds,
@@ -131,7 +120,5 @@ class Seq2SeqBackbone(ValueFusionSites, nn.Module):
                 use_cache=cache is not None,
                 output_hidden_states=output_hidden_states,
             )
-        hidden = out.last_hidden_state
-        if head_offset is not None:
-            hidden = hidden + (head_offset[:, None] if head_offset.dim() == 2 else head_offset)
+        hidden = self.add_offset(out.last_hidden_state, head_offset)
         return BackboneOutput(hidden, out.hidden_states if output_hidden_states else None, out.past_key_values)

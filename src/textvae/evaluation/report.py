@@ -3,7 +3,8 @@
 Reads what training and evaluation left in each run directory (config.yaml, metrics.jsonl,
 eval_SPLIT.json) and writes report.md with a metrics table, training curves of the
 reconstruction loss and the KL (DELLA's Figure 5), the KL of each latent layer or segment, and
-optionally an interpolation between two sentences decoded by every latent run.
+optionally an interpolation listing (the decodings come from the caller: generation is a
+sibling layer).
 """
 
 from __future__ import annotations
@@ -132,34 +133,24 @@ def plot_kl_groups(records: list[RunRecord], path: Path) -> bool:
     return True
 
 
-def interpolation_listing(records: list[RunRecord], sentence_a: str, sentence_b: str, steps: int) -> str:
-    """Markdown: the greedy decodings along the line between the posterior means of the two
-    sentences, for every run with a single latent per text."""
-    from textvae.generation.decode import DecodingConfig
-    from textvae.generation.interpolate import interpolate_texts
-    from textvae.models.registry import load_model
-
+def interpolation_listing(sentence_a: str, sentence_b: str, paths: dict[str, list[tuple[float, str]] | str]) -> str:
+    """Markdown: for each run, its decodings along the path between the two sentences
+    ([(weight, text)]), or why it has none (a string)."""
     parts = [f'## Interpolation from "{sentence_a}" to "{sentence_b}"', ""]
-    for record in records:
-        if record.model == "lm":
+    for name, path in paths.items():
+        parts += [f"### {name}", ""]
+        if isinstance(path, str):
+            parts += [f"(not applicable: {path})", ""]
             continue
-        model, config = load_model(record.directory)
-        decoding = DecodingConfig(strategy="greedy", max_new_tokens=config.data.max_length)
-        try:
-            path = interpolate_texts(model, sentence_a, sentence_b, steps, decoding, config.data.max_length, seed=0)
-        except TextVAEError as err:  # segment-wise latents have no single point per text
-            parts += [f"### {record.name}", "", f"(not applicable: {err})", ""]
-            continue
-        parts += [f"### {record.name}", "", "| weight | text |", "|---|---|"]
+        parts += ["| weight | text |", "|---|---|"]
         parts += [f"| {weight:.2f} | {' '.join(text.split())} |" for weight, text in path]
         parts.append("")
     return "\n".join(parts)
 
 
-def build_report(run_dirs: list[str], out: Path, split: str = "test",
-                 interpolate: tuple[str, str] | None = None, steps: int = 5) -> str:
-    """Write out/report.md (+ curves.png, kl_groups.png) and return the markdown."""
-    records = [read_run(directory, split) for directory in run_dirs]
+def build_report(records: list[RunRecord], out: Path, split: str = "test", interpolation: str | None = None) -> str:
+    """Write out/report.md (+ curves.png, kl_groups.png) and return the markdown;
+    `interpolation` is an `interpolation_listing` to append."""
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# textvae report", "", f"Metrics of the `{split}` split (`textvae evaluate`, eval_{split}.json in each run).", "",
              metrics_table(records), ""]
@@ -170,8 +161,8 @@ def build_report(run_dirs: list[str], out: Path, split: str = "test",
         parts += ["## Training curves", "", "![reconstruction and KL during training](curves.png)", ""]
     if plot_kl_groups(records, out / "kl_groups.png"):
         parts += ["## KL per latent layer or segment", "", "![KL of each latent group](kl_groups.png)", ""]
-    if interpolate:
-        parts.append(interpolation_listing(records, *interpolate, steps))
+    if interpolation:
+        parts.append(interpolation)
     markdown = "\n".join(parts).rstrip() + "\n"
     _replace(out / "report.md", lambda temporary: temporary.write_text(markdown, encoding="utf-8"))
     return markdown

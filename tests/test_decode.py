@@ -121,3 +121,16 @@ def test_decoding_stops_at_eos(tiny_tokenizer):
     _add_eos_bias(model, 1e4)  # EOS is everyone's first choice
     for strategy in ("greedy", "top-p", "beam"):
         assert decode(model, PROMPTS, None, DecodingConfig(strategy=strategy, max_new_tokens=5)) == [[], [], []]
+
+
+def test_generation_stops_where_the_backbone_runs_out_of_positions(tiny_tokenizer):
+    model = tiny_lm(tiny_tokenizer)  # 64 positions
+    eos = tiny_tokenizer.eos_id
+    model.backbone.logits = lambda hidden: torch.nn.functional.one_hot(  # never EOS
+        torch.full(hidden.shape[:-1], (eos + 1) % tiny_tokenizer.vocab_size), tiny_tokenizer.vocab_size).float()
+    prompt = [1] + [40] * 59
+    for strategy in ("greedy", "beam"):
+        out = decode(model, [prompt], None, DecodingConfig(strategy=strategy, num_beams=2, max_new_tokens=20))
+        assert len(out[0]) == 4  # 60 + 4 = the 64 positions
+    with pytest.raises(Exception, match="no room"):
+        decode(model, [[1] * 64], None, DecodingConfig(strategy="greedy"))

@@ -235,7 +235,7 @@ def test_single_latent_ablation_fuses_one_latent_into_every_layer(tiny_tokenizer
     assert model.posterior(batch).rsample().shape == (3, 6)
 
 
-def test_evaluate_generates_one_text_per_source_on_conditional_data(tiny_jsonl, tmp_path):
+def test_evaluate_generates_texts_for_each_source_on_conditional_data(tiny_jsonl, tmp_path):
     from textvae.cli import main
 
     run = tmp_path / "run"
@@ -243,8 +243,9 @@ def test_evaluate_generates_one_text_per_source_on_conditional_data(tiny_jsonl, 
     assert main(["train", "--model", "della", "--data", str(tiny_jsonl), "--out", str(run), "--max-steps", "2",
                  *[part for item in sets for part in ("--set", item)]]) == 0
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(run), "--iw-samples", "2", "--generate", "5", "--json", str(out),
-                 "--samples-out", str(tmp_path / "s.txt")]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "2", "--generate", "5", "--samples-per-source", "2",
+                 "--json", str(out), "--samples-out", str(tmp_path / "s.txt")]) == 0
     metrics = json.loads(out.read_text())
-    assert {"rouge_1", "rouge_2", "rouge_l", "self_bleu", "dist_1"} <= set(metrics)
-    assert len((tmp_path / "s.txt").read_text().splitlines()) == 5
+    assert {"bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore", "self_bleu", "jaccard", "dist_1"} <= set(metrics)
+    assert metrics["decoding"] == "top-k"  # not a summarization or paraphrase run
+    assert len((tmp_path / "s.txt").read_text().splitlines()) == 10

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from conftest import demo_lines
 from textvae.backbone.backbone import Backbone
@@ -23,7 +24,11 @@ def _save_hf_folder(folder, family, tokenizer: TextTokenizer):
     """A tiny random model plus a fast tokenizer that knows BOS/EOS but has no SEP or PAD."""
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, bos_token="<bos>", eos_token="<eos>")
     vocab = hf_tokenizer.backend_tokenizer.get_vocab_size()
-    if family == "gpt2":
+    if family == "bart":
+        model = BartForConditionalGeneration(BartConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, vocab_size=vocab))
+    elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=vocab))
     else:
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
@@ -53,6 +58,24 @@ def test_local_folder_backbone_trains_with_its_own_tokenizer(family, tiny_txt, t
             "--max-steps", "3", "--set", "data.max_length=32", "--set", "train.precision=fp32"]
     assert main(args) == 0
     assert main(["generate", str(run), "--num", "2", "--out", str(tmp_path / "g.txt")]) == 0
+
+
+def test_local_encoder_decoder_folder_trains_della_on_source_target_data(tiny_jsonl, tmp_path):
+    bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
+    folder = tmp_path / "bart"
+    original = _save_hf_folder(folder, "bart", bpe)
+    seq2seq_lm, tokenizer = load_pretrained(str(folder), None, "sdpa")
+    assert seq2seq_lm.config.is_encoder_decoder
+    name = "model.shared.weight"
+    rows = original.state_dict()[name].shape[0]
+    assert torch.equal(seq2seq_lm.state_dict()[name][:rows], original.state_dict()[name])  # weights arrived
+    assert seq2seq_lm.final_logits_bias.shape[-1] == tokenizer.vocab_size  # grown with the added [SEP]/[PAD]
+    run = tmp_path / "run"
+    assert main(["train", "--model", "della", "--backbone", str(folder), "--data", str(tiny_jsonl), "--out", str(run),
+                 "--max-steps", "2", "--set", "data.max_length=48", "--set", "model.latent_size=4"]) == 0
+    (tmp_path / "p.txt").write_text("a man is sleeping .\n")
+    assert main(["generate", str(run), "--prompts", str(tmp_path / "p.txt"), "--num", "2", "--out", str(tmp_path / "g.txt")]) == 0
+    assert len((tmp_path / "g.txt").read_text().splitlines()) == 2
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 
-from textvae.evaluation.text_metrics import bleu, distinct, self_bleu
+from textvae.evaluation.text_metrics import bleu, distinct, paired_bleu, score, self_bleu
 
 
 def _random_corpus(rng, count):
@@ -30,6 +30,31 @@ def test_bleu_and_self_bleu_equal_nltk_on_random_corpora_with_empty_and_short_te
             for i, s in enumerate(samples)
         ) / len(samples)
         assert self_bleu(samples) == pytest.approx(expected_self, abs=1e-9)
+
+
+def test_paired_bleu_equals_nltk_corpus_bleu():
+    rng = random.Random(1)
+    smoothing = SmoothingFunction().method1
+    for _ in range(30):
+        references, samples = _random_corpus(rng, 7), _random_corpus(rng, 7)
+        samples[0] = ""
+        references[1] = references[1] or "dog"
+        expected = corpus_bleu([[r.split()] for r in references], [s.split() for s in samples], smoothing_function=smoothing)
+        assert paired_bleu(samples, references) == pytest.approx(expected, abs=1e-9)
+    exact = ["the dog runs on the mat", "a cat sleeps all day"]
+    assert paired_bleu(exact, exact) == pytest.approx(1.0)
+    assert paired_bleu(exact, exact[::-1]) < 0.05  # each against its own reference, not the set
+    with pytest.raises(ValueError):
+        paired_bleu(["one"], ["one", "two"])
+
+
+def test_grouped_diversity_compares_the_texts_of_each_source_only():
+    samples = ["a b c d", "a b c d", "e f g h", "i j k l"]  # source 1: the same text twice; source 2: disjoint
+    grouped = score(samples, samples, ["self_bleu", "jaccard"], group_size=2)
+    assert grouped["self_bleu"] == pytest.approx(0.5) and grouped["jaccard"] == pytest.approx(0.5)
+    assert score(samples, samples, ["jaccard"])["jaccard"] == pytest.approx(1 / 6)  # pooled: 1 of 6 pairs equal
+    with pytest.raises(ValueError):
+        score(samples, samples, ["self_bleu"], group_size=3)
 
 
 def test_bleu_by_hand():
@@ -148,6 +173,9 @@ def test_bertscore_of_identical_texts_is_one():
     texts = ["a man is playing a guitar .", "stocks fell sharply on monday ."]
     assert bertscore(texts, texts) == pytest.approx(1.0, abs=1e-5)
     assert bertscore(texts, texts[::-1]) < 0.8
+    # an empty output matches nothing: it scores 0 and counts in the mean
+    assert bertscore([texts[0], ""], texts) == pytest.approx(0.5, abs=1e-5)
+    assert bertscore(["", ""], texts) == 0.0
 
 
 def test_last_token_states_are_padding_free_and_word_order_aware(tmp_path, tiny_tokenizer):

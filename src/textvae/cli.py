@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the config's, else lm)")
     train.add_argument("--data", help="folder with train/valid/test .txt or .jsonl, or a bundled corpus (demo)")
     train.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to create")
-    train.add_argument("--backbone", metavar="SPEC", help="gpt2-tiny | gpt2-small | llama-tiny | smollm2 | FOLDER | FILE.gguf | hf:NAME")
+    train.add_argument("--backbone", metavar="SPEC",
+                       help="gpt2-tiny | gpt2-small | llama-tiny | bart-tiny | smollm2 | FOLDER | FILE.gguf | hf:NAME")
+    train.add_argument("--task", choices=("story", "summarization", "paraphrase"),
+                       help=".jsonl source/target data: story = decoder-only, source as prefix; summarization and "
+                            "paraphrase = encoder-decoder (bart-tiny) and beam search; sets source/target lengths too "
+                            "(config values and --set win)")
     train.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, backbone, train, kl, model)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. train.lr=3e-4, kl.schedule=cyclical, model.latent_size=64")
@@ -61,8 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--generate", type=int, default=0, metavar="N",
                           help="also sample N texts (latents from the prior) and score them against the split; "
                                ".jsonl: one text for each of the first N sources, against its target")
-    evaluate.add_argument("--decoding", default="top-k", choices=("greedy", "sample", "top-k", "top-p", "beam"),
-                          help="decoding of --generate (the papers: top-k 50)")
+    evaluate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
+                          help="decoding of --generate (default as in the papers: beam search for summarization and "
+                               "paraphrase runs, else top-k 50)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="length limit of --generate (default: data.max_length)")
+    evaluate.add_argument("--samples-per-source", type=int, default=1, metavar="M",
+                          help=".jsonl: M texts per source (latents drawn anew); with M >= 2 Self-BLEU and Jaccard "
+                               "compare the texts of each source")
     evaluate.add_argument("--metrics", help="text metrics of --generate (default: bleu, ngram_jsd, self_bleu, dist_1..4, jaccard, mauve)")
     evaluate.add_argument("--samples-out", metavar="FILE", help="write the --generate texts here")
     evaluate.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
@@ -72,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample texts from a trained run")
     generate.add_argument("run_dir", metavar="RUN_DIR")
     generate.add_argument("--num", type=int, default=10, help="texts to generate (per prompt with --prompts)")
-    generate.add_argument("--decoding", default="top-p", choices=("greedy", "sample", "top-k", "top-p", "beam"))
+    generate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
+                          help="default: beam for summarization and paraphrase runs, else top-p")
     generate.add_argument("--top-k", type=int, default=50)
     generate.add_argument("--top-p", type=float, default=0.9)
     generate.add_argument("--temperature", type=float, default=1.0)
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     import torch.distributed as dist
 
-    from textvae.config import Config, apply_overrides, load_yaml
+    from textvae.config import Config, apply_overrides, load_yaml, task_defaults
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.models.registry import create_model, load_model, model_config, save_model
     from textvae.training.trainer import Trainer, seed_everything, setup_environment
@@ -147,6 +158,9 @@ def _train(args) -> int:
     flags = {"model.name": args.model, "data.path": args.data, "backbone.spec": args.backbone,
              "train.epochs": args.epochs, "train.max_steps": args.max_steps}
     assignments = [f"{key}={value}" for key, value in flags.items() if value is not None] + args.set
+    if args.task:  # lowest precedence: only what neither the config file nor a flag fixes
+        overridden = apply_overrides(raw, assignments)
+        assignments = task_defaults(overridden, args.task) + assignments
     config = Config.from_dict(apply_overrides(raw, assignments))
     config.validate()
     model_config(config)  # unknown model names and model options fail here
@@ -164,7 +178,9 @@ def _train(args) -> int:
     if args.resume:
         model, _ = load_model(out, weights=False)
     else:
-        model = create_model(config, [e.target for e in train_split.examples])
+        # the BPE learns sources too: an encoder reads them, a decoder-only model reads them as prefix
+        texts = [e.target for e in train_split.examples] + [e.source for e in train_split.examples if e.source]
+        model = create_model(config, texts)
     train_data = _encode(train_split, model, config, "train", env.main)
     valid_data = _encode(valid_split, model, config, "valid", env.main)
     if not train_data or not valid_data:
@@ -243,6 +259,11 @@ def _encode(split, model, config, name: str, verbose: bool):
     from textvae.data.batching import encode_examples
 
     data = config.data
+    if model.backbone.is_encoder_decoder and not split.conditional:
+        raise TextVAEError(f"{config.backbone.spec} is an encoder-decoder backbone: it needs .jsonl data with a source "
+                           "for every example")
+    if data.task and not split.conditional:
+        raise TextVAEError(f"data.task={data.task} needs .jsonl source/target data")
     segmenter = getattr(model, "segmenter", None)  # segment-wise models: [SEP] between segments
     encoded, stats = encode_examples(
         split.examples, model.tokenizer, data.max_length, data.max_source_length, data.overlong, segmenter
@@ -279,28 +300,60 @@ def _evaluate(args) -> int:
 
 
 def _generate_and_score(model, config, split, args) -> dict:
-    """Sample `args.generate` texts and score them against the split's targets."""
+    """Sample `args.generate` texts and score them against the split's targets; for .jsonl
+    data, `args.samples_per_source` texts for each of the first `args.generate` sources."""
     from textvae.evaluation.text_metrics import score
     from textvae.generation.decode import DecodingConfig, generate_texts
 
-    if args.generate < 2:
-        raise TextVAEError("--generate needs at least 2 samples (Self-BLEU and Jaccard compare samples)")
-    decoding = DecodingConfig(strategy=args.decoding, max_new_tokens=config.data.max_length)
+    decoding = DecodingConfig(strategy=_decoding(args.decoding, config, "top-k"),
+                              max_new_tokens=args.max_new_tokens or config.data.max_length)
+    decoding.validate()
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
-    references = [example.target for example in split.examples]
-    if split.conditional:  # one text for each of the first N sources, scored against its target
+    per_source = args.samples_per_source
+    if per_source < 1:
+        raise TextVAEError("--samples-per-source must be >= 1")
+    group = None
+    if split.conditional:  # each text scored against its own source's target
         examples = split.examples[: args.generate]
-        texts = generate_texts(model, 1, decoding, seed=args.seed, sources=[e.source or "" for e in examples])
-        references = [e.target for e in examples]
-        metrics = metrics or ["rouge_1", "rouge_2", "rouge_l", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4"]
+        sources = [e.source or "" for e in examples]
+        texts = generate_texts(model, per_source, decoding, seed=args.seed, sources=sources,
+                               max_source_length=config.data.max_source_length)
+        _note_truncated(model, sources, config.data.max_source_length)
+        references = [e.target for e in examples for _ in range(per_source)]
+        default = ["bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore", "dist_1", "dist_2", "dist_3", "dist_4"]
+        if per_source > 1:
+            group, default = per_source, default + ["self_bleu", "jaccard"]
+        metrics = metrics or default
     else:
+        if args.generate < 2:
+            raise TextVAEError("--generate needs at least 2 samples (Self-BLEU and Jaccard compare samples)")
+        references = [example.target for example in split.examples]
         texts = generate_texts(model, args.generate, decoding, seed=args.seed)
     if args.samples_out:
         _write_text(Path(args.samples_out), "".join(" ".join(t.splitlines()) + "\n" for t in texts))
     try:
-        return score(texts, references, metrics, args.mauve_features)
+        results = score(texts, references, metrics, args.mauve_features, group_size=group)
     except ValueError as err:
         raise TextVAEError(str(err)) from None
+    return {"decoding": decoding.strategy, "samples_per_source": per_source, **results} if split.conditional else results
+
+
+def _decoding(chosen: str | None, config, fallback: str) -> str:
+    """The decoding strategy: as chosen, else beam search for summarization and paraphrase
+    runs (as the DELLA paper decodes them), else `fallback`."""
+    from textvae.config import ENCODER_DECODER_TASKS
+
+    if chosen:
+        return chosen
+    return "beam" if config.data.task in ENCODER_DECODER_TASKS else fallback
+
+
+def _note_truncated(model, sources: list[str], max_source_length: int) -> None:
+    from textvae.generation.decode import source_prompts
+
+    truncated = source_prompts(model.tokenizer, sources, max_source_length)[1]
+    if truncated:
+        _info(True, f"{truncated} of {len(sources)} sources cut to data.max_source_length={max_source_length} tokens")
 
 
 # --- generate ---------------------------------------------------------------------------
@@ -311,8 +364,8 @@ def _generate(args) -> int:
         raise TextVAEError("--num must be >= 1")
     model, config = _load_run(args.run_dir)
     decoding = DecodingConfig(
-        strategy=args.decoding, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or config.data.max_length,
+        strategy=_decoding(args.decoding, config, "top-p"), temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or config.data.max_length,
     )
     decoding.validate()
     sources = None
@@ -326,7 +379,9 @@ def _generate(args) -> int:
     else:
         if args.prompts:
             sources = _read_lines(args.prompts, "prompts")
-        texts = generate_texts(model, args.num, decoding, seed=args.seed, sources=sources)
+            _note_truncated(model, sources, config.data.max_source_length)
+        texts = generate_texts(model, args.num, decoding, seed=args.seed, sources=sources,
+                               max_source_length=config.data.max_source_length)
     output = "".join(" ".join(text.splitlines()) + "\n" for text in texts)  # one text per line
     if args.out:
         _write_text(Path(args.out), output)

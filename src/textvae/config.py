@@ -20,6 +20,27 @@ from textvae.errors import TextVAEError
 from textvae.latent.schedules import KLSchedule
 
 
+# What `--task` (data.task) sets unless the config or --set says otherwise. Stories keep the
+# decoder-only backbone with the source (the prompt) as a prefix, as both papers do; summaries
+# and paraphrases use an encoder-decoder backbone, as the DELLA paper does with BART. Sources
+# longer than max_source_length are cut (counted in the training log and by `generate`).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "story": {"data.max_source_length": 64, "data.max_length": 256},
+    "summarization": {"backbone.spec": "bart-tiny", "data.max_source_length": 400, "data.max_length": 512},
+    "paraphrase": {"backbone.spec": "bart-tiny", "data.max_source_length": 64, "data.max_length": 160},
+}
+ENCODER_DECODER_TASKS = ("summarization", "paraphrase")  # decoded with beam search by default
+
+
+def task_defaults(raw: dict[str, Any], task: str) -> list[str]:
+    """`--set` assignments for `task`'s defaults that the raw config does not already fix."""
+    if task not in TASK_DEFAULTS:
+        raise TextVAEError(f"unknown task {task!r}; tasks: {', '.join(TASK_DEFAULTS)}")
+    defaults = {"data.task": task, **TASK_DEFAULTS[task]}
+    return [f"{key}={value}" for key, value in defaults.items()
+            if key.split(".")[1] not in (raw.get(key.split(".")[0]) or {})]
+
+
 @dataclass
 class DataConfig:
     path: str = "demo"  # folder with train/valid/test .txt or .jsonl, or a bundled corpus name
@@ -27,9 +48,12 @@ class DataConfig:
     max_source_length: int = 64  # tokens of a .jsonl source kept (then [SEP] and the target)
     overlong: str = "truncate"  # truncate | drop | error
     vocab_size: int = 8000  # BPE vocabulary trained on the train split (from-scratch backbones)
+    task: str | None = None  # story | summarization | paraphrase (.jsonl): see TASK_DEFAULTS
 
     def validate(self) -> None:
         _check_choice("data.overlong", self.overlong, ("truncate", "drop", "error"))
+        if self.task is not None:
+            _check_choice("data.task", self.task, tuple(TASK_DEFAULTS))
         _check_positive("data.max_length", self.max_length, minimum=3)
         _check_positive("data.max_source_length", self.max_source_length)
         _check_positive("data.vocab_size", self.vocab_size, minimum=300)

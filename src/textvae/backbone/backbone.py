@@ -77,6 +77,10 @@ class Backbone(LatentSites, nn.Module):
         """LM head: [..., H] -> [..., V]."""
         return self.causal_lm.get_output_embeddings()(hidden)
 
+    def positions_left(self, prompt_length: int) -> int:
+        """How many tokens may follow a prompt of `prompt_length` (a memory position takes none)."""
+        return self.max_positions - prompt_length
+
     def new_cache(self, memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
         """An empty KV cache, or one holding a memory position per layer."""
         cache = DynamicCache(config=self.config)

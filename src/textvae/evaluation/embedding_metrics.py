@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import torch
 
+from textvae.errors import TextVAEError
+
 FEATURES = "all-MiniLM-L6-v2"
 
 
@@ -81,9 +83,13 @@ def _causal_lm(spec: str):
         from textvae.models.registry import load_model
 
         model, _ = load_model(spec)
-        return model.backbone.eval(), model.tokenizer
-    causal_lm, tokenizer = load_pretrained(spec, None, "sdpa")
-    return Backbone(causal_lm).eval(), tokenizer
+        backbone, tokenizer = model.backbone, model.tokenizer
+    else:
+        causal_lm, tokenizer = load_pretrained(spec, None, "sdpa")
+        backbone = Backbone(causal_lm) if not causal_lm.config.is_encoder_decoder else None
+    if backbone is None or backbone.is_encoder_decoder:
+        raise TextVAEError(f"MAUVE features need a decoder-only language model; {spec} is an encoder-decoder")
+    return backbone.eval(), tokenizer
 
 
 def features_name(features: str) -> str:
@@ -109,10 +115,16 @@ def mauve(samples: list[str], references: list[str], seed: int = 25, features: s
 
 def bertscore(samples: list[str], references: list[str]) -> float:
     """Mean BERTScore F1 (bert-score) of each sample against its own reference, token
-    embeddings from all 6 layers' last layer of all-MiniLM-L6-v2, no idf, no rescaling."""
+    embeddings from all 6 layers' last layer of all-MiniLM-L6-v2, no idf, no rescaling. A pair
+    with an empty side (a model that stops at once) scores 0: it has no token to match (and
+    bert-score cannot encode an empty text under transformers 5)."""
     from bert_score import score as bert_score
 
     if len(samples) != len(references):
         raise ValueError(f"BERTScore pairs samples with references: {len(samples)} samples, {len(references)} references")
-    _, _, f1 = bert_score(samples, references, model_type=_model_dir(), num_layers=6, batch_size=64, device="cpu")
-    return float(f1.mean())
+    scored = [i for i, (sample, reference) in enumerate(zip(samples, references)) if sample.strip() and reference.strip()]
+    if not scored:
+        return 0.0
+    _, _, f1 = bert_score([samples[i] for i in scored], [references[i] for i in scored], model_type=_model_dir(),
+                          num_layers=6, batch_size=64, device="cpu")
+    return float(f1.sum()) / len(samples)

@@ -76,6 +76,31 @@ def bleu(samples: list[str], references: list[str]) -> float:
     return sum(prepared.bleu(tokenize(text)) for text in samples) / len(samples)
 
 
+def paired_bleu(samples: list[str], references: list[str]) -> float:
+    """Corpus BLEU-4 of sample i against its own reference i (conditional tasks): n-gram
+    matches and lengths pooled over the corpus, then one score; equals NLTK's `corpus_bleu`
+    with smoothing method 1."""
+    if len(samples) != len(references) or not samples:
+        raise ValueError(f"BLEU pairs samples with references: {len(samples)} samples, {len(references)} references")
+    matched, totals = [0] * (ORDER + 1), [0] * (ORDER + 1)
+    hypothesis_length = reference_length = 0
+    for sample, reference in zip(samples, references):
+        hypothesis, target = tokenize(sample), tokenize(reference)
+        hypothesis_length, reference_length = hypothesis_length + len(hypothesis), reference_length + len(target)
+        for n in range(1, ORDER + 1):
+            counts, limits = Counter(ngrams(hypothesis, n)), Counter(ngrams(target, n))
+            matched[n] += sum(min(count, limits[gram]) for gram, count in counts.items())
+            totals[n] += max(1, sum(counts.values()))
+    if matched[1] == 0:
+        return 0.0
+    log_precisions = [math.log((matched[n] or EPSILON) / totals[n]) for n in range(1, ORDER + 1)]
+    if hypothesis_length > reference_length:
+        penalty = 1.0
+    else:
+        penalty = math.exp(1 - reference_length / hypothesis_length)
+    return penalty * math.exp(math.fsum(0.25 * value for value in log_precisions))
+
+
 def self_bleu(samples: list[str]) -> float:
     """Mean BLEU-4 of each sample against all the other samples (needs at least two)."""
     if len(samples) < 2:
@@ -167,30 +192,39 @@ def rouge(samples: list[str], references: list[str]) -> dict[str, float]:
 
 
 UNPAIRED = ("bleu", "ngram_jsd", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "mauve")
-PAIRED = ("rouge_1", "rouge_2", "rouge_l", "bertscore")  # sample i against reference i
+PAIRED = ("bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore")  # sample i against reference i
 
 
 def score(samples: list[str], references: list[str], metrics: list[str] | None = None,
-          mauve_features: str = "minilm") -> dict:
+          mauve_features: str = "minilm", group_size: int | None = None) -> dict:
     """The text metrics under their JSON keys (DESIGN.md section 7); default: the unpaired
     ones. BLEU and Self-BLEU are fractions in [0, 1]. MAUVE adds `mauve_features` (see
-    `embedding_metrics.mauve` for `mauve_features`)."""
+    `embedding_metrics.mauve` for `mauve_features`). With `group_size` (several texts per
+    source, consecutive), Self-BLEU and Jaccard compare the texts of each group and average
+    over the groups."""
     chosen = list(metrics or UNPAIRED)
     unknown = [name for name in chosen if name not in UNPAIRED + PAIRED]
     if unknown:
         raise ValueError(f"unknown metric(s): {', '.join(unknown)} (known: {', '.join(UNPAIRED + PAIRED)})")
+    groups = [samples]
+    if group_size is not None:
+        if group_size < 2 or len(samples) % group_size:
+            raise ValueError(f"groups of {group_size} texts cannot cover {len(samples)} samples (need >= 2 per group)")
+        groups = [samples[i : i + group_size] for i in range(0, len(samples), group_size)]
     results: dict = {}
     for name in chosen:
         if name == "bleu":
             results[name] = bleu(samples, references)
+        elif name == "bleu_ref":
+            results[name] = paired_bleu(samples, references)
         elif name == "ngram_jsd":
             results[name] = ngram_jsd(samples, references)
         elif name == "self_bleu":
-            results[name] = self_bleu(samples)
+            results[name] = sum(self_bleu(group) for group in groups) / len(groups)
         elif name.startswith("dist_"):
             results[name] = distinct(samples, int(name[-1]))
         elif name == "jaccard":
-            results[name] = jaccard(samples)
+            results[name] = sum(jaccard(group) for group in groups) / len(groups)
         elif name == "mauve":
             from textvae.evaluation.embedding_metrics import features_name, mauve
 

@@ -7,6 +7,7 @@ A model's latent for each sequence travels in the state and follows beam reorder
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +49,15 @@ def decode(
 ) -> list[list[int]]:
     """Continue each prompt; returns the new tokens of each row, EOS excluded.
 
-    `latent` holds one latent per prompt row (batched along dim 0), or None.
+    `latent` holds one latent per prompt row (batched along dim 0), or None. Generation stops
+    at `config.max_new_tokens` or where the backbone runs out of positions.
     """
     device = next(model.parameters()).device
     ids, mask = pad_rows(prompts, model.tokenizer.pad_id, device, left=True)
+    room = model.backbone.positions_left(ids.shape[1])
+    if room < 1:
+        raise TextVAEError(f"a prompt of {ids.shape[1]} tokens leaves no room in the backbone's {model.backbone.max_positions} positions")
+    config = dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, room))
     if config.strategy == "beam":
         return _beam_search(model, ids, mask, latent, config)
     return _sample_or_greedy(model, ids, mask, latent, config, generator)
@@ -162,6 +168,17 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
+def source_prompts(tokenizer, sources: list[str], max_source_length: int | None) -> tuple[list[list[int]], int]:
+    """`[BOS] source [SEP]` prompts, each source cut to `max_source_length` tokens as in
+    training (data/batching.py); also how many sources were cut."""
+    prompts, truncated = [], 0
+    for ids in tokenizer.encode_batch(sources):
+        if max_source_length is not None and len(ids) > max_source_length:
+            ids, truncated = ids[:max_source_length], truncated + 1
+        prompts.append([tokenizer.bos_id, *ids, tokenizer.sep_id])
+    return prompts, truncated
+
+
 @torch.no_grad()
 def generate_texts(
     model,
@@ -169,18 +186,22 @@ def generate_texts(
     config: DecodingConfig,
     seed: int = 0,
     sources: list[str] | None = None,
+    max_source_length: int | None = None,
     batch_size: int = 64,
 ) -> list[str]:
     """`num` texts from the model (latents drawn from its prior), or `num` per source when
-    `sources` are given (the decoder reads `[BOS] source [SEP]` as its prompt)."""
+    `sources` are given (the decoder reads `[BOS] source [SEP]` as its prompt), in source
+    order: texts [i * num, (i + 1) * num) belong to source i."""
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # latents are drawn with the global generator
     if sources is None:
+        if model.backbone.is_encoder_decoder:
+            raise TextVAEError("an encoder-decoder run generates from sources: pass them (--prompts FILE)")
         prompts = [[tokenizer.bos_id]] * num
     else:
-        prompts = [[tokenizer.bos_id, *tokenizer.encode(s), tokenizer.sep_id] for s in sources for _ in range(num)]
+        prompts = [p for p in source_prompts(tokenizer, sources, max_source_length)[0] for _ in range(num)]
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

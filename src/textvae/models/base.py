@@ -56,6 +56,7 @@ class TextVAE(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type]
     has_latent: ClassVar[bool] = True
+    supports_encoder_decoder: ClassVar[bool] = True  # runs on `Seq2SeqBackbone` (BART) too
 
     def __init__(self, backbone: Backbone, tokenizer: TextTokenizer, config):
         super().__init__()

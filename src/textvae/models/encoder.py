@@ -3,7 +3,9 @@ attention pooling of every requested layer's hidden states over the non-pad posi
 
 Both papers share the encoder's weights with the decoder (`share_encoder: true`); with
 `share_encoder: false` the encoder is a separate copy of the backbone made at construction,
-before any latent injection, so it never carries decoder-side wrappers.
+before any latent injection, so it never carries decoder-side wrappers. On an encoder-decoder
+backbone the text encoder is the backbone's own encoder (BART's, run under the same masks),
+already separate from the decoder, as in the DELLA paper's summarisation and paraphrase setup.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from textvae.backbone import masks
 from textvae.backbone.backbone import Backbone
+from textvae.errors import TextVAEError
 
 
 class AttentionPooling(nn.Module):
@@ -44,6 +47,9 @@ class TextEncoder(nn.Module):
         # segment-wise models read states at given positions and need no pooling
         self.pooling = AttentionPooling(backbone.hidden_size, len(self.layers)) if pooled else None
         self.own_backbone = None
+        if not share and backbone.is_encoder_decoder:
+            raise TextVAEError("model.share_encoder=false is for decoder-only backbones: an encoder-decoder "
+                               "backbone's posterior already reads its own encoder")
         if not share:
             self.own_backbone = copy.deepcopy(backbone)
             self.own_backbone.causal_lm.lm_head = nn.Identity()  # an encoder needs no LM head
@@ -54,6 +60,9 @@ class TextEncoder(nn.Module):
         """Hidden states [B, S, T, H] of the requested layers under a [B, 1, T, T] `mask`, run
         with the decoder's `backbone` (or the encoder's own copy)."""
         body = self.own_backbone if self.own_backbone is not None else backbone
+        if body.is_encoder_decoder:  # BART's encoder; it numbers positions itself
+            states = body.encoder_states(input_ids, mask)
+            return torch.stack([states[body.encoder_layer(layer)] for layer in self.layers], dim=1)
         if self.layers == [body.num_layers]:
             return body(input_ids, mask, position_ids=position_ids).hidden[:, None]
         out = body(input_ids, mask, position_ids=position_ids, output_hidden_states=True)

@@ -10,6 +10,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from textvae.backbone.backbone import Backbone
+from textvae.backbone.seq2seq import Seq2SeqBackbone
 from textvae.backbone.load import build_preset, is_preset, load_pretrained, rebuild
 from textvae.config import Config, build_dataclass, load_yaml, save_yaml
 from textvae.data.tokenizer import TextTokenizer
@@ -52,12 +53,23 @@ def create_model(config: Config, train_texts: list[str]) -> TextVAE:
         causal_lm = build_preset(spec, tokenizer, config.backbone.dropout, config.backbone.attn_implementation)
     else:
         causal_lm, tokenizer = load_pretrained(spec, config.backbone.dropout, config.backbone.attn_implementation)
-    backbone = Backbone(causal_lm)
+    backbone = wrap_backbone(causal_lm, tokenizer, cls)
     if config.data.max_length > backbone.max_positions:
         raise TextVAEError(
             f"data.max_length={config.data.max_length} is longer than backbone {spec} allows ({backbone.max_positions})"
         )
     return cls(backbone, tokenizer, typed)
+
+
+def wrap_backbone(hf_model, tokenizer: TextTokenizer, cls: type[TextVAE]) -> Backbone | Seq2SeqBackbone:
+    """Our interface over a Hugging Face model: decoder-only, or encoder-decoder (split at the
+    layout's [SEP]) for the models that support it."""
+    if not hf_model.config.is_encoder_decoder:
+        return Backbone(hf_model)
+    if not cls.supports_encoder_decoder:
+        raise TextVAEError(f"model {cls.name} needs a decoder-only backbone (its latents follow the target's "
+                           "segments); use gpt2-*, llama-tiny, smollm2 or a decoder-only folder")
+    return Seq2SeqBackbone(hf_model, tokenizer.sep_id)
 
 
 def save_model(model: TextVAE, directory: str | Path, run_config: dict, weights: bool = True) -> None:
@@ -89,7 +101,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", weight
     cls = model_class(str(config.model.get("name", "lm")))
     tokenizer = TextTokenizer.load(directory)
     causal_lm = rebuild(meta["hf_config"], config.backbone.attn_implementation)
-    model = cls(Backbone(causal_lm), tokenizer, model_config(config))
+    model = cls(wrap_backbone(causal_lm, tokenizer, cls), tokenizer, model_config(config))
     if not weights:
         return model.to(device), config
     missing, unexpected = load_safetensors(model, str(directory / "model.safetensors"), strict=False, device=str(device))

@@ -206,6 +206,8 @@ class SegmentLatentVAE(TextVAE):
     """Shared machinery of trace-r, trace-p, ind and cgd: segments, encoder passes, the
     decoder's per-position latents, the bound, and generation with a new latent per [SEP]."""
 
+    supports_encoder_decoder = False  # segment latents and masks live on the decoder-only layout
+
     config_class = TemporalConfig
     passes: tuple[str, ...]  # encoder passes the model reads: extra, intra, full
     prior_draws = 0  # latents drawn in generation (a counter for tests and diagnostics)

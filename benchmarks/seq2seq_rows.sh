@@ -1,0 +1,38 @@
+#!/bin/bash
+# The conditional rows of docs/results.md: DATASET-MODEL with DATASET in quora (paraphrase) and
+# cnndm (summarisation, small), MODEL in lm (plain seq2seq), embed, memory, softmax, della;
+# every row of a dataset shares configs/DATASET.yaml (bart-tiny, budget, seed 0; cyclical KL).
+# Each row trains to runs/DATASET-MODEL and evaluates the test split: IW-PPL (k = 100, bf16),
+# KL, MI, AU, and 4 outputs per source decoded with the task's beam search, scored with
+# BLEU against the reference, Rouge, BERTScore, Dist and per-source Self-BLEU / Jaccard.
+# Finished parts are skipped; an interrupted training run resumes from its last checkpoint.
+#
+#   bash benchmarks/seq2seq_rows.sh quora-lm quora-della cnndm-della ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
+
+for row in "$@"; do
+  dataset=${row%%-*} model=${row#*-}
+  case "$dataset" in
+    quora) limit=48 sources=454 ;;   # every test source
+    cnndm) limit=160 sources=46 ;;
+    *) echo "unknown dataset in row $row" >&2; exit 2 ;;
+  esac
+  run=runs/$row
+  if [ ! -f "$run/model.safetensors" ]; then
+    start=$(date +%s)
+    if [ -f "$run/checkpoints/latest" ]; then
+      "$TEXTVAE" train --model "$model" --config "configs/$dataset.yaml" --out "$run" --resume >> "$run.log" 2>&1
+    else
+      "$TEXTVAE" train --model "$model" --config "configs/$dataset.yaml" --out "$run" --overwrite > "$run.log" 2>&1
+    fi
+    echo "train_seconds $(( $(date +%s) - start ))" >> "$run.log"
+  fi
+  if [ ! -f "$run/eval_test.json" ]; then
+    start=$(date +%s)
+    "$TEXTVAE" evaluate "$run" --precision bf16 --generate "$sources" --samples-per-source 4 \
+      --max-new-tokens "$limit" --samples-out "$run/samples_test.txt" >> "$run.log" 2>&1
+    echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
+  fi
+done

@@ -68,6 +68,7 @@ class MarkovLM(torch.nn.Module):
         self.table = table.log()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # so decode() finds a device
         self.tokenizer = SimpleNamespace(pad_id=0, bos_id=1, eos_id=2)
+        self.backbone = SimpleNamespace(positions_left=lambda prompt_length: 1000)  # no position limit
 
     def decode_start(self, ids, mask, latent):
         state = DecodeState(_LastToken(ids[:, -1]), mask, mask.sum(1), latent)

@@ -17,8 +17,8 @@ from pathlib import Path
 from textvae.errors import TextVAEError
 
 # Table columns in this order, those that at least one run has.
-COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "bleu", "ngram_jsd", "mauve", "self_bleu",
-           "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "rouge_1", "rouge_2", "rouge_l", "bertscore")
+COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "bleu", "bleu_ref", "ngram_jsd", "mauve",
+           "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "rouge_1", "rouge_2", "rouge_l", "bertscore")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Batched decoding with a KV cache: greedy, sampling (temperature, top-k, top-p) and beam search.
 
-The loops only need a model's `decode_start` / `decode_next` and `DecodeState.select`
-(see models/base.py), so every model, with or without latents, decodes the same way.
+The loops only need a model's `decode_start` / `decode_next`, `DecodeState.select` (see
+models/base.py) and `backbone.positions_left`, so every model, with or without latents,
+decodes the same way.
 A model's latent for each sequence travels in the state and follows beam reordering.
 """
 

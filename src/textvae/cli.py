@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--generate", type=int, default=0, metavar="N",
                           help="also sample N texts (latents from the prior) and score them against the split; "
-                               ".jsonl: one text for each of the first N sources, against its target")
+                               ".jsonl: texts for each of the first N sources (see --samples-per-source), each "
+                               "against its source's target")
     evaluate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
                           help="decoding of --generate (default as in the papers: beam search for summarization and "
                                "paraphrase runs, else top-k 50)")
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples-per-source", type=int, default=1, metavar="M",
                           help=".jsonl: M texts per source (latents drawn anew); with M >= 2 Self-BLEU and Jaccard "
                                "compare the texts of each source")
-    evaluate.add_argument("--metrics", help="text metrics of --generate (default: bleu, ngram_jsd, self_bleu, dist_1..4, jaccard, mauve)")
+    evaluate.add_argument("--metrics", help="text metrics of --generate (default: bleu, ngram_jsd, self_bleu, dist_1..4, "
+                                            "jaccard, mauve; .jsonl: bleu_ref, rouge_1/2/l, bertscore, dist_1..4, and "
+                                            "self_bleu, jaccard per source when M >= 2)")
     evaluate.add_argument("--samples-out", metavar="FILE", help="write the --generate texts here")
     evaluate.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here as flat JSON (the run keeps its own "
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("generated", metavar="GENERATED.txt")
     score.add_argument("--refs", required=True, metavar="REFERENCES.txt")
     score.add_argument("--metrics", help="comma-separated: bleu, ngram_jsd, self_bleu, dist_1..dist_4, jaccard, mauve (the default set), "
-                                         "rouge_1, rouge_2, rouge_l, bertscore (line i against reference line i)")
+                                         "bleu_ref, rouge_1, rouge_2, rouge_l, bertscore (line i against reference line i)")
     score.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
     score.add_argument("--json", metavar="FILE")
     report = commands.add_parser("report", help="compare runs: markdown table and plots",

@@ -45,7 +45,7 @@ def test_the_seq2seq_lm_scores_exactly_the_target_tokens_bart_scores(tiny_tokeni
                                                decoder_input_ids=torch.tensor([[tiny_tokenizer.sep_id, *labels[:-1]]])).logits
             expected = torch.nn.functional.cross_entropy(logits[0], torch.tensor(labels), reduction="sum")
             torch.testing.assert_close(rec[row], expected, rtol=1e-5, atol=1e-4)
-    # changing the source changes the score (the decoder reads it), changing nothing else
+    # the scored tokens are exactly each target's tokens and its EOS
     assert batch.target_mask.sum() == sum(len(tiny_tokenizer.encode(e.target)) + 1 for e in examples)
 
 

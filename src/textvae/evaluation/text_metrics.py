@@ -34,20 +34,27 @@ def _closest_length(lengths: list[int], hyp_len: int) -> int:
     return min(candidates, key=lambda length: (abs(length - hyp_len), length))
 
 
-def _sentence_bleu(hypothesis: list[str], max_count, closest_length: int) -> float:
-    """BLEU-4 of one hypothesis given max_count(n, ngram) over its references."""
-    log_precisions = []
-    for n in range(1, ORDER + 1):
-        counts = Counter(ngrams(hypothesis, n))
-        matched = sum(min(count, max_count(n, gram)) for gram, count in counts.items())
-        total = max(1, sum(counts.values()))
-        if n == 1 and matched == 0:
-            return 0.0  # NLTK: no unigram in common
-        log_precisions.append(math.log(matched / total if matched else EPSILON / total))
-    length = len(hypothesis)
-    penalty = 1.0 if length > closest_length else math.exp(1 - closest_length / length)
+def _bleu(matched: list[int], totals: list[int], hypothesis_length: int, reference_length: int) -> float:
+    """BLEU-4 from clipped n-gram matches and n-gram totals (index n = 1..4) and the lengths
+    behind the brevity penalty (NLTK's formula, smoothing method 1)."""
+    if matched[1] == 0:
+        return 0.0  # NLTK: no unigram in common
+    log_precisions = [math.log((matched[n] or EPSILON) / totals[n]) for n in range(1, ORDER + 1)]
+    if hypothesis_length > reference_length:
+        penalty = 1.0
+    else:
+        penalty = math.exp(1 - reference_length / hypothesis_length)
     return penalty * math.exp(math.fsum(0.25 * value for value in log_precisions))
 
+
+def _sentence_bleu(hypothesis: list[str], max_count, closest_length: int) -> float:
+    """BLEU-4 of one hypothesis given max_count(n, ngram) over its references."""
+    matched, totals = [0] * (ORDER + 1), [0] * (ORDER + 1)
+    for n in range(1, ORDER + 1):
+        counts = Counter(ngrams(hypothesis, n))
+        matched[n] = sum(min(count, max_count(n, gram)) for gram, count in counts.items())
+        totals[n] = max(1, sum(counts.values()))
+    return _bleu(matched, totals, len(hypothesis), closest_length)
 
 class References:
     """A reference set prepared for many BLEU queries."""
@@ -91,14 +98,7 @@ def paired_bleu(samples: list[str], references: list[str]) -> float:
             counts, limits = Counter(ngrams(hypothesis, n)), Counter(ngrams(target, n))
             matched[n] += sum(min(count, limits[gram]) for gram, count in counts.items())
             totals[n] += max(1, sum(counts.values()))
-    if matched[1] == 0:
-        return 0.0
-    log_precisions = [math.log((matched[n] or EPSILON) / totals[n]) for n in range(1, ORDER + 1)]
-    if hypothesis_length > reference_length:
-        penalty = 1.0
-    else:
-        penalty = math.exp(1 - reference_length / hypothesis_length)
-    return penalty * math.exp(math.fsum(0.25 * value for value in log_precisions))
+    return _bleu(matched, totals, hypothesis_length, reference_length)
 
 
 def self_bleu(samples: list[str]) -> float:

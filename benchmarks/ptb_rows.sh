@@ -17,12 +17,13 @@ row_args() {
     lm) echo "--model lm" ;;
     embed-constant|memory-constant|softmax-constant|optimus-constant|embed-cyclical|memory-cyclical|softmax-cyclical|optimus-cyclical)
       echo "--model ${1%-*} --set kl.schedule=${1##*-}" ;;
-    della-constant) echo "--model della --set kl.schedule=constant" ;;
-    della-cyclical) echo "--model della --set kl.schedule=cyclical" ;;
-    della-ltp) echo "--model della --set kl.schedule=cyclical --set model.fusion=add" ;;       # -LTP
-    della-lw) echo "--model della --set kl.schedule=cyclical --set model.layerwise=false" ;;  # -LW
-    della-separate) echo "--model della --set kl.schedule=cyclical --set model.independent=true" ;;
-    della-klfirst) echo "--model della --set kl.schedule=cyclical --set model.kl_layers=first" ;;
+    # the DELLA rows were measured before `state_norm` existed: raw per-layer states, as in the paper
+    della-constant) echo "--model della --set model.state_norm=false --set kl.schedule=constant" ;;
+    della-cyclical) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical" ;;
+    della-ltp) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.fusion=add" ;;       # -LTP
+    della-lw) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.layerwise=false" ;;  # -LW
+    della-separate) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.independent=true" ;;
+    della-klfirst) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.kl_layers=first" ;;
     trace-r|trace-p|ind|cgd|norec) echo "--model $1 --set kl.schedule=cyclical" ;;  # segments of 10 tokens
     *) echo "unknown row $1" >&2; return 2 ;;
   esac

@@ -20,12 +20,14 @@ for row in "$@"; do
     *) echo "unknown dataset in row $row" >&2; exit 2 ;;
   esac
   run=runs/$row
+  extra=()  # the DELLA rows were measured before `state_norm` existed: raw per-layer states
+  [ "$model" = della ] && extra=(--set model.state_norm=false)
   if [ ! -f "$run/model.safetensors" ]; then
     start=$(date +%s)
     if [ -f "$run/checkpoints/latest" ]; then
       "$TEXTVAE" train --model "$model" --config "configs/$dataset.yaml" --out "$run" --resume >> "$run.log" 2>&1
     else
-      "$TEXTVAE" train --model "$model" --config "configs/$dataset.yaml" --out "$run" --overwrite > "$run.log" 2>&1
+      "$TEXTVAE" train --model "$model" "${extra[@]}" --config "configs/$dataset.yaml" --out "$run" --overwrite > "$run.log" 2>&1
     fi
     echo "train_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, demo_lines, tiny_backbone, uncached_greedy
+from textvae.backbone import masks
 from textvae.config import Config
 from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
@@ -249,3 +250,23 @@ def test_evaluate_generates_texts_for_each_source_on_conditional_data(tiny_jsonl
     assert {"bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore", "self_bleu", "jaccard", "dist_1"} <= set(metrics)
     assert metrics["decoding"] == "top-k"  # not a summarization or paraphrase run
     assert len((tmp_path / "s.txt").read_text().splitlines()) == 10
+
+
+def test_state_norm_keeps_the_posterior_sane_on_a_backbone_with_large_hidden_states(tiny_tokenizer):
+    """Pretrained pre-norm backbones carry residual streams of rms 30+ (SmolLM2) below the top
+    layer. Raw, they push a fresh posterior's log-variances so far that the initial KL is
+    astronomical; layer-normalised (the default) every position's state is unit-scale."""
+    _, batch = _batch(tiny_tokenizer)
+    kls = {}
+    for state_norm in (True, False):
+        model = _della(tiny_tokenizer, "llama", state_norm=state_norm)
+        with torch.no_grad():
+            model.backbone.causal_lm.get_input_embeddings().weight.mul_(3000.0)  # a large residual stream
+            states = model.encoder.states(model.backbone, batch.input_ids, masks.bidirectional(batch.attention_mask))
+            kls[state_norm] = model(batch).kl.mean().item()
+        if state_norm:  # every real position: mean 0, standard deviation 1 over the hidden units
+            real = states.transpose(1, 2)[batch.attention_mask.bool()]  # [N, layers, H]
+            torch.testing.assert_close(real.mean(-1), torch.zeros(real.shape[:-1]), atol=1e-4, rtol=0)
+            torch.testing.assert_close(real.std(-1, unbiased=False), torch.ones(real.shape[:-1]), atol=1e-3, rtol=0)
+    assert kls[True] < 2.0  # 12 latent dimensions: as on an ordinary backbone
+    assert kls[False] > 1e4 * kls[True]  # raw: the mean term grows with the square of the scale

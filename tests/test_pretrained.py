@@ -149,3 +149,20 @@ def test_della_on_smollm2_starts_as_the_pretrained_model_and_trains(smollm2):
             parent, name, _ = backbone.value_projection(layer)
             setattr(parent, name, getattr(parent, name).projection)
         smollm2.eval()
+
+
+def test_smollm2_run_saves_and_rebuilds_as_a_plain_float_model(smollm2, tmp_path):
+    """A GGUF backbone's config carries a quantisation entry (an enum YAML cannot hold); the run
+    stores its weights de-quantised, so the saved config drops it and rebuilds the same model."""
+    from textvae.config import Config
+    from textvae.models.registry import load_model, save_model
+
+    run_config = Config.from_dict({"backbone": {"spec": "smollm2"}, "model": {"name": "lm"}}).to_dict()
+    save_model(smollm2, tmp_path, run_config, weights=False)
+    assert "quantization_config" not in (tmp_path / "config.yaml").read_text()
+    rebuilt, _ = load_model(tmp_path, weights=False)
+    rebuilt.load_state_dict(smollm2.state_dict())
+    encoded, _ = encode_examples([Example("The cat sat on the mat.")], smollm2.tokenizer, 64, 8, "error")
+    batch = collate(encoded, smollm2.tokenizer.pad_id)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(batch).rec, smollm2(batch).rec, rtol=1e-5, atol=1e-4)

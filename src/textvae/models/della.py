@@ -4,7 +4,8 @@ product (DELLA paper section 4; DESIGN.md section 4.2).
     latent layers  l = latent_begin .. latent_end (1-based; default every layer)
     summary        s_l = tanh(A_l s_{l-1} + B_l z_{l-1}),  s = 0 at the first latent layer
     prior          p(z_first) = N(0, I);  [mu, log sigma^2] = P_l s_l above it
-    posterior      [mu, log sigma^2] = Q_l [s_l ; x_l],  x_l = pooled encoder state of layer l
+    posterior      [mu, log sigma^2] = Q_l [s_l ; x_l],  x_l = pooled encoder state of layer l,
+                   each position layer-normalised first (`state_norm`; false: the paper's raw states)
     KL             sum over layers of KL(q(z_l | z_<l, x) || p(z_l | z_<l)) at the sampled z_<l
     fusion         every value vector v of decoder layer l becomes
                    v' = sum_{j=1..r} (U_j [v; 1]) * (V_j [z_l; 1])
@@ -43,6 +44,7 @@ class DellaConfig:
     latent_size: int = 32  # per latent layer
     rank: int = 4  # r of the low-rank tensor product
     share_encoder: bool = True
+    state_norm: bool = True  # layer-normalise the per-layer encoder states x_l, c_l (see TextEncoder)
     fusion: str = "ltp"  # ltp | add
     ltp_init: str = "identity"  # identity (v' = v at the start) | random (the paper)
     latent_begin: int = 1  # first layer with a latent (1-based)
@@ -256,7 +258,8 @@ class Della(TextVAE):
         # layers whose pooled encoder state infers a latent: all of them, or the top one (-LW)
         self.inference_layers = self.latent_layers if config.layerwise else self.latent_layers[-1:]
         size = config.latent_size
-        self.encoder = TextEncoder(backbone, layers=self.inference_layers, share=config.share_encoder)
+        self.encoder = TextEncoder(backbone, layers=self.inference_layers, share=config.share_encoder,
+                                   normalize=config.state_norm)
         self.conditional = bool(config.conditional)
         if self.conditional:  # c_l: pooled over the source prefix of the same encoder pass
             self.condition_pooling = AttentionPooling(backbone.hidden_size, len(self.inference_layers))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from textvae.backbone import masks
@@ -39,8 +40,14 @@ class AttentionPooling(nn.Module):
 class TextEncoder(nn.Module):
     """Pooled bidirectional states of layers `layers` (1-based; L = the final, normalised one)."""
 
-    def __init__(self, backbone: Backbone, layers: list[int], share: bool = True, pooled: bool = True):
+    def __init__(self, backbone: Backbone, layers: list[int], share: bool = True, pooled: bool = True,
+                 normalize: bool = False):
         super().__init__()
+        # Pre-norm backbones (GPT-2, Llama) hand out un-normalised residual streams below the top
+        # layer; their scale grows with depth (SmolLM2: rms 2 -> 35, single entries near 700), too
+        # large for a freshly initialised posterior. `normalize` layer-normalises every position's
+        # state (no parameters) before pooling.
+        self.normalize = normalize
         if not layers or min(layers) < 1 or max(layers) > backbone.num_layers:
             raise ValueError(f"encoder layers must lie in 1..{backbone.num_layers}, got {layers}")
         self.layers = list(layers)
@@ -62,11 +69,13 @@ class TextEncoder(nn.Module):
         body = self.own_backbone if self.own_backbone is not None else backbone
         if body.is_encoder_decoder:  # BART's encoder; it numbers positions itself
             states = body.encoder_states(input_ids, mask)
-            return torch.stack([states[body.encoder_layer(layer)] for layer in self.layers], dim=1)
-        if self.layers == [body.num_layers]:
-            return body(input_ids, mask, position_ids=position_ids).hidden[:, None]
-        out = body(input_ids, mask, position_ids=position_ids, output_hidden_states=True)
-        return torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
+            stacked = torch.stack([states[body.encoder_layer(layer)] for layer in self.layers], dim=1)
+        elif self.layers == [body.num_layers]:
+            stacked = body(input_ids, mask, position_ids=position_ids).hidden[:, None]
+        else:
+            out = body(input_ids, mask, position_ids=position_ids, output_hidden_states=True)
+            stacked = torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
+        return F.layer_norm(stacked, stacked.shape[-1:]) if self.normalize else stacked
 
     def forward(self, backbone: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Bidirectional encoding of [B, T] token ids, pooled over real tokens -> [B, S, H]."""

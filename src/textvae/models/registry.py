@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from pathlib import Path
 
@@ -79,7 +80,11 @@ def save_model(model: TextVAE, directory: str | Path, run_config: dict, weights:
     truncated file behind. `weights=False` writes only what is needed to rebuild the model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    meta = {"run": run_config, "hf_config": _plain(model.backbone.config.to_dict())}
+    hf_config = model.backbone.config.to_dict()
+    # Weights are stored de-quantised (a GGUF backbone is loaded as floats), so the rebuilt
+    # model must not be told it is quantised.
+    hf_config.pop("quantization_config", None)
+    meta = {"run": run_config, "hf_config": _plain(hf_config)}
     _atomic(directory / "config.yaml", lambda path: save_yaml(meta, path))
     model.tokenizer.save(directory)
     if weights:
@@ -122,6 +127,8 @@ def _plain(value):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):  # str- and int-valued enums pass isinstance(str/int) but not YAML
+        return _plain(value.value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)

@@ -56,6 +56,7 @@ def _sentence_bleu(hypothesis: list[str], max_count, closest_length: int) -> flo
         totals[n] = max(1, sum(counts.values()))
     return _bleu(matched, totals, len(hypothesis), closest_length)
 
+
 class References:
     """A reference set prepared for many BLEU queries."""
 

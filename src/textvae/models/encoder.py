@@ -65,7 +65,8 @@ class TextEncoder(nn.Module):
         self, backbone: Backbone, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Hidden states [B, S, T, H] of the requested layers under a [B, 1, T, T] `mask`, run
-        with the decoder's `backbone` (or the encoder's own copy)."""
+        with the decoder's `backbone` (or the encoder's own copy); each position's state
+        layer-normalised when `normalize`."""
         body = self.own_backbone if self.own_backbone is not None else backbone
         if body.is_encoder_decoder:  # BART's encoder; it numbers positions itself
             states = body.encoder_states(input_ids, mask)

@@ -77,16 +77,17 @@ def test_trace_p_sample_matches_its_closed_form_and_the_exact_model_without_recu
         layout = model.layout(batch)
         states = model.read(batch, layout)
         posterior, _ = model.chains(states, layout)
+        exact_posterior, _ = TraceR.chains(model, states, layout)  # the recurrent chain, same heads
         torch.manual_seed(2)
-        parallel = model.training_sample(posterior, states, layout)
+        parallel = model.decoder_latent(posterior.rsample())
         torch.manual_seed(2)
-        exact = posterior.rsample()
+        exact = exact_posterior.rsample()
         torch.testing.assert_close(parallel, exact)  # z-to-z maps start at zero: u = 0
         torch.nn.init.normal_(model.prior_from_latent.parametrizations.weight.original, std=0.5)
         weight = model.prior_from_latent.weight  # the capped matrix
         assert torch.linalg.matrix_norm(weight, ord=2) <= 1 + 1e-5
         torch.manual_seed(3)
-        parallel = model.training_sample(posterior, states, layout)
+        parallel = model.decoder_latent(posterior.rsample())
         torch.manual_seed(3)
         base_mean, base_log_var = posterior.base.chunk(2, -1)
         residual_mean, residual_log_var = posterior.residual.chunk(2, -1)
@@ -96,6 +97,30 @@ def test_trace_p_sample_matches_its_closed_form_and_the_exact_model_without_recu
         u = v @ weight[:6].T + (v @ weight[6:].T) * xi
         for slot in range(v.shape[1]):  # z_t = v_t + sum_{i<t} u_i
             torch.testing.assert_close(parallel[:, slot], v[:, slot] + u[:, :slot].sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_trace_p_bound_is_the_parallel_samplers_own_and_stays_finite_on_long_texts(tiny_tokenizer):
+    """log w = log p(x | z(v, u)) + log p(v) - log q(v | x): its mean over samples is -rec - KL
+    with the KL the training objective uses, and nothing in it grows with the segment count."""
+    model = _model("trace-p", tiny_tokenizer).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.prior_from_latent.parametrizations.weight.original, std=3.0)
+        torch.nn.init.normal_(model.prior_from_text.weight, std=0.3)  # prior log-variances far from 0
+        torch.nn.init.normal_(model.latent_to_embedding.weight, std=0.5)  # the decoder reads z
+    _, batch = _data(model, 4)
+    layout = model.layout(batch)
+    assert int(layout.slots.sum(1).max()) >= 9
+    with torch.no_grad():
+        torch.manual_seed(4)
+        weights = model.log_weights(batch, 400)  # [B, k]
+        _, posterior, prior = model.distributions(batch)
+        v = posterior.rsample(4000)
+        log_ratio = (prior.log_prob(v) - posterior.log_prob(v)).mean(1)  # -KL by Monte Carlo
+        out = model(batch)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(log_ratio, -out.kl, rtol=0.02, atol=0.3)
+    # the decoder term: the reconstruction of one sample per draw, averaged
+    assert (weights.mean(1) + out.kl).sub(-out.rec).abs().max() < 0.25 * out.rec.abs().max()
 
 
 def test_fixed_gamma_keeps_every_segment_kl_above_the_theorem_bound(tiny_tokenizer):
@@ -117,8 +142,9 @@ def test_fixed_gamma_keeps_every_segment_kl_above_the_theorem_bound(tiny_tokeniz
         assert (out_kl[slots] > 1.0).all()
 
 
-def test_generation_draws_one_new_latent_per_emitted_sep(tiny_tokenizer):
-    model = _model("trace-r", tiny_tokenizer).eval()
+@pytest.mark.parametrize("name", ["trace-r", "trace-p"])
+def test_generation_draws_one_new_latent_per_emitted_sep(name, tiny_tokenizer):
+    model = _model(name, tiny_tokenizer).eval()
     with torch.no_grad():  # make [SEP] likely so segments do close
         head = model.backbone.causal_lm.get_output_embeddings()
         head.bias = torch.nn.Parameter(torch.zeros(head.out_features))
@@ -131,6 +157,23 @@ def test_generation_draws_one_new_latent_per_emitted_sep(tiny_tokenizer):
     seps = sum(row.count(tiny_tokenizer.sep_id) for row in outputs)
     assert seps > 3
     assert model.prior_draws == 5 + seps
+
+
+def test_trace_p_generation_carries_the_running_sum_of_its_increments(tiny_tokenizer):
+    model = _model("trace-p", tiny_tokenizer).eval()
+    torch.nn.init.normal_(model.prior_from_latent.parametrizations.weight.original, std=0.5)
+    torch.manual_seed(5)
+    drawn = [torch.randn(2, 6) for _ in range(3)]
+    with torch.no_grad():
+        state = model.chain_state(drawn[0], None)
+        torch.testing.assert_close(state["z"], drawn[0])  # z_1 = v_1
+        torch.manual_seed(6)
+        state = model.chain_state(drawn[1], state)
+        state = model.chain_state(drawn[2], state)
+        torch.manual_seed(6)
+        increments = [model.increments(drawn[0]), model.increments(drawn[1])]
+    torch.testing.assert_close(state["z"], drawn[2] + increments[0] + increments[1])  # v_3 + u_1 + u_2
+    assert increments[0].abs().max() > 0.1
 
 
 @pytest.mark.parametrize(("name", "family"), [("trace-r", "gpt2"), ("trace-p", "llama"), ("ind", "gpt2"), ("cgd", "llama")])

@@ -1,7 +1,8 @@
 #!/bin/bash
 # The conditional rows of docs/results.md: DATASET-MODEL with DATASET in quora (paraphrase) and
 # cnndm (summarisation, small), MODEL in lm (plain seq2seq), embed, memory, softmax, della;
-# every row of a dataset shares configs/DATASET.yaml (bart-tiny, budget, seed 0; cyclical KL).
+# and wp (WritingPrompts stories on the pretrained SmolLM2: lm, della, trace-r; needs a GPU);
+# every row of a dataset shares configs/DATASET.yaml (one backbone, budget, seed 0; cyclical KL).
 # Each row trains to runs/DATASET-MODEL and evaluates the test split: IW-PPL (k = 100, bf16),
 # KL, MI, AU, and 4 outputs per source decoded with the task's beam search, scored with
 # BLEU against the reference, Rouge, BERTScore, Dist and per-source Self-BLEU / Jaccard.
@@ -14,20 +15,23 @@ TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
 
 for row in "$@"; do
   dataset=${row%%-*} model=${row#*-}
+  config=configs/$dataset.yaml
   case "$dataset" in
     quora) limit=48 sources=454 ;;   # every test source
     cnndm) limit=160 sources=46 ;;
+    wp) limit=256 sources=29 config=configs/writingprompts.yaml ;;
     *) echo "unknown dataset in row $row" >&2; exit 2 ;;
   esac
   run=runs/$row
   extra=()  # the DELLA rows were measured before `state_norm` existed: raw per-layer states
-  [ "$model" = della ] && extra=(--set model.state_norm=false)
+  [ "$model" = della ] && [ "$dataset" != wp ] && extra=(--set model.state_norm=false)
+  [ "$model" = trace-r ] && extra=(--set model.segment=sentence)  # the TRACE paper's WP segments
   if [ ! -f "$run/model.safetensors" ]; then
     start=$(date +%s)
     if [ -f "$run/checkpoints/latest" ]; then
-      "$TEXTVAE" train --model "$model" --config "configs/$dataset.yaml" --out "$run" --resume >> "$run.log" 2>&1
+      "$TEXTVAE" train --model "$model" --config "$config" --out "$run" --resume >> "$run.log" 2>&1
     else
-      "$TEXTVAE" train --model "$model" "${extra[@]}" --config "configs/$dataset.yaml" --out "$run" --overwrite > "$run.log" 2>&1
+      "$TEXTVAE" train --model "$model" "${extra[@]}" --config "$config" --out "$run" --overwrite > "$run.log" 2>&1
     fi
     echo "train_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi

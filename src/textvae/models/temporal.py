@@ -16,9 +16,9 @@ closing position:
              q(z_t | z_<t, x_<=t) = N(mu_t + d_mu_t, sigma_t^2 d_sigma_t^2),
              [d_mu_t, log d_sigma_t^2] = G x_t, d_mu_t normalised with a fixed scale gamma
              (`posterior_norm`), so KL_t >= P gamma^2 / (2 max_d sigma_t,d^2) cannot vanish
-    trace-p  the model defined by the parallel sampler of section 4.2 / appendix B.2: v_t
-             independent given the text (trace-r's heads without the z-to-z term), u_t from
-             v_t, z_t = v_t + sum_{i<t} u_i
+    trace-p  the model defined by the parallel sampler of section 4.2 / appendix B.2: q(v)
+             and p(v) factorise over segments given the text (trace-r's heads without the
+             z-to-z term), u_t from v_t, z_t = v_t + sum_{i<t} u_i
     ind      p(z_t) = N(0, I), q(z_t | x_<=t) from the extra pass
     cgd      p(z_t | x_<t) from the extra pass, q(z_t | x) from the full pass
 
@@ -416,7 +416,7 @@ class TraceP(TraceR):
         p(v_t | x_<t) = N(F_mu2 x_<t, exp(F_sig2 x_<t))       (N(0, I) first, without a source)
         u_t | v_t     = F_mu1 v_t + (F_sig1 v_t) * xi_t        (in both; xi_t ~ N(0, I))
 
-    The v_t are independent given the text, so training, the KL (per segment, the same
+    q(v) and p(v) factorise over segments given the text, so training, the KL (per segment, the same
     residual form and fixed-gamma floor as TRACE-R) and the bound need no recurrence; u_t has
     the same law under q and p, so it cancels from log p(v, u) - log q(v, u) and the IW bound is
     exact for this model: log w = log p(x | z(v, u)) + log p(v) - log q(v | x). MI and AU are

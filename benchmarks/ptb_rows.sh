@@ -25,6 +25,7 @@ row_args() {
     della-separate) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.independent=true" ;;
     della-klfirst) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.kl_layers=first" ;;
     trace-r|trace-p|ind|cgd|norec) echo "--model $1 --set kl.schedule=cyclical" ;;  # segments of 10 tokens
+    trace-r-gamma1) echo "--model trace-r --set kl.schedule=cyclical --set model.ln_gamma=1" ;;  # KL floor 16 nats, not 144
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

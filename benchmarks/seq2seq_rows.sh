@@ -23,7 +23,7 @@ for row in "$@"; do
     *) echo "unknown dataset in row $row" >&2; exit 2 ;;
   esac
   run=runs/$row
-  extra=()  # the DELLA rows were measured before `state_norm` existed: raw per-layer states
+  extra=()  # row-specific flags; the PTB-era DELLA rows used raw per-layer states (no `state_norm`)
   [ "$model" = della ] && [ "$dataset" != wp ] && extra=(--set model.state_norm=false)
   [ "$model" = trace-r ] && extra=(--set model.segment=sentence)  # the TRACE paper's WP segments
   if [ ! -f "$run/model.safetensors" ]; then

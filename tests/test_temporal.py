@@ -226,7 +226,13 @@ def test_trace_p_generation_draws_v_from_its_prior_and_carries_the_sum_through_d
     torch.testing.assert_close(drawn.mean, mean)  # p(v_t | x_<t): slot t of the scored prior
     torch.testing.assert_close(drawn.log_var, log_var)
     recorded, chain_state = [], model.chain_state
-    model.chain_state = lambda v, previous: recorded.append((previous, chain_state(v, previous))) or recorded[-1][1]
+
+    def recording_chain_state(drawn, previous):  # every (previous state, new state) of decoding
+        state = chain_state(drawn, previous)
+        recorded.append((previous, state))
+        return state
+
+    model.chain_state = recording_chain_state
     prompts = [[tiny_tokenizer.bos_id]] * 3
     for decoding in (DecodingConfig(strategy="sample", max_new_tokens=10), DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=10)):
         latent = model.sample_prior_latent(prompts, torch.device("cpu"))

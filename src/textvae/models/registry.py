@@ -20,11 +20,11 @@ from textvae.models.base import TextVAE
 from textvae.models.della import Della
 from textvae.models.lm import LanguageModel
 from textvae.models.single import Embed, Memory, NoRecurrence, Optimus, Softmax
-from textvae.models.temporal import Conditional, Independent, TraceP, TraceR
+from textvae.models.temporal import ContextConditioned, Independent, TraceP, TraceR
 
 MODELS: dict[str, type[TextVAE]] = {
     cls.name: cls
-    for cls in (LanguageModel, Embed, Memory, Softmax, Optimus, NoRecurrence, Della, TraceR, TraceP, Independent, Conditional)
+    for cls in (LanguageModel, Embed, Memory, Softmax, Optimus, NoRecurrence, Della, TraceR, TraceP, Independent, ContextConditioned)
 }
 
 

@@ -488,8 +488,9 @@ class Independent(SegmentLatentVAE):
         return self.chain_state(torch.randn(ids.shape[0], self.config.latent_size, device=ids.device), previous)
 
 
-class Conditional(SegmentLatentVAE):
-    """CGD: p(z_t | x_<t) from the extra pass, q(z_t | x) from a bidirectional pass."""
+class ContextConditioned(SegmentLatentVAE):
+    """CGD, context-conditioned Gaussians: p(z_t | x_<t) from the extra pass, q(z_t | x) from a
+    bidirectional pass."""
 
     name = "cgd"
     passes = ("extra", "full")

@@ -131,3 +131,28 @@ def test_other_commands_fail_cleanly(tmp_path, capsys):
     assert "run directory not found" in capsys.readouterr().err
     assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt")]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["lm", "della", "trace-r"])
+def test_story_task_keeps_a_decoder_only_backbone_and_writes_samples_per_prompt(name, tiny_jsonl, tmp_path, capsys):
+    run = tmp_path / "run"
+    sizes = ["--set", "data.max_length=64", "--set", "data.max_source_length=24"]
+    sizes += [] if name == "lm" else ["--set", "model.latent_size=4"]
+    assert main(["train", "--task", "story", "--model", name, "--data", str(tiny_jsonl), "--out", str(run),
+                 "--max-steps", "2", *FAST, *sizes]) == 0
+    model, config = load_model(run)
+    assert config.data.task == "story" and not model.backbone.is_encoder_decoder
+    assert config.data.max_length == 64  # --set beats the task's default of 256
+    sources = [e.source for e in read_split(tiny_jsonl, "test").examples[:3]]
+    (tmp_path / "prompts.txt").write_text("\n".join(sources) + "\n")
+    capsys.readouterr()
+    common = ["--prompts", str(tmp_path / "prompts.txt"), "--max-new-tokens", "6"]
+    assert main(["generate", str(run), *common, "--num", "2", "--decoding", "top-k", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6  # two per source
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(run), "--iw-samples", "2", "--generate", "2", "--samples-per-source", "2",
+                 "--decoding", "top-k", "--max-new-tokens", "6", "--metrics", "bleu_ref,self_bleu,dist_1",
+                 "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["samples_per_source"] == 2 and 0 <= metrics["bleu_ref"] <= 100
+    assert (name == "lm") == ("kl" not in metrics)

@@ -1,6 +1,7 @@
 """Models on an encoder-decoder (BART) backbone: targets scored exactly as bare BART scores
 them, identity-initialised DELLA equal to the bare backbone, cached decoding equal to full
-recomputation, and every conditional model through the CLI (train, reload, generate in order)."""
+recomputation, every conditional model through the CLI (train, reload, N outputs per prompt), and
+outputs in the order of their sources on BART and on a decoder-only backbone."""
 
 import copy
 import json
@@ -15,6 +16,8 @@ from textvae.models.della import Della, DellaConfig
 from textvae.models.lm import LanguageModel, LMConfig
 from textvae.models.registry import wrap_backbone
 from textvae.models.single import Memory, SingleLatentConfig
+
+from conftest import tiny_lm
 
 
 def tiny_seq2seq(tokenizer, seed: int = 0, init_std: float = 0.02):
@@ -104,7 +107,7 @@ MODELS = ("lm", "embed", "memory", "softmax", "della")
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_every_conditional_model_trains_reloads_and_generates_one_output_per_prompt_in_order(name, tiny_jsonl, tmp_path, capsys):
+def test_every_conditional_model_trains_reloads_and_generates_n_outputs_per_prompt(name, tiny_jsonl, tmp_path, capsys):
     from textvae.cli import main
     from textvae.models.registry import load_model
 
@@ -126,11 +129,18 @@ def test_every_conditional_model_trains_reloads_and_generates_one_output_per_pro
     assert len(capsys.readouterr().out.splitlines()) == 3
 
 
-def test_outputs_follow_the_order_of_their_sources(tiny_tokenizer, tiny_jsonl):
+@pytest.mark.parametrize("family", ("bart", "gpt2"))
+def test_outputs_follow_the_order_of_their_sources(family, tiny_tokenizer, tiny_jsonl):
     from textvae.generation.decode import DecodingConfig, generate_texts
 
     # larger random weights: greedy outputs that differ from source to source
-    model = LanguageModel(tiny_seq2seq(tiny_tokenizer, seed=4, init_std=0.2), tiny_tokenizer, LMConfig()).eval()
+    if family == "bart":
+        model = LanguageModel(tiny_seq2seq(tiny_tokenizer, seed=4, init_std=0.2), tiny_tokenizer, LMConfig()).eval()
+    else:  # decoder-only, the source as a prefix (the story task)
+        model = tiny_lm(tiny_tokenizer, seed=4)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(10)
     sources = [e.source for e in read_split(tiny_jsonl, "test").examples[:4]]
     for strategy in ("greedy", "beam"):
         config = DecodingConfig(strategy=strategy, num_beams=2, max_new_tokens=8)
@@ -154,6 +164,16 @@ def test_evaluate_scores_several_outputs_per_source(tiny_jsonl, tmp_path):
     assert metrics["samples_per_source"] == 2 and metrics["decoding"] == "top-k"
     assert {"bleu_ref", "rouge_l", "self_bleu", "jaccard", "dist_1", "kl", "au", "ppl"} <= set(metrics)
     assert len((tmp_path / "s.txt").read_text().splitlines()) == 6
+    # beam search with the chosen width: the texts `generate` writes for the same sources and seed
+    beam = ["--decoding", "beam", "--num-beams", "2", "--max-new-tokens", "6"]
+    assert main(["evaluate", str(run), "--iw-samples", "2", "--generate", "3", *beam, "--metrics", "bleu_ref",
+                 "--samples-out", str(tmp_path / "b.txt"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["num_beams"] == 2
+    sources = [e.source for e in read_split(tiny_jsonl, "test").examples[:3]]
+    (tmp_path / "prompts.txt").write_text("\n".join(sources) + "\n")
+    assert main(["generate", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--num", "1", *beam,
+                 "--out", str(tmp_path / "g.txt")]) == 0
+    assert (tmp_path / "b.txt").read_text() == (tmp_path / "g.txt").read_text()
 
 
 def test_encoder_decoder_backbones_refuse_what_they_cannot_run(tiny_txt, tiny_jsonl, tmp_path, capsys):

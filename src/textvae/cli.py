@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
                           help="decoding of --generate (default as in the papers: beam search for summarization and "
                                "paraphrase runs, else top-k 50)")
+    evaluate.add_argument("--top-k", type=int, default=50, help="with --decoding top-k")
+    evaluate.add_argument("--top-p", type=float, default=0.9, help="with --decoding top-p")
+    evaluate.add_argument("--num-beams", type=int, default=4, help="with --decoding beam")
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="length limit of --generate (default: data.max_length)")
     evaluate.add_argument("--samples-per-source", type=int, default=1, metavar="M",
                           help=".jsonl: M texts per source (latents drawn anew); with M >= 2 Self-BLEU and Jaccard "
@@ -308,8 +311,8 @@ def _generate_and_score(model, config, split, args) -> dict:
     from textvae.evaluation.text_metrics import score
     from textvae.generation.decode import DecodingConfig, generate_texts
 
-    decoding = DecodingConfig(strategy=_decoding(args.decoding, config, "top-k"),
-                              max_new_tokens=args.max_new_tokens or config.data.max_length)
+    decoding = DecodingConfig(strategy=_decoding(args.decoding, config, "top-k"), top_k=args.top_k, top_p=args.top_p,
+                              num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or config.data.max_length)
     decoding.validate()
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     per_source = args.samples_per_source
@@ -338,7 +341,8 @@ def _generate_and_score(model, config, split, args) -> dict:
         results = score(texts, references, metrics, args.mauve_features, group_size=group)
     except ValueError as err:
         raise TextVAEError(str(err)) from None
-    return {"decoding": decoding.strategy, "samples_per_source": per_source, **results} if split.conditional else results
+    setting = {"decoding": decoding.strategy, **({"num_beams": decoding.num_beams} if decoding.strategy == "beam" else {})}
+    return {**setting, "samples_per_source": per_source, **results} if split.conditional else results
 
 
 def _decoding(chosen: str | None, config, fallback: str) -> str:

@@ -23,9 +23,26 @@ def test_fixed_segments_are_cut_every_n_tokens_and_joined_by_sep(tiny_tokenizer)
     assert joined.count(tok.sep_id) == -(-len(ids) // 3) - 1
 
 
-def test_sentence_segments_follow_sentence_ends(tiny_tokenizer):
-    tok = tiny_tokenizer
-    text = "A dog runs. Mr. Smith sleeps on the couch! Is it late?"
+def _no_prefix_space_tokenizer():
+    """A byte-level BPE that, like GPT-2's and SmolLM2's, adds no space before a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from conftest import demo_lines
+    from textvae.data.tokenizer import DEFAULT_SPECIAL, ROLES, TextTokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[DEFAULT_SPECIAL[role] for role in ROLES],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(demo_lines("train", 400), trainer)
+    return TextTokenizer(backend, DEFAULT_SPECIAL)
+
+
+@pytest.mark.parametrize("prefix_space", (True, False))
+def test_sentence_segments_follow_sentence_ends_and_keep_the_text_tokens(prefix_space, tiny_tokenizer):
+    tok = tiny_tokenizer if prefix_space else _no_prefix_space_tokenizer()
+    text = "A dog runs. Mr. Smith sleeps on the couch!  Is it late?"
     joined = Segmenter("sentence").target_ids([text], tok)[0]
     parts, current = [], []
     for token in joined:
@@ -36,6 +53,9 @@ def test_sentence_segments_follow_sentence_ends(tiny_tokenizer):
             current.append(token)
     parts.append(current)
     assert [tok.decode(p).strip() for p in parts] == ["A dog runs.", "Mr. Smith sleeps on the couch!", "Is it late?"]
+    # the segments hold the text's own tokens: nothing lost between sentences, spaces included
+    assert [t for t in joined if t != tok.sep_id] == tok.encode(text)
+    assert tok.decode(joined) == text.strip()
 
 
 def test_segment_ids_and_closers_with_source_truncation_and_padding(tiny_tokenizer):

@@ -1,6 +1,10 @@
 """Segment-wise models (trace-r, trace-p, ind, cgd): encoder masks read at segment closers,
-the vectorised recurrence against a step-by-step reference, TRACE-P's closed form, the KL
-bound of the fixed-gamma residual, one new latent per emitted [SEP], and train/save/evaluate."""
+the vectorised recurrence and its densities against a step-by-step reference from the heads,
+TRACE-P's closed form, the KL bound of the fixed-gamma residual and the residual
+normalisations, one new latent per emitted [SEP], MI given the segment count, and
+train/save/evaluate."""
+
+import math
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from textvae.data.corpus import Example
 from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.generation.decode import DecodingConfig, decode
 from textvae.models.registry import load_model, model_class, model_config, save_model
-from textvae.models.temporal import TemporalConfig, TraceP, TraceR
+from textvae.models.temporal import TemporalConfig, TraceR
 from textvae.training.trainer import Environment, Trainer
 
 
@@ -54,20 +58,35 @@ def test_vectorised_recurrence_equals_a_step_by_step_reference(tiny_tokenizer):
     torch.nn.init.normal_(model.prior_from_latent.weight, std=0.1)  # an active recurrence
     _, batch = _data(model, 4)
     with torch.no_grad():
-        layout, posterior, _ = model.distributions(batch)
+        layout, posterior, prior = model.distributions(batch)
+        states = model.read(batch, layout)
         torch.manual_seed(1)
         z = posterior.rsample(3)  # [B, 3, L, P]
         torch.manual_seed(1)
         noise = torch.randn(z.shape)
-        for row in range(batch.size):  # one example, one sample, one segment at a time
+        log_q, log_p = posterior.log_prob(z), prior.log_prob(z)  # [B, 3]
+
+        def gaussian(x, mean, log_var):
+            return (-0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 / log_var.exp())).sum()
+
+        for row in range(batch.size):  # one example, one sample, one segment at a time, from the heads
             for sample in range(3):
-                previous = torch.zeros(6)
+                previous, drawn, sum_q, sum_p = torch.zeros(6), torch.zeros(6), 0.0, 0.0
                 for slot in range(int(layout.slots[row].sum())):
-                    params = posterior.base[row, slot] + posterior.residual[row, slot]
-                    params = params + model.prior_from_latent(previous)
-                    mean, log_var = params.chunk(2)
-                    previous = mean + torch.exp(0.5 * log_var) * noise[row, sample, slot]
-                    torch.testing.assert_close(z[row, sample, slot], previous, rtol=1e-4, atol=1e-4)
+                    text_part = torch.zeros(12) if slot == 0 else model.prior_from_text(states["before"][row, slot])
+                    prior_mean, prior_log_var = (text_part + model.prior_from_latent(previous)).chunk(2)
+                    residual_mean, residual_log_var = model.residual_from_text(states["intra"][row, slot]).chunk(2)
+                    centred = residual_mean - residual_mean.mean()
+                    residual_mean = 3.0 * centred / torch.sqrt(centred.pow(2).mean() + 1e-5)  # gamma-scaled LN
+                    mean, log_var = prior_mean + residual_mean, prior_log_var + residual_log_var
+                    drawn = mean + torch.exp(0.5 * log_var) * noise[row, sample, slot]
+                    torch.testing.assert_close(z[row, sample, slot], drawn, rtol=1e-4, atol=1e-4)
+                    sum_q += gaussian(drawn, mean, log_var)
+                    sum_p += gaussian(drawn, prior_mean, prior_log_var)
+                    previous = drawn
+                torch.testing.assert_close(log_q[row, sample], torch.as_tensor(sum_q), rtol=1e-4, atol=1e-3)
+                torch.testing.assert_close(log_p[row, sample], torch.as_tensor(sum_p), rtol=1e-4, atol=1e-3)
+        assert (log_q - log_p).abs().min() > 1.0  # the densities differ: the residual matters
 
 
 def test_trace_p_sample_matches_its_closed_form_and_the_exact_model_without_recurrence(tiny_tokenizer):
@@ -262,7 +281,7 @@ def test_segment_model_trains_saves_reloads_and_evaluates(name, family, tiny_tok
     reloaded, _ = load_model(tmp_path / "saved")
     first = evaluate_likelihood(model, valid, batch_size=4, iw_samples=3)
     assert first == evaluate_likelihood(reloaded, valid, batch_size=4, iw_samples=3)
-    assert first["kl"] > 0 and 0 <= first["au"] <= 6 and first["mi"] == first["mi"]  # not NaN
+    assert first["kl"] > 0 and 0 <= first["au"] <= 6 and math.isfinite(first["mi"])
     # kl_segments[t] is the mean over the examples having a segment t: weighted back, the total
     segments = model.layout(collate(valid, tiny_tokenizer.pad_id)).slots.sum(1)
     having = [int((segments > t).sum()) for t in range(len(first["kl_segments"]))]
@@ -273,10 +292,56 @@ def test_segment_model_trains_saves_reloads_and_evaluates(name, family, tiny_tok
     assert len(texts) == 3 and all("<sep>" not in text for text in texts)
 
 
-def test_config_validation():
-    with pytest.raises(Exception, match="posterior_norm"):
-        TemporalConfig(posterior_norm="group").validate()
-    assert TraceP.name == "trace-p" and issubclass(TraceP, TraceR)
+def test_segment_mi_is_taken_given_the_segment_count():
+    from textvae.evaluation.likelihood import mutual_information
+    from textvae.models.temporal import SegmentChain
+
+    # one-segment texts: posteriors at +20 and -20 (each z names its text: log 2 nats);
+    # two-segment texts: identical posteriors (z says nothing). P = 3, unit variances.
+    base = torch.zeros(4, 2, 6)
+    base[0, 0, :3], base[1, 0, :3] = 20.0, -20.0
+    present = torch.tensor([[True, False], [True, False], [True, True], [True, True]])
+    batches = [SegmentChain(base[:2], present[:2]), SegmentChain(base[2:], present[2:])]
+    torch.manual_seed(0)
+    # I(x; z | T) = (log 2 + log 2 + 0 + 0) / 4; normalising by all 4 texts would add H(T) = log 2
+    assert mutual_information(batches) == pytest.approx(0.5 * math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"posterior_norm": "group"}, "posterior_norm"), ({"ln_gamma": 0.0}, "ln_gamma"),
+    ({"segment": "paragraph"}, "segment kind"), ({"segment_length": 0}, "segment length"),
+])
+def test_config_validation_refuses_bad_options(options, message):
+    from textvae.errors import TextVAEError
+
+    with pytest.raises(TextVAEError, match=message):
+        TemporalConfig(**options).validate()
+
+
+def test_residual_normalisations_fix_the_scale_they_promise():
+    from textvae.models.temporal import ResidualNorm
+
+    torch.manual_seed(0)
+    residual = torch.randn(8, 5, 6) * 4 + 1
+    present = torch.rand(8, 5) > 0.3
+    per_vector = ResidualNorm("ln", 6, 2.0)(residual, present).pow(2).sum(-1)
+    torch.testing.assert_close(per_vector, torch.full((8, 5), 6 * 2.0**2), rtol=1e-4, atol=1e-3)  # P gamma^2
+    batch_norm = ResidualNorm("bn", 6, 2.0).train()
+    normed = batch_norm(residual, present)[present]  # per dimension over the batch's present slots
+    torch.testing.assert_close(normed.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(normed.pow(2).mean(0), torch.full((6,), 2.0**2), rtol=1e-3, atol=0)
+    assert torch.equal(ResidualNorm("none", 6, 2.0)(residual, present), residual)
+
+
+def test_trace_p_spectral_cap_is_switchable(tiny_tokenizer):
+    capped = _model("trace-p", tiny_tokenizer)
+    free = _model("trace-p", tiny_tokenizer, spectral_norm=False)
+    with torch.no_grad():
+        for model in (capped, free):
+            weight = model.prior_from_latent.parametrizations.weight.original if model is capped else model.prior_from_latent.weight
+            weight.copy_(torch.randn(12, 6) * 3)
+        assert float(torch.linalg.matrix_norm(capped.prior_from_latent.weight, ord=2)) == pytest.approx(1.0, abs=1e-4)
+        assert float(torch.linalg.matrix_norm(free.prior_from_latent.weight, ord=2)) > 3
 
 
 def test_conditional_trace_treats_the_source_as_segment_zero_and_decodes_with_beams(tiny_tokenizer, tiny_jsonl):

@@ -15,6 +15,7 @@ as tokens for PPL, which stays comparable with the other models.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -38,13 +39,18 @@ class Segmenter:
         if self.kind == "fixed":
             return [self._join([ids[i : i + self.length] for i in range(0, len(ids), self.length)], tokenizer.sep_id)
                     for ids in tokenizer.encode_batch(texts)]
+        # the whole text is tokenised once and its tokens cut where sentences start, so the
+        # segments hold exactly the tokens the text has without [SEP]s (a byte-level BPE
+        # keeps the space before each sentence's first word), as in fixed mode
         splitter = _sentence_splitter()
-        sentences = [[s.strip() for s in splitter.segment(text) if s.strip()] or [text] for text in texts]
-        flat = tokenizer.encode_batch([s for group in sentences for s in group])
-        result, start = [], 0
-        for group in sentences:
-            result.append(self._join(flat[start : start + len(group)], tokenizer.sep_id))
-            start += len(group)
+        result = []
+        for text, (ids, ends) in zip(texts, tokenizer.encode_batch_with_ends(texts)):
+            starts = _sentence_starts(text, splitter.segment(text))
+            sentence_of_token = [bisect.bisect_right(starts, end - 1) for end in ends]  # by its last character
+            chunks: dict[int, list[int]] = {}
+            for token, sentence in zip(ids, sentence_of_token):
+                chunks.setdefault(sentence, []).append(token)
+            result.append(self._join(list(chunks.values()), tokenizer.sep_id))
         return result
 
     @staticmethod
@@ -53,6 +59,21 @@ class Segmenter:
         for index, chunk in enumerate(chunks):
             ids += chunk if index == 0 else [sep_id, *chunk]
         return ids
+
+
+def _sentence_starts(text: str, sentences: list[str]) -> list[int]:
+    """Character offsets in `text` where its 2nd, 3rd, ... sentences start (their first
+    non-space character); pysbd without cleaning returns pieces of the text in order."""
+    starts, position = [], 0
+    for index, sentence in enumerate(sentences):
+        stripped = sentence.strip()
+        found = text.find(stripped, position) if stripped else -1
+        if found < 0:
+            continue
+        if index > 0 and found > 0:
+            starts.append(found)
+        position = found + len(stripped)
+    return starts
 
 
 def _sentence_splitter():

@@ -81,6 +81,11 @@ class TextTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_batch_with_ends(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Token ids of each text and, per token, the character offset where it ends."""
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, [end for _, end in e.offsets]) for e in encodings]
+
     def decode(self, ids: Iterable[int]) -> str:
         """Decode token ids, stopping at the first EOS and dropping special tokens."""
         kept = []

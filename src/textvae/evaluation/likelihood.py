@@ -7,7 +7,8 @@
 * `kl`: KL(q(z|x) || p(z)) per example, summed over latent groups;
 * `mi`: I_q(x; z) = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with the aggregate posterior
   over the whole evaluation set: log q(z_i) = logsumexp_j log q(z_i | x_j) - log N, one z_i
-  per x_i;
+  per x_i; for segment-wise latents, whose number of segments is read off the text, I(x; z | T)
+  given that number T (the aggregate over the N_T examples with T segments);
 * `au`: dimensions d with Cov_x(E_q(z|x)[z_d]) > delta (unbiased variance over examples; for
   segment-wise latents every present segment of every example is one observation);
 * `kl_groups` (layer-wise latents): mean KL of each latent layer; `kl_segments` (segment-wise
@@ -39,18 +40,28 @@ def log_marginal(model: TextVAE, batch, k: int, chunk: int = 20) -> torch.Tensor
 def mutual_information(posteriors: list) -> float:
     """I_q(x; z) over the examples of all `posteriors` (one distribution object per batch,
     with `rsample()` and `log_prob(z)`), in nats. log q(z_i | x_j) for every pair comes from
-    `cross_log_prob(z_i, owner)` where a posterior defines it (latents whose shape depends on
-    the example, e.g. one per segment: no mass where the shapes differ), else from `log_prob`
-    of z_i broadcast over x_j's batch."""
+    `cross_log_prob(z_i, owner)` where a posterior defines it, else from `log_prob` of z_i
+    broadcast over x_j's batch.
+
+    Latents whose shape depends on the example (one per segment) come with `shape_group` [B],
+    e.g. the segment count T: q(z | x_j) has no mass on another group's latents, and the
+    aggregate is taken within the group, log q(z_i | T_i) = logsumexp_j log q(z_i | x_j) -
+    log N_T, so the result is I(x; z | T). Normalising by N instead would add H(T), which the
+    text's length tells without any latent."""
     samples = [posterior.rsample() for posterior in posteriors]
-    log_q_own = torch.cat([q.log_prob(z) for q, z in zip(posteriors, samples)])  # [N]
+    log_q_own = torch.cat([q.log_prob(z) for q, z in zip(posteriors, samples)]).double()  # [N]
     log_aggregate = [torch.full((z.shape[0],), float("-inf"), dtype=torch.float64, device=z.device) for z in samples]
     for posterior in posteriors:
         for index, (owner, z) in enumerate(zip(posteriors, samples)):
             log_q = _cross_log_prob(posterior, z, owner)  # [B_j, B_i]
             log_aggregate[index] = torch.logaddexp(log_aggregate[index], torch.logsumexp(log_q.double(), dim=0))
-    count = log_q_own.shape[0]
-    return float(log_q_own.double().mean() - (torch.cat(log_aggregate) - math.log(count)).mean())
+    if getattr(posteriors[0], "shape_group", None) is None:
+        log_count = torch.full_like(log_q_own, math.log(log_q_own.shape[0]))
+    else:
+        groups = torch.cat([posterior.shape_group for posterior in posteriors])
+        _, group_index, group_size = torch.unique(groups, return_inverse=True, return_counts=True)
+        log_count = group_size[group_index].double().log().to(log_q_own.device)
+    return float((log_q_own - (torch.cat(log_aggregate) - log_count)).mean())
 
 
 def _cross_log_prob(posterior, z: torch.Tensor, owner) -> torch.Tensor:

@@ -155,6 +155,12 @@ class SegmentChain:
         present = self.present if z.dim() == 3 else self.present[:, None]
         return (per_slot * present).sum(-1)
 
+    @property
+    def shape_group(self) -> torch.Tensor:
+        """Latent slots of each example [B]: latents of different counts live in different
+        spaces (the mutual information is taken given the count)."""
+        return self.present.sum(1)
+
     def cross_log_prob(self, z: torch.Tensor, owner: "SegmentChain") -> torch.Tensor:
         """log q(z_i | x_j) for every example j here and every latent z_i [B_i, L_i, P] drawn
         by `owner`: [B_j, B_i]; -inf where the slot counts differ (no mass there)."""

@@ -210,6 +210,22 @@ def test_generation_draws_one_new_latent_per_emitted_sep(name, tiny_tokenizer):
     seps = sum(row.count(tiny_tokenizer.sep_id) for row in outputs)
     assert seps > 3
     assert model.prior_draws == 5 + seps
+    # under every strategy the decoder's z changes in exactly the rows (beams) that emit [SEP]
+    steps, decode_next = [], model.decode_next
+
+    def recording_decode_next(state, tokens):
+        before = state.latent["z"].clone()
+        logits = decode_next(state, tokens)
+        steps.append(((state.latent["z"] - before).abs().amax(-1) > 0, tokens == tiny_tokenizer.sep_id))
+        return logits
+
+    model.decode_next = recording_decode_next
+    for decoding in (DecodingConfig(strategy="top-p", max_new_tokens=8), DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=8)):
+        steps.clear()
+        latent = model.sample_prior_latent(prompts, torch.device("cpu"))
+        decode(model, prompts, latent, decoding, torch.Generator().manual_seed(0))
+        assert sum(int(closed.sum()) for _, closed in steps) >= 2
+        assert all(torch.equal(moved, closed) for moved, closed in steps)
 
 
 def test_trace_p_generation_carries_the_running_sum_of_its_increments(tiny_tokenizer):

@@ -188,8 +188,8 @@ class SegmentChain:
 
 class ResidualNorm(nn.Module):
     """Normalises TRACE's residual mean d_mu with a fixed scale gamma (no learned shift):
-    `ln` per latent vector (sum_d d_mu_d^2 = P gamma^2 exactly), `bn` per dimension over the
-    batch's slots (E[d_mu_d^2] = gamma^2), `none` leaves it."""
+    `ln` per latent vector (sum_d d_mu_d^2 = P gamma^2, up to layer_norm's eps), `bn` per
+    dimension over the batch's slots (E[d_mu_d^2] = gamma^2), `none` leaves it."""
 
     def __init__(self, kind: str, size: int, gamma: float):
         super().__init__()

@@ -29,6 +29,14 @@ MAUVE_FEATURES_HELP = ("minilm (all-MiniLM-L6-v2 sentence embeddings, default), 
                        "hidden state is the feature: a backbone spec (smollm2, FOLDER, FILE.gguf) or a textvae RUN_DIR")
 
 
+def _add_decoding_widths(command: argparse.ArgumentParser) -> None:
+    """--top-k, --top-p and --num-beams for `evaluate` and `generate` (DecodingConfig's defaults,
+    written out: the parser is built before torch is imported)."""
+    command.add_argument("--top-k", type=int, default=50, help="with --decoding top-k")
+    command.add_argument("--top-p", type=float, default=0.9, help="with --decoding top-p")
+    command.add_argument("--num-beams", type=int, default=4, help="with --decoding beam")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="textvae", description="Transformer VAEs for text: train, evaluate, generate.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -70,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
                           help="decoding of --generate (default as in the papers: beam search for summarization and "
                                "paraphrase runs, else top-k 50)")
-    evaluate.add_argument("--top-k", type=int, default=50, help="with --decoding top-k")
-    evaluate.add_argument("--top-p", type=float, default=0.9, help="with --decoding top-p")
-    evaluate.add_argument("--num-beams", type=int, default=4, help="with --decoding beam")
+    _add_decoding_widths(evaluate)
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="length limit of --generate (default: data.max_length)")
     evaluate.add_argument("--samples-per-source", type=int, default=1, metavar="M",
                           help=".jsonl: M texts per source (latents drawn anew); with M >= 2 Self-BLEU and Jaccard "
@@ -90,10 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num", type=int, default=10, help="texts to generate (per prompt with --prompts)")
     generate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
                           help="default: beam for summarization and paraphrase runs, else top-p")
-    generate.add_argument("--top-k", type=int, default=50)
-    generate.add_argument("--top-p", type=float, default=0.9)
+    _add_decoding_widths(generate)
     generate.add_argument("--temperature", type=float, default=1.0)
-    generate.add_argument("--num-beams", type=int, default=4)
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.max_length")
     generate.add_argument("--prompts", metavar="FILE", help="one source per line (conditional runs)")
     generate.add_argument("--reconstruct", metavar="FILE", help="one text per line: decode each from its posterior")

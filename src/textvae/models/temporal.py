@@ -164,7 +164,7 @@ class SegmentChain:
     def cross_log_prob(self, z: torch.Tensor, owner: "SegmentChain") -> torch.Tensor:
         """log q(z_i | x_j) for every example j here and every latent z_i [B_i, L_i, P] drawn
         by `owner`: [B_j, B_i]; -inf where the slot counts differ (no mass there)."""
-        mine, theirs = self.present.sum(1), owner.present.sum(1)
+        mine, theirs = self.shape_group, owner.shape_group
         width = self.base.shape[1]
         aligned = z[:, :width] if z.shape[1] >= width else F.pad(z, (0, 0, 0, width - z.shape[1]))
         expanded = aligned[None].expand(self.base.shape[0], -1, -1, -1)  # [B_j, B_i, L, P]

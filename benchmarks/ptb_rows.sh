@@ -23,9 +23,17 @@ row_args() {
     della-ltp) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.fusion=add" ;;       # -LTP
     della-lw) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.layerwise=false" ;;  # -LW
     della-separate) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.independent=true" ;;
+    # the DELLA paper as written: Eq. 9's product of sums, the released initialisation, x_l the first token's state
+    della-paper) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.ltp_form=paper --set model.ltp_init=random --set model.pooling=first" ;;
     della-klfirst) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.kl_layers=first" ;;
     trace-r|trace-p|ind|cgd|norec) echo "--model $1 --set kl.schedule=cyclical" ;;  # segments of 10 tokens
     trace-r-gamma1) echo "--model trace-r --set kl.schedule=cyclical --set model.ln_gamma=1" ;;  # KL floor 16 nats, not 144
+    # the TRACE paper's Eq. 11 as printed: one LayerNorm over [d_mu, log d_sigma^2], gamma 3 fixed,
+    # beta learned (BN-VAE); its Table 5 ablations relative to it
+    trace-r-eq11|trace-p-eq11) echo "--model ${1%-eq11} --set kl.schedule=cyclical --set model.norm_over=both --set model.norm_shift=learned" ;;
+    trace-r-bn) echo "--model trace-r --set kl.schedule=cyclical --set model.posterior_norm=bn --set model.norm_over=both --set model.norm_shift=learned" ;;  # +BN
+    trace-r-noln) echo "--model trace-r --set kl.schedule=cyclical --set model.posterior_norm=none" ;;  # -LN
+    trace-r-norp) echo "--model trace-r --set kl.schedule=cyclical --set model.norm_over=both --set model.norm_shift=learned --set model.residual_posterior=false" ;;  # -RP
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
 }

@@ -13,7 +13,7 @@ from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
 from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.generation.decode import DecodingConfig, decode
-from textvae.models.della import Della, DellaConfig, LowRankTensorFusion
+from textvae.models.della import Della, DellaConfig, LowRankTensorFusion, ProductOfSumsFusion
 from textvae.models.registry import load_model, model_config, save_model
 from textvae.training.trainer import Environment, Trainer
 
@@ -27,18 +27,29 @@ def _della(tokenizer, family="gpt2", **options):
     return Della(tiny_backbone(family, vocab=tokenizer.vocab_size), tokenizer, DellaConfig(latent_size=6, **options))
 
 
+def _with_strong_fusions(model):
+    """Random fusion weights large enough that z visibly changes the decoder (the released
+    normal(0, 0.02) initialisation damps the values ~100x on a 32-wide backbone)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".fusion." in name:
+                parameter.normal_(0.0, 0.3)
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("fusion", ("ltp", "add"))
+@pytest.mark.parametrize("fusion", ({"fusion": "ltp"}, {"fusion": "add"}, {"ltp_form": "paper"}), ids=lambda o: str(o))
 def test_identity_initialised_fusion_leaves_the_backbone_logits_unchanged(family, fusion, tiny_tokenizer):
     _, batch = _batch(tiny_tokenizer)
     bare = tiny_backbone(family, vocab=tiny_tokenizer.vocab_size)
     with torch.no_grad():
         expected = bare.logits(bare(batch.input_ids, batch.attention_mask).hidden)
-        model = _della(tiny_tokenizer, family, fusion=fusion).eval()
+        model = _della(tiny_tokenizer, family, **fusion).eval()
         z = model.sample_prior_latent([[1]] * batch.size, "cpu") * 3
         hidden = model.backbone(batch.input_ids, batch.attention_mask, **model.injections(z)).hidden
         torch.testing.assert_close(model.backbone.logits(hidden), expected, rtol=0, atol=1e-5)
-        random = _della(tiny_tokenizer, family, ltp_init="random").eval()  # the paper's initialisation
+        form = {} if fusion == {"fusion": "add"} else fusion  # -LTP's shift starts at zero either way
+        random = _della(tiny_tokenizer, family, ltp_init="random", **form).eval()  # the released initialisation
         hidden = random.backbone(batch.input_ids, batch.attention_mask, **random.injections(z)).hidden
         assert (random.backbone.logits(hidden) - expected).abs().max() > 1e-2
 
@@ -56,6 +67,54 @@ def test_low_rank_fusion_matches_its_definition_for_long_and_short_inputs():
         )
         torch.testing.assert_close(fusion(values, z), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fusion(values, fusion.prepare(z)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_form_is_a_product_of_two_sums():
+    """Eq. 9: v' = (sum_j W_v^j v + b_v^j) * (sum_j W_z^j z + b_z^j), for decoding's prepared gate too."""
+    torch.manual_seed(0)
+    fusion = ProductOfSumsFusion(value_size=5, latent_size=3, rank=3, init="random")
+    with torch.no_grad():
+        for parameter in (fusion.value_bias, fusion.gate_bias):
+            parameter.normal_()
+    z, values = torch.randn(2, 3), torch.randn(2, 7, 5)
+    value_sum = sum(values @ fusion.value_maps[j].T + fusion.value_bias[j] for j in range(3))
+    gate_sum = sum(z @ fusion.gate_maps[j].T + fusion.gate_bias[j] for j in range(3))
+    expected = value_sum * gate_sum[:, None]
+    torch.testing.assert_close(fusion(values, z), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fusion(values[:, :1], fusion.prepare(z)), expected[:, :1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", (LowRankTensorFusion, ProductOfSumsFusion))
+def test_random_init_is_the_released_one(form):
+    torch.manual_seed(0)
+    fusion = form(value_size=64, latent_size=32, rank=4, init="random")
+    for name, parameter in fusion.named_parameters():
+        if "bias" in name:
+            assert torch.equal(parameter, torch.zeros_like(parameter)), name
+        else:
+            assert float(parameter.detach().mean()) == pytest.approx(0.0, abs=2e-3), name
+            assert float(parameter.detach().std()) == pytest.approx(0.02, rel=0.05), name
+
+
+def test_pooling_reads_the_first_token_or_the_mean_of_the_real_positions():
+    from textvae.models.encoder import make_pooling
+
+    hidden = torch.randn(2, 3, 5, 4)  # [B, layers, T, H]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])  # right and left padding
+    first = make_pooling("first", 4, 3)(hidden, mask)
+    torch.testing.assert_close(first, torch.stack([hidden[0, :, 0], hidden[1, :, 2]]))
+    mean = make_pooling("mean", 4, 3)(hidden, mask)
+    torch.testing.assert_close(mean, torch.stack([hidden[0, :, :3].mean(1), hidden[1, :, 2:].mean(1)]))
+    assert list(make_pooling("first", 4, 3).parameters()) == []
+
+
+def test_della_with_first_token_pooling_reads_the_bos_state(tiny_tokenizer):
+    _, batch = _batch(tiny_tokenizer, 3)
+    model = _della(tiny_tokenizer, pooling="first").eval()
+    with torch.no_grad():
+        states = model.encoder.states(model.backbone, batch.input_ids, masks.bidirectional(batch.attention_mask))
+        pooled = model.encode(batch)[0]
+    torch.testing.assert_close(pooled, states[:, :, 0])  # right-padded: position 0 is BOS
 
 
 @pytest.mark.parametrize("independent", (False, True))
@@ -116,6 +175,8 @@ ABLATIONS = [
     {"latent_begin": 2},
     {"latent_end": 1},
     {"ltp_init": "random", "rank": 2},
+    {"ltp_form": "paper", "ltp_init": "random", "pooling": "first", "state_norm": False},
+    {"pooling": "mean"},
     {"kl_threshold": 0.1, "bow_weight": 0.5, "share_encoder": False},
 ]
 
@@ -153,7 +214,7 @@ def test_every_ablation_trains_saves_reloads_and_evaluates(options, tiny_tokeniz
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decoding_with_value_fusion_equals_full_recomputation(family, tiny_tokenizer):
     torch.manual_seed(2)
-    model = _della(tiny_tokenizer, family, ltp_init="random").eval()
+    model = _with_strong_fusions(_della(tiny_tokenizer, family)).eval()
     z = model.sample_prior_latent([[1]] * 3, "cpu")
     prompts = [[tiny_tokenizer.bos_id]] * 3
     cached = decode(model, prompts, z, DecodingConfig(strategy="greedy", max_new_tokens=8))
@@ -167,7 +228,7 @@ def _conditional(tokenizer, tiny_jsonl):
     examples = read_split(tiny_jsonl, "train").examples[:4]
     encoded, _ = encode_examples(examples, tokenizer, 64, 16, "truncate")
     torch.manual_seed(3)
-    model = _della(tokenizer, "llama", conditional=True, ltp_init="random").eval()
+    model = _with_strong_fusions(_della(tokenizer, "llama", conditional=True)).eval()
     return model, examples, encoded, collate(encoded, tokenizer.pad_id)
 
 

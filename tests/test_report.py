@@ -29,7 +29,7 @@ def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tm
     rows = {line.split(" | ")[0].strip("| "): line for line in markdown.splitlines() if line.startswith("| ")}
     assert rows["della"].startswith("| della | della | cyclical | 8 | ")
     ppl_column = rows["run"].split(" | ").index("ppl")
-    assert rows["della"].split(" | ")[ppl_column] == f"{della['ppl']:.2f}"
+    assert rows["della"].split(" | ")[ppl_column] == f"{della['ppl']:.2f} ± {della['ppl_stderr']:.2f}"  # with its standard error
     assert rows["lm"].split(" | ")[ppl_column] == "-"  # not evaluated: said, not invented
     assert "Not evaluated on `test` yet: lm" in markdown
     for picture in ("curves.png", "kl_groups.png"):

@@ -79,7 +79,7 @@ def test_segment_ids_and_closers_with_source_truncation_and_padding(tiny_tokeniz
     assert segments[1, source_row.prefix_length - 1] == 0  # the source and its [SEP] are segment 0
     # PPL counts text tokens and EOS, not the [SEP]s between segments
     text_tokens = sum(len(tok.encode(e.target)) + 1 for e in examples)
-    assert int(counted_tokens(batch, tok.sep_id)) == text_tokens < int(batch.target_mask.sum())
+    assert int(counted_tokens(batch, tok.sep_id).sum()) == text_tokens < int(batch.target_mask.sum())
 
     truncated, _ = encode_examples([Example("a man sleeps on the couch in the house .")], tok, 6, 16, "truncate", segmenter)
     cut = collate(truncated, tok.pad_id)

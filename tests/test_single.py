@@ -45,7 +45,11 @@ def test_model_trains_saves_reloads_and_evaluates_the_same(name, family, tiny_to
     first = evaluate_likelihood(model, valid, batch_size=8, iw_samples=6)
     again = evaluate_likelihood(reloaded, valid, batch_size=8, iw_samples=6)
     assert first == again
-    assert set(first) == {"ppl", "nll", "elbo", "rec", "kl", "mi", "au", "tokens", "examples"}
+    means = {"ppl", "nll", "elbo", "rec", "kl", "kl_layer_mean", "elbo_layer_mean", "ppl_layer_mean"}
+    assert set(first) == means | {f"{key}_stderr" for key in means} | {
+        "mi", "au", "mi_minibatch", "mi_minibatch_size", "tokens", "examples"}
+    for key in ("kl", "elbo", "ppl"):  # one latent: the papers' layer means are the true values
+        assert first[f"{key}_layer_mean"] == pytest.approx(first[key], rel=1e-9)
     # the IW bound is never looser than the ELBO in expectation; both are estimates (one
     # posterior sample per example for the ELBO), so allow their noise on a dozen examples
     assert first["nll"] <= first["elbo"] + 1.0

@@ -325,6 +325,8 @@ def test_segment_mi_is_taken_given_the_segment_count():
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"posterior_norm": "group"}, "posterior_norm"), ({"ln_gamma": 0.0}, "ln_gamma"),
+    ({"norm_over": "all"}, "norm_over"), ({"norm_shift": "bias"}, "norm_shift"),
+    ({"posterior_norm": "none", "norm_shift": "learned"}, "needs a normalisation"),
     ({"segment": "paragraph"}, "segment kind"), ({"segment_length": 0}, "segment length"),
 ])
 def test_config_validation_refuses_bad_options(options, message):
@@ -338,15 +340,83 @@ def test_residual_normalisations_fix_the_scale_they_promise():
     from textvae.models.temporal import ResidualNorm
 
     torch.manual_seed(0)
-    residual = torch.randn(8, 5, 6) * 4 + 1
+    residual = torch.randn(8, 5, 12) * 4 + 1  # [d_mu, log d_sigma^2], P = 6
     present = torch.rand(8, 5) > 0.3
-    per_vector = ResidualNorm("ln", 6, 2.0)(residual, present).pow(2).sum(-1)
-    torch.testing.assert_close(per_vector, torch.full((8, 5), 6 * 2.0**2), rtol=1e-4, atol=1e-3)  # P gamma^2
+    by_mean = ResidualNorm("ln", 6, 2.0)(residual, present)
+    torch.testing.assert_close(by_mean[..., :6].pow(2).sum(-1), torch.full((8, 5), 6 * 2.0**2), rtol=1e-4, atol=1e-3)  # P gamma^2
+    assert torch.equal(by_mean[..., 6:], residual[..., 6:])  # the log-variance left alone
+    both = ResidualNorm("ln", 6, 2.0, over="both")(residual, present)
+    torch.testing.assert_close(both.pow(2).sum(-1), torch.full((8, 5), 12 * 2.0**2), rtol=1e-4, atol=1e-3)  # 2P gamma^2
+    torch.testing.assert_close(both.mean(-1), torch.zeros(8, 5), atol=1e-5, rtol=0)
     batch_norm = ResidualNorm("bn", 6, 2.0).train()
-    normed = batch_norm(residual, present)[present]  # per dimension over the batch's present slots
+    normed = batch_norm(residual, present)[present][:, :6]  # per dimension over the batch's present slots
     torch.testing.assert_close(normed.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(normed.pow(2).mean(0), torch.full((6,), 2.0**2), rtol=1e-3, atol=0)
+    both_bn = ResidualNorm("bn", 6, 2.0, over="both").train()(residual, present)[present]
+    torch.testing.assert_close(both_bn.pow(2).mean(0), torch.full((12,), 2.0**2), rtol=1e-3, atol=0)
     assert torch.equal(ResidualNorm("none", 6, 2.0)(residual, present), residual)
+
+
+@pytest.mark.parametrize(("kind", "over", "width"), [("ln", "mean", 6), ("ln", "both", 12), ("bn", "mean", 6), ("bn", "both", 12)])
+def test_learned_shift_trains_and_gamma_does_not(kind, over, width):
+    from textvae.models.temporal import ResidualNorm
+
+    fixed = ResidualNorm(kind, 6, 3.0, over, "zero")
+    assert list(fixed.parameters()) == []  # gamma is a constant, beta fixed at 0
+    learned = ResidualNorm(kind, 6, 3.0, over, "learned").train()
+    (shift,) = learned.parameters()
+    assert shift.shape == (width,) and torch.equal(shift, torch.zeros(width))
+    with torch.no_grad():
+        shift.add_(torch.arange(width, dtype=torch.float))
+    residual, present = torch.randn(4, 3, 12), torch.ones(4, 3, dtype=torch.bool)
+    out = learned(residual, present)
+    reference = fixed.train()(residual, present)
+    torch.testing.assert_close(out[..., :width] - reference[..., :width], torch.arange(width, dtype=torch.float).expand(4, 3, -1))
+    out.sum().backward()
+    assert shift.grad is not None and shift.grad.abs().sum() > 0
+
+
+def _fit_posterior_to_the_prior(norm_over, norm_shift, steps=300):
+    """Minimise KL(N(d_mu, d_sigma^2) || N(0, I)) over G and the norm's shift for random x_t:
+    the smallest KL each normalisation lets a posterior reach. Returns the final mean KL."""
+    from textvae.models.temporal import ResidualNorm
+
+    torch.manual_seed(0)
+    size, gamma = 8, 3.0
+    head = torch.nn.Linear(16, 2 * size)
+    norm = ResidualNorm("ln", size, gamma, norm_over, norm_shift)
+    optimizer = torch.optim.Adam([*head.parameters(), *norm.parameters()], lr=0.05)
+    present = torch.ones(64, 1, dtype=torch.bool)
+    for _ in range(steps):
+        mean, log_var = norm(head(torch.randn(64, 1, 16)), present).chunk(2, dim=-1)
+        kl = 0.5 * (mean.pow(2) + log_var.exp() - log_var - 1).sum(-1).mean()
+        optimizer.zero_grad()
+        kl.backward()
+        optimizer.step()
+    return float(kl.detach())
+
+
+def test_theorem_floor_holds_for_the_fixed_mean_norm_and_not_for_eq_11_with_a_learned_shift():
+    floor = 8 * 3.0**2 / 2  # P gamma^2 / 2 against N(0, I)
+    fixed = _fit_posterior_to_the_prior("mean", "zero")
+    assert floor * (1 - 1e-3) <= fixed < floor * 1.05  # the optimiser reaches the floor and no further
+    assert _fit_posterior_to_the_prior("both", "learned") < floor / 10  # Eq. 11 with BN-VAE's beta can
+
+
+@pytest.mark.parametrize("name", ["trace-r", "trace-p"])
+def test_without_residual_parametrisation_the_posterior_ignores_the_prior(name, tiny_tokenizer):
+    model = _model(name, tiny_tokenizer, residual_posterior=False, posterior_norm="none")
+    _, batch = _data(model, 4)
+    with torch.no_grad():
+        model.prior_from_text.weight.normal_()  # a prior far from the posterior's own terms
+        layout = model.layout(batch)
+        states = model.read(batch, layout)
+        posterior, prior = model.chains(states, layout)
+        own = model.residual_from_text(states["intra"]).float()
+        z = posterior.rsample()
+        q = posterior.given(z)
+    torch.testing.assert_close(torch.cat([q.mean, q.log_var], -1)[layout.slots], own[layout.slots])
+    assert not torch.allclose(prior.given(z).mean[layout.slots], q.mean[layout.slots])
 
 
 def test_trace_p_spectral_cap_is_switchable(tiny_tokenizer):
@@ -381,3 +451,15 @@ def test_conditional_trace_treats_the_source_as_segment_zero_and_decodes_with_be
     texts = generate_texts(model, 2, DecodingConfig(strategy="beam", num_beams=3, max_new_tokens=8), seed=0,
                            sources=[examples[0].source, examples[1].source])
     assert len(texts) == 4
+
+
+@pytest.mark.parametrize("name", ["trace-r", "trace-p", "ind", "cgd"])
+def test_importance_weights_count_one_latent_group_per_present_segment(name, tiny_tokenizer):
+    model = _model(name, tiny_tokenizer).eval()
+    _, batch = _data(model, 5)
+    with torch.no_grad():
+        weights = model.importance_weights(batch, 3)
+        layout = model.layout(batch)
+    assert torch.equal(weights.groups, layout.slots.sum(1).float())
+    assert len(set(weights.groups.tolist())) > 1  # the texts differ in segment count
+    torch.testing.assert_close(weights.group_mean - weights.reconstruction, weights.latent / weights.groups[:, None], rtol=1e-4, atol=1e-4)

@@ -483,10 +483,14 @@ def _read_lines(path: str, what: str) -> list[str]:
 
 
 def _report(metrics: dict, json_path: str | None) -> None:
-    """Print metrics as an aligned table; also write them as flat JSON when asked."""
+    """Print metrics as an aligned table (a mean with its standard error as `mean ± se`); also
+    write them as flat JSON when asked."""
     width = max(len(key) for key in metrics)
     for key, value in metrics.items():
-        print(f"{key:<{width}}  {_readable(value)}")
+        if key.endswith("_stderr") and key[: -len("_stderr")] in metrics:
+            continue
+        error = metrics.get(f"{key}_stderr")
+        print(f"{key:<{width}}  {_readable(value)}" + ("" if error is None else f" ± {error:.4f}"))
     if json_path:
         _write_text(Path(json_path), json.dumps(metrics, indent=1) + "\n")
 

@@ -109,9 +109,9 @@ class Batch:
 
 
 def counted_tokens(batch: Batch, sep_id: int) -> torch.Tensor:
-    """Tokens that count for PPL: scored targets, without the [SEP]s that segment-wise models
-    insert between segments (those are scored but are not text)."""
-    return (batch.target_mask & (batch.input_ids != sep_id)).sum()
+    """Tokens that count for PPL in each example [B]: scored targets, without the [SEP]s that
+    segment-wise models insert between segments (those are scored but are not text)."""
+    return (batch.target_mask & (batch.input_ids != sep_id)).sum(1)
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,14 @@
 * `au`: dimensions d with Cov_x(E_q(z|x)[z_d]) > delta (unbiased variance over examples; for
   segment-wise latents every present segment of every example is one observation);
 * `kl_groups` (layer-wise latents): mean KL of each latent layer; `kl_segments` (segment-wise
-  latents): mean KL of the t-th segment over the examples that have a t-th segment.
+  latents): mean KL of the t-th segment over the examples that have a t-th segment;
+* `X_stderr`: the standard error of the mean over examples of each per-example quantity X
+  (`nll`, `elbo`, `rec`, `kl`, ...); `ppl_stderr` by the delta method (the ratio of sums);
+* the papers' conventions beside the true values (never bounds): `kl_layer_mean`,
+  `elbo_layer_mean`, `ppl_layer_mean` (the latent densities averaged over an example's latent
+  groups, as DELLA's released code does; equal to the plain keys with one latent) and
+  `mi_minibatch` (He et al.'s `calc_mi`: analytic entropy, aggregate posterior within each
+  evaluation batch of `mi_minibatch_size` examples).
 """
 
 from __future__ import annotations
@@ -30,10 +37,20 @@ from textvae.models.base import TextVAE
 def log_marginal(model: TextVAE, batch, k: int, chunk: int = 20) -> torch.Tensor:
     """Importance-weighted log p(x) of each example: [B]. Samples are drawn `chunk` at a time
     so memory stays bounded for large k."""
+    return log_marginals(model, batch, k, chunk)[0]
+
+
+@torch.no_grad()
+def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance-weighted log p(x) of each example [B], and the same estimate with the latent
+    densities averaged over latent groups (DELLA's released-code convention) [B]."""
     if not model.has_latent:
-        return model.log_weights(batch, 1)[:, 0]
-    parts = [model.log_weights(batch, min(chunk, k - start)) for start in range(0, k, chunk)]
-    return torch.logsumexp(torch.cat(parts, dim=1), dim=1) - math.log(k)
+        exact = model.log_weights(batch, 1)[:, 0]
+        return exact, exact
+    parts = [model.importance_weights(batch, min(chunk, k - start)) for start in range(0, k, chunk)]
+    true = torch.cat([part.total for part in parts], dim=1)
+    group_mean = torch.cat([part.group_mean for part in parts], dim=1)
+    return (torch.logsumexp(true, dim=1) - math.log(k), torch.logsumexp(group_mean, dim=1) - math.log(k))
 
 
 @torch.no_grad()
@@ -55,12 +72,7 @@ def mutual_information(posteriors: list) -> float:
         for index, (owner, z) in enumerate(zip(posteriors, samples)):
             log_q = _cross_log_prob(posterior, z, owner)  # [B_j, B_i]
             log_aggregate[index] = torch.logaddexp(log_aggregate[index], torch.logsumexp(log_q.double(), dim=0))
-    if getattr(posteriors[0], "shape_group", None) is None:
-        log_count = torch.full_like(log_q_own, math.log(log_q_own.shape[0]))
-    else:
-        groups = torch.cat([posterior.shape_group for posterior in posteriors])
-        _, group_index, group_size = torch.unique(groups, return_inverse=True, return_counts=True)
-        log_count = group_size[group_index].double().log().to(log_q_own.device)
+    log_count = _log_group_counts(posteriors, log_q_own)
     return float((log_q_own - (torch.cat(log_aggregate) - log_count)).mean())
 
 
@@ -69,6 +81,35 @@ def _cross_log_prob(posterior, z: torch.Tensor, owner) -> torch.Tensor:
         return posterior.cross_log_prob(z, owner)
     rows = posterior.mean.shape[0]
     return posterior.log_prob(z[None].expand(rows, *z.shape))
+
+
+@torch.no_grad()
+def minibatch_mutual_information(posteriors: list) -> float:
+    """He et al. (2019) / Optimus `calc_mi`: per minibatch (one posterior object per batch),
+    E_q(z|x)[log q(z|x)] from the analytic entropy and log q(z_i) = logsumexp_j log q(z_i | x_j)
+    - log M over the M examples of that minibatch only; averaged over examples. For chains the
+    entropy is the sum of each group's conditional entropy at the sampled ancestors; for
+    segment-wise latents the aggregate is taken within the segment count, as in
+    `mutual_information`. Bounded by log M, so it is not comparable across batch sizes."""
+    total, examples = 0.0, 0
+    for posterior in posteriors:
+        z = posterior.rsample()
+        negative_entropy = -posterior.conditional_entropy(z).double()  # [M]
+        log_q = _cross_log_prob(posterior, z, posterior).double()  # [M_j, M_i]
+        log_aggregate = torch.logsumexp(log_q, dim=0) - _log_group_counts([posterior], negative_entropy)
+        total += float((negative_entropy - log_aggregate).sum())
+        examples += z.shape[0]
+    return total / examples
+
+
+def _log_group_counts(posteriors: list, like: torch.Tensor) -> torch.Tensor:
+    """log of the number of examples sharing each example's latent shape (its segment count),
+    or log N when every latent has the same shape: [N], like `like`."""
+    if posteriors[0].shape_group is None:
+        return torch.full_like(like, math.log(like.shape[0]))
+    groups = torch.cat([posterior.shape_group for posterior in posteriors])
+    _, group_index, group_size = torch.unique(groups, return_inverse=True, return_counts=True)
+    return group_size[group_index].double().log().to(like.device)
 
 
 def active_units(means: torch.Tensor, delta: float) -> torch.Tensor:
@@ -87,44 +128,75 @@ def evaluate_likelihood(
     seed: int = 0,
 ) -> dict:
     """`ppl`, `nll`, and for latent models `elbo`, `rec`, `kl`, `mi`, `au` (plus per-group KL
-    and AU when the model has several latent groups), `tokens`, `examples`."""
+    and AU when the model has several latent groups), each mean with its standard error over
+    examples (`*_stderr`), the papers' conventions (`*_layer_mean`, `mi_minibatch`), `tokens`,
+    `examples`."""
     model.eval()
     torch.manual_seed(seed)  # posterior samples: the same run evaluates to the same numbers
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    total_nll, rec, kl, tokens = 0.0, 0.0, 0.0, 0
+    per_example: dict[str, list[torch.Tensor]] = {key: [] for key in ("log_px", "log_px_mean", "rec", "kl", "groups", "tokens")}
     kl_groups, posteriors = [], []
     segment_kl, segment_count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     for rows in eval_batches([len(item.ids) for item in data], batch_size):
         batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
         with autocast:
-            total_nll -= float(log_marginal(model, batch, iw_samples).double().sum())
+            log_px, log_px_mean = log_marginals(model, batch, iw_samples)
+            per_example["log_px"].append(log_px.double().cpu())
+            per_example["log_px_mean"].append(log_px_mean.double().cpu())
             if model.has_latent:
                 out = model(batch)
-                rec += float(out.rec.double().sum())
-                kl += float(out.kl.double().sum())
+                per_example["rec"].append(out.rec.double().cpu())
+                per_example["kl"].append(out.kl.double().cpu())
                 if out.groups_present is not None:  # segments: their number varies by example
                     segment_kl = _add_padded(segment_kl, (out.kl_groups.double() * out.groups_present).sum(0).cpu())
                     segment_count = _add_padded(segment_count, out.groups_present.double().sum(0).cpu())
+                    groups = out.groups_present.sum(1).clamp(min=1)
                 elif out.kl_groups is not None:
                     kl_groups.append(out.kl_groups.double().sum(0))
+                    groups = torch.full((batch.size,), out.kl_groups.shape[1])
+                else:
+                    groups = torch.ones(batch.size)
+                per_example["groups"].append(groups.double().cpu())
                 posteriors.append(model.posterior(batch))
-        tokens += int(counted_tokens(batch, model.tokenizer.sep_id))
-    examples = len(data)
-    metrics = {"ppl": math.exp(total_nll / tokens), "nll": total_nll / examples}
+        per_example["tokens"].append(counted_tokens(batch, model.tokenizer.sep_id).double().cpu())
+    values = {key: torch.cat(parts) for key, parts in per_example.items() if parts}
+    tokens, examples = values["tokens"], len(data)
+    metrics = {**_perplexity("", -values["log_px"], tokens), **_mean("nll", -values["log_px"])}
     if model.has_latent:
+        rec, kl, groups = values["rec"], values["kl"], values["groups"]
         active = active_units(torch.cat([q.mean for q in posteriors]), au_delta)
-        metrics.update(elbo=(rec + kl) / examples, rec=rec / examples, kl=kl / examples)
+        metrics.update(**_mean("elbo", rec + kl), **_mean("rec", rec), **_mean("kl", kl))
         metrics.update(mi=mutual_information(posteriors), au=int(active.sum()))
-        groups = model.latent_group_sizes
-        if len(groups) > 1:
+        sizes = model.latent_group_sizes
+        if len(sizes) > 1:
             metrics["kl_groups"] = (torch.stack(kl_groups).sum(0) / examples).tolist()
-            metrics["au_groups"] = [int(part.sum()) for part in active.split(groups)]
-            metrics["au_mean"] = sum(metrics["au_groups"]) / len(groups)
+            metrics["au_groups"] = [int(part.sum()) for part in active.split(sizes)]
+            metrics["au_mean"] = sum(metrics["au_groups"]) / len(sizes)
         if len(segment_count):
             metrics["kl_segments"] = (segment_kl / segment_count).tolist()
-    metrics.update(tokens=tokens, examples=examples)
+        # the papers' conventions, beside the true quantities (docs/metrics.md)
+        metrics.update(**_mean("kl_layer_mean", kl / groups), **_mean("elbo_layer_mean", rec + kl / groups))
+        metrics.update(**_perplexity("_layer_mean", -values["log_px_mean"], tokens))
+        metrics.update(mi_minibatch=minibatch_mutual_information(posteriors), mi_minibatch_size=batch_size)
+    metrics.update(tokens=int(tokens.sum()), examples=examples)
     return metrics
+
+
+def _mean(name: str, values: torch.Tensor) -> dict[str, float]:
+    """The mean of per-example `values` [N] and its standard error (0 for one example)."""
+    stderr = float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    return {name: float(values.mean()), f"{name}_stderr": stderr}
+
+
+def _perplexity(suffix: str, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    """ppl = exp(sum nll / sum tokens) over examples [N], and its standard error by the delta
+    method for a ratio of sums: se(ppl) = ppl * sd(nll_i - r t_i) / (mean(t) sqrt(N))."""
+    rate = float(nll.sum() / tokens.sum())
+    ppl = math.exp(rate)
+    count = len(nll)
+    spread = float((nll - rate * tokens).std(unbiased=True)) if count > 1 else 0.0
+    return {f"ppl{suffix}": ppl, f"ppl{suffix}_stderr": ppl * spread / (float(tokens.mean()) * math.sqrt(count))}
 
 
 def _add_padded(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:

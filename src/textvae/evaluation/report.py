@@ -17,7 +17,8 @@ from pathlib import Path
 from textvae.errors import TextVAEError
 
 # Table columns in this order, those that at least one run has.
-COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "bleu", "bleu_ref", "ngram_jsd", "mauve",
+COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "ppl_layer_mean", "elbo_layer_mean",
+           "kl_layer_mean", "mi_minibatch", "bleu", "bleu_ref", "ngram_jsd", "mauve",
            "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "rouge_1", "rouge_2", "rouge_l", "bertscore")
 
 
@@ -72,16 +73,18 @@ def metrics_table(records: list[RunRecord]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         cells = [record.name, record.model, record.schedule, str(record.steps or "-")]
-        cells += [_cell(record.metrics.get(key)) for key in columns]
+        cells += [_cell(record.metrics.get(key), record.metrics.get(f"{key}_stderr")) for key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
+def _cell(value, stderr=None) -> str:
+    """A table cell; a mean with its standard error as `mean ± stderr`."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+        text = f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+        return text if stderr is None else f"{text} ± {stderr:.2f}"
     return str(value)
 
 

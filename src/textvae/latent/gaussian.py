@@ -13,6 +13,8 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 class DiagonalGaussian:
+    shape_group = None  # every latent has the same shape (see SegmentChain.shape_group)
+
     def __init__(self, mean: torch.Tensor, log_var: torch.Tensor):
         if mean.shape != log_var.shape:
             raise ValueError(f"mean {tuple(mean.shape)} and log_var {tuple(log_var.shape)} differ")
@@ -43,6 +45,14 @@ class DiagonalGaussian:
         if z.dim() == mean.dim() + 1:
             mean, log_var = mean.unsqueeze(-2), log_var.unsqueeze(-2)
         return -0.5 * (LOG_2PI + log_var + (z - mean) ** 2 * torch.exp(-log_var)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        """Differential entropy summed over P: [...]."""
+        return 0.5 * (LOG_2PI + 1.0 + self.log_var).sum(-1)
+
+    def conditional_entropy(self, z: torch.Tensor) -> torch.Tensor:
+        """The entropy (one group, nothing to condition on; z [..., P] is not read): [...]."""
+        return self.entropy()
 
     def kl_per_dim(self, other: "DiagonalGaussian") -> torch.Tensor:
         """KL(self || other) of each dimension: [..., P]."""

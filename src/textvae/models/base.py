@@ -33,6 +33,26 @@ class Output:
 
 
 @dataclass
+class ImportanceWeights:
+    """log p(x, z_i) - log q(z_i | x) for k posterior samples z_i, in its two parts."""
+
+    reconstruction: torch.Tensor  # [B, k] log p(x | z_i)
+    latent: torch.Tensor  # [B, k] log p(z_i) - log q(z_i | x), summed over the latent groups
+    groups: torch.Tensor  # [B] latent groups of each example (layers, present segments; 1 otherwise)
+
+    @property
+    def total(self) -> torch.Tensor:
+        """[B, k] the true log-weights."""
+        return self.reconstruction + self.latent
+
+    @property
+    def group_mean(self) -> torch.Tensor:
+        """[B, k] log p(x | z_i) + (log p(z_i) - log q(z_i | x)) / groups: the DELLA released
+        code's convention (densities averaged over layers); not a bound on log p(x)."""
+        return self.reconstruction + self.latent / self.groups[:, None].to(self.latent.dtype)
+
+
+@dataclass
 class DecodeState:
     """Everything a decoding loop carries between steps; rows are sequences (beams included)."""
 
@@ -83,9 +103,13 @@ class TextVAE(nn.Module):
         """p(z) (or p(z | condition)) for every example, with the same interface."""
         raise NotImplementedError(f"{self.name} has no latent variables")
 
+    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
+        """The two parts of log p(x, z_i) - log q(z_i | x) for k posterior samples z_i."""
+        raise NotImplementedError
+
     def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
         """[B, k] log p(x, z_i) - log q(z_i | x) for k posterior samples z_i."""
-        raise NotImplementedError
+        return self.importance_weights(batch, k).total
 
     def target_nll(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Summed NLL of each example's target tokens. hidden: [B, T, H] -> [B].

@@ -8,16 +8,21 @@ product (DELLA paper section 4; DESIGN.md section 4.2).
                    each position layer-normalised first (`state_norm`; false: the paper's raw states)
     KL             sum over layers of KL(q(z_l | z_<l, x) || p(z_l | z_<l)) at the sampled z_<l
     fusion         every value vector v of decoder layer l becomes
-                   v' = sum_{j=1..r} (U_j [v; 1]) * (V_j [z_l; 1])
+                   v' = sum_{j=1..r} (U_j [v; 1]) * (V_j [z_l; 1])   (`ltp_form: lowrank`, default:
+                   the true rank-r tensor product of Liu et al. 2018), or Eq. 9 as printed,
+                   v' = (sum_j W_v^j [v; 1]) * (sum_j W_z^j [z_l; 1])   (`ltp_form: paper`: a
+                   product of sums, which collapses to one gate whatever r is)
     conditional    (section 4.4, .jsonl data) posterior and prior also read c_l, the pooled
                    encoder state of the source: Q_l [s_l; x_l; c_l], P_l [s_l; c_l]
 
 Ablations (config): `fusion: add` (v' = v + W z_l, the -LTP row), `layerwise: false` (one
 latent, inferred from the top latent layer, fused into every layer: -LW), `latent_begin/latent_end`,
 `independent: true` (no s_l, every prior N(0, I): "Separate"), `kl_layers: first | last`
-(penalise one layer's KL only), `ltp_init: random` (the paper's initialisation instead of the
-identity) and `kl_reduction: mean` (the released code averages the KL over layers; the
-reported KL is always the sum, the true KL of the chain).
+(penalise one layer's KL only), `ltp_init: random` (the released code's initialisation,
+normal(0, 0.02) weights and zero biases, instead of the identity v' = v), `pooling: first`
+(x_l is the first token's state, as in the paper; default: attention pooling) and
+`kl_reduction: mean` (the released code averages the KL over layers; the reported KL is
+always the sum, the true KL of the chain).
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from textvae.data.batching import Batch, pad_rows
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
 from textvae.latent.regularizers import BagOfWords, thresholded_kl
-from textvae.models.base import Output, TextVAE
-from textvae.models.encoder import AttentionPooling, TextEncoder
+from textvae.models.base import ImportanceWeights, Output, TextVAE
+from textvae.models.encoder import POOLINGS, AttentionPooling, TextEncoder
 
 
 @dataclass
@@ -45,8 +50,10 @@ class DellaConfig:
     rank: int = 4  # r of the low-rank tensor product
     share_encoder: bool = True
     state_norm: bool = True  # layer-normalise the per-layer encoder states x_l, c_l (see TextEncoder)
+    pooling: str = "attention"  # attention | first | mean: how x_l summarises layer l (models/encoder.py)
     fusion: str = "ltp"  # ltp | add
-    ltp_init: str = "identity"  # identity (v' = v at the start) | random (the paper)
+    ltp_form: str = "lowrank"  # lowrank (sum of r products) | paper (Eq. 9: product of two sums)
+    ltp_init: str = "identity"  # identity (v' = v at the start) | random (the released code)
     latent_begin: int = 1  # first layer with a latent (1-based)
     latent_end: int | None = None  # last layer with a latent (default: the top layer)
     independent: bool = False  # Separate: no summary of lower latents, priors N(0, I)
@@ -58,7 +65,8 @@ class DellaConfig:
     conditional: bool | None = None  # CVAE: prior and posterior read the source (None: when the data has one)
 
     def validate(self) -> None:
-        choices = {"fusion": ("ltp", "add"), "ltp_init": ("identity", "random"),
+        choices = {"fusion": ("ltp", "add"), "ltp_init": ("identity", "random"), "ltp_form": ("lowrank", "paper"),
+                   "pooling": POOLINGS,
                    "kl_layers": ("all", "first", "last"), "kl_reduction": ("sum", "mean")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -84,9 +92,11 @@ class LowRankTensorFusion(nn.Module):
         self.value_maps = nn.Parameter(torch.empty(rank, value_size, value_size))  # U_j (out, in)
         self.value_bias = nn.Parameter(torch.zeros(rank, value_size))  # u_j
         self.gates = nn.Linear(latent_size, rank * value_size)  # V_j [z; 1]
-        bound = 1 / math.sqrt(value_size)
-        nn.init.uniform_(self.value_maps, -bound, bound)  # nn.Linear's default
-        if init == "identity":  # U_1 = I, V_1 [z; 1] = 1, V_j = 0 above: v' = v, all parts trainable
+        if init == "random":  # the released code: normal(0, 0.02) weights, zero biases
+            released_init(weights=(self.value_maps, self.gates.weight), biases=(self.value_bias, self.gates.bias))
+        else:  # U_1 = I, V_1 [z; 1] = 1, the rest 0: v' = v, all parts trainable
+            bound = 1 / math.sqrt(value_size)
+            nn.init.uniform_(self.value_maps, -bound, bound)  # nn.Linear's default for U_j, j > 1
             with torch.no_grad():
                 self.value_maps[0].copy_(torch.eye(value_size))
                 nn.init.zeros_(self.gates.weight)
@@ -109,6 +119,46 @@ class LowRankTensorFusion(nn.Module):
             return torch.einsum("btw,bvw->btv", values, matrices) + bias
         projected = (values @ maps.flatten(0, 1).T).view(batch, length, self.rank, self.value_size)
         return (projected * gates[:, None]).sum(2) + bias
+
+
+class ProductOfSumsFusion(nn.Module):
+    """Eq. 9 as printed: v' = (sum_j (W_v^j v + b_v^j)) * (sum_j (W_z^j z + b_z^j)) for values
+    [B, T, V], z [B, P]. The sums are taken before the product, so this is one value map times
+    one latent gate for any r (r only changes the parametrisation)."""
+
+    def __init__(self, value_size: int, latent_size: int, rank: int, init: str):
+        super().__init__()
+        self.value_maps = nn.Parameter(torch.empty(rank, value_size, value_size))  # W_v^j (out, in)
+        self.value_bias = nn.Parameter(torch.zeros(rank, value_size))
+        self.gate_maps = nn.Parameter(torch.empty(rank, value_size, latent_size))  # W_z^j (out, in)
+        self.gate_bias = nn.Parameter(torch.zeros(rank, value_size))
+        if init == "random":
+            released_init(weights=(self.value_maps, self.gate_maps), biases=(self.value_bias, self.gate_bias))
+        else:  # sum_j W_v^j = I, sum_j W_z^j z = 0, sum_j b_z^j = 1: v' = v
+            with torch.no_grad():
+                self.value_maps.zero_()
+                self.value_maps[0].copy_(torch.eye(value_size))
+                self.gate_maps.zero_()
+                self.gate_bias[0] = 1.0
+
+    def prepare(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        """The gate (sum_j W_z^j) z + sum_j b_z^j: ([B, V],)."""
+        return (latent @ self.gate_maps.sum(0).to(latent.dtype).T + self.gate_bias.sum(0).to(latent.dtype),)
+
+    def forward(self, values: torch.Tensor, latent) -> torch.Tensor:
+        """values [B, T, V]; latent: z [B, P], or `prepare(z)`."""
+        (gate,) = self.prepare(latent) if isinstance(latent, torch.Tensor) else latent
+        mapped = values @ self.value_maps.sum(0).to(values.dtype).T + self.value_bias.sum(0).to(values.dtype)
+        return mapped * gate[:, None].to(values.dtype)
+
+
+def released_init(weights: tuple[torch.Tensor, ...], biases: tuple[torch.Tensor, ...]) -> None:
+    """The released DELLA code's initialisation: weights normal(0, 0.02), biases 0."""
+    with torch.no_grad():
+        for weight in weights:
+            weight.normal_(0.0, 0.02)
+        for bias in biases:
+            bias.zero_()
 
 
 class AdditiveFusion(nn.Module):
@@ -139,6 +189,8 @@ class LatentChain:
     part for the posterior, the condition part of a conditional prior, None for N(0, I) at
     the bottom of an unconditional prior. Scoring many latents per example ([B, k, nP]) thus
     never copies them."""
+
+    shape_group = None  # every latent has the same shape (see SegmentChain.shape_group)
 
     def __init__(self, latents: "LayerwiseLatents", terms: list[torch.Tensor] | None, summary_heads, batch: int, device):
         self.latents, self.terms, self.summary_heads = latents, terms, summary_heads
@@ -187,6 +239,11 @@ class LatentChain:
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log density of z [B, nP] or [B, k, nP] along the chain: [B] or [B, k]."""
         return sum(distribution.log_prob(part) for distribution, part in self.layers_along(z))
+
+    def conditional_entropy(self, z: torch.Tensor) -> torch.Tensor:
+        """sum_l H(q(z_l | z_<l)) with z_<l read from z [B, nP]: [B] (its mean over z ~ q is
+        the chain's entropy)."""
+        return sum(distribution.entropy() for distribution, _ in self.layers_along(z))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -258,16 +315,19 @@ class Della(TextVAE):
         # layers whose pooled encoder state infers a latent: all of them, or the top one (-LW)
         self.inference_layers = self.latent_layers if config.layerwise else self.latent_layers[-1:]
         size = config.latent_size
-        self.encoder = TextEncoder(backbone, layers=self.inference_layers, share=config.share_encoder,
-                                   normalize=config.state_norm)
         self.conditional = bool(config.conditional)
+        if self.conditional and config.pooling == "first":  # the first token belongs to the source
+            raise TextVAEError("model.pooling=first is for unconditional DELLA: on a conditional run the first token is the source's")
+        self.encoder = TextEncoder(backbone, layers=self.inference_layers, share=config.share_encoder,
+                                   normalize=config.state_norm, pooling=config.pooling)
         if self.conditional:  # c_l: pooled over the source prefix of the same encoder pass
             self.condition_pooling = AttentionPooling(backbone.hidden_size, len(self.inference_layers))
         self.latents = LayerwiseLatents(len(self.inference_layers), size, backbone.hidden_size, config.independent, self.conditional)
         fusions: list[nn.Module | None] = [None] * backbone.num_layers
         for layer in self.latent_layers:
             if config.fusion == "ltp":
-                fusions[layer - 1] = LowRankTensorFusion(backbone.value_size, size, config.rank, config.ltp_init)
+                form = LowRankTensorFusion if config.ltp_form == "lowrank" else ProductOfSumsFusion
+                fusions[layer - 1] = form(backbone.value_size, size, config.rank, config.ltp_init)
             else:
                 fusions[layer - 1] = AdditiveFusion(backbone.value_size, size)
         inject_value_fusion(backbone, fusions)  # the wrappers own the fusions' parameters
@@ -364,11 +424,13 @@ class Della(TextVAE):
             logs["bow"] = bow.mean()
         return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups, z=z, logs=logs)
 
-    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
-        """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x) along the chain, z_i ~ q(z | x)."""
+    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
+        """log p(x | z_i) and log p(z_i) - log q(z_i | x) along the chain, z_i ~ q(z | x):
+        [B, k] each; one group per latent layer."""
         posterior, prior = self._distributions(batch)
         z = posterior.rsample(k)  # [B, k, nP]
         repeated = batch.select(torch.arange(batch.size, device=z.device).repeat_interleave(k))
         log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
-        return log_px_z + prior.log_prob(z) - posterior.log_prob(z)
+        groups = torch.full((batch.size,), float(len(self.inference_layers)), device=z.device)
+        return ImportanceWeights(log_px_z, prior.log_prob(z) - posterior.log_prob(z), groups)
 

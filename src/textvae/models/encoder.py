@@ -1,5 +1,7 @@
-"""The posterior's text encoder: the backbone run with a bidirectional mask, then a learned
-attention pooling of every requested layer's hidden states over the non-pad positions.
+"""The posterior's text encoder: the backbone run with a bidirectional mask, then a pooling
+of every requested layer's hidden states over the non-pad positions: a learned attention
+pooling (the default), the first token's state (the DELLA paper's "hidden state of the first
+token" / "state of a special token": the BOS position), or the mean.
 
 Both papers share the encoder's weights with the decoder (`share_encoder: true`); with
 `share_encoder: false` the encoder is a separate copy of the backbone made at construction,
@@ -37,11 +39,44 @@ class AttentionPooling(nn.Module):
         return torch.einsum("bst,bsth->bsh", weights, hidden)
 
 
+class FirstTokenPooling(nn.Module):
+    """The state of each text's first real position (its BOS): no parameters."""
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, S, T, H], attention_mask: [B, T] -> [B, S, H]."""
+        first = attention_mask.long().argmax(-1)  # padding may sit on either side
+        index = first[:, None, None, None].expand(-1, hidden.shape[1], 1, hidden.shape[-1])
+        return hidden.gather(2, index)[:, :, 0]
+
+
+class MeanPooling(nn.Module):
+    """The mean state over the real positions: no parameters."""
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, S, T, H], attention_mask: [B, T] -> [B, S, H]."""
+        weights = attention_mask.to(hidden.dtype)
+        return torch.einsum("bt,bsth->bsh", weights, hidden) / weights.sum(-1)[:, None, None]
+
+
+POOLINGS = ("attention", "first", "mean")
+
+
+def make_pooling(kind: str, hidden_size: int, num_states: int) -> nn.Module:
+    """One of POOLINGS for `num_states` pooled layers of width `hidden_size`."""
+    if kind == "attention":
+        return AttentionPooling(hidden_size, num_states)
+    if kind == "first":
+        return FirstTokenPooling()
+    if kind == "mean":
+        return MeanPooling()
+    raise TextVAEError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {kind!r}")
+
+
 class TextEncoder(nn.Module):
     """Pooled bidirectional states of layers `layers` (1-based; L = the final, normalised one)."""
 
     def __init__(self, backbone: Backbone, layers: list[int], share: bool = True, pooled: bool = True,
-                 normalize: bool = False):
+                 normalize: bool = False, pooling: str = "attention"):
         super().__init__()
         # Pre-norm backbones (GPT-2, Llama) hand out un-normalised residual streams below the top
         # layer; their scale grows with depth (SmolLM2: rms 2 -> 35, single entries near 700), too
@@ -52,7 +87,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"encoder layers must lie in 1..{backbone.num_layers}, got {layers}")
         self.layers = list(layers)
         # segment-wise models read states at given positions and need no pooling
-        self.pooling = AttentionPooling(backbone.hidden_size, len(self.layers)) if pooled else None
+        self.pooling = make_pooling(pooling, backbone.hidden_size, len(self.layers)) if pooled else None
         self.own_backbone = None
         if not share and backbone.is_encoder_decoder:
             raise TextVAEError("model.share_encoder=false is for decoder-only backbones: an encoder-decoder "

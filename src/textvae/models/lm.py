@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from textvae.data.batching import Batch
-from textvae.models.base import Output, TextVAE
+from textvae.models.base import ImportanceWeights, Output, TextVAE
 
 
 @dataclass
@@ -28,6 +28,7 @@ class LanguageModel(TextVAE):
         rec = self.target_nll(hidden, batch)
         return Output(loss=rec.mean(), rec=rec, kl=torch.zeros_like(rec))
 
-    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
-        """Exact log p(x), repeated k times: [B, k]."""
-        return (-self.forward(batch).rec)[:, None].expand(-1, k)
+    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
+        """Exact log p(x), repeated k times: [B, k]; no latent part."""
+        log_px = (-self.forward(batch).rec)[:, None].expand(-1, k)
+        return ImportanceWeights(log_px, torch.zeros_like(log_px), torch.ones(batch.size, device=log_px.device))

@@ -27,8 +27,8 @@ from textvae.data.batching import Batch
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
 from textvae.latent.regularizers import BagOfWords, MeanBatchNorm, thresholded_kl
-from textvae.models.base import Output, TextVAE
-from textvae.models.encoder import TextEncoder
+from textvae.models.base import ImportanceWeights, Output, TextVAE
+from textvae.models.encoder import POOLINGS, TextEncoder
 
 
 @dataclass
@@ -36,6 +36,7 @@ class SingleLatentConfig:
     name: str = "embed"
     latent_size: int = 32
     share_encoder: bool = True  # encoder = the decoder's weights run bidirectionally
+    pooling: str = "attention"  # attention | first | mean: the encoder states' summary (models/encoder.py)
     kl_threshold: float = 0.0  # per-dimension free bits (Optimus' lambda); 0 = off
     bow_weight: float = 0.0  # weight of the bag-of-words loss; 0 = off
     mean_bn_gamma: float | None = None  # batch-norm the posterior mean with this fixed scale
@@ -43,6 +44,8 @@ class SingleLatentConfig:
     def validate(self) -> None:
         if self.latent_size < 1:
             raise TextVAEError(f"model.latent_size must be >= 1, got {self.latent_size}")
+        if self.pooling not in POOLINGS:
+            raise TextVAEError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.kl_threshold < 0 or self.bow_weight < 0:
             raise TextVAEError("model.kl_threshold and model.bow_weight must be >= 0")
         if self.mean_bn_gamma is not None and self.mean_bn_gamma <= 0:
@@ -64,7 +67,7 @@ class SingleLatentVAE(TextVAE):
     def __init__(self, backbone, tokenizer, config: SingleLatentConfig):
         super().__init__(backbone, tokenizer, config)
         hidden, latent = backbone.hidden_size, config.latent_size
-        self.encoder = TextEncoder(backbone, layers=[backbone.num_layers], share=config.share_encoder)
+        self.encoder = TextEncoder(backbone, layers=[backbone.num_layers], share=config.share_encoder, pooling=config.pooling)
         self.posterior_head = nn.Linear(hidden, 2 * latent)
         self.mean_norm = MeanBatchNorm(latent, config.mean_bn_gamma) if config.mean_bn_gamma else None
         if "embed" in self.injection_points:
@@ -133,8 +136,8 @@ class SingleLatentVAE(TextVAE):
             logs["bow"] = bow.mean()
         return Output(loss=loss.mean(), rec=rec, kl=kl, z=z, logs=logs)
 
-    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
-        """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i ~ q(z | x)."""
+    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
+        """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i ~ q(z | x): [B, k] each."""
         posterior, prior = self.posterior(batch), self.prior(batch)
         z = posterior.rsample(k)  # [B, k, P]
         rows = torch.arange(batch.size, device=z.device).repeat_interleave(k)
@@ -145,7 +148,7 @@ class SingleLatentVAE(TextVAE):
             log_px_z = -self.target_nll(shifted, repeated).view(batch.size, k)
         else:
             log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
-        return log_px_z + prior.log_prob(z) - posterior.log_prob(z)
+        return ImportanceWeights(log_px_z, prior.log_prob(z) - posterior.log_prob(z), torch.ones(batch.size, device=z.device))
 
 
 class Embed(SingleLatentVAE):

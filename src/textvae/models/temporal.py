@@ -14,8 +14,9 @@ closing position:
     trace-r  p(z_t | z_<t, x_<t) = N(mu_t, sigma_t^2), [mu_t, log sigma_t^2] = F [z_{t-1}; x_<t]
              (p(z_1) = N(0, I) without a source); residual posterior
              q(z_t | z_<t, x_<=t) = N(mu_t + d_mu_t, sigma_t^2 d_sigma_t^2),
-             [d_mu_t, log d_sigma_t^2] = G x_t, d_mu_t normalised with a fixed scale gamma
-             (`posterior_norm`), so KL_t >= P gamma^2 / (2 max_d sigma_t,d^2) cannot vanish
+             [d_mu_t, log d_sigma_t^2] = Norm(G x_t) (`ResidualNorm`: which part is normalised,
+             with a fixed scale gamma and a fixed or learned shift beta); with d_mu alone and
+             beta = 0, KL_t >= P gamma^2 / (2 max_d sigma_t,d^2) cannot vanish (Theorem 1)
     trace-p  the model defined by the parallel sampler of section 4.2 / appendix B.2: q(v)
              and p(v) factorise over segments given the text (trace-r's heads without the
              z-to-z term), u_t from v_t, z_t = v_t + sum_{i<t} u_i
@@ -41,7 +42,7 @@ from textvae.data.segment import Segmenter, segment_closers, segment_ids
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
 from textvae.latent.regularizers import thresholded_kl
-from textvae.models.base import DecodeState, Output, TextVAE
+from textvae.models.base import DecodeState, ImportanceWeights, Output, TextVAE
 from textvae.models.encoder import TextEncoder
 
 
@@ -52,8 +53,11 @@ class TemporalConfig:
     segment: str = "fixed"  # fixed | sentence
     segment_length: int = 10  # tokens per segment (fixed)
     share_encoder: bool = True
-    posterior_norm: str = "ln"  # ln | bn | none: normalisation of TRACE's residual d_mu
+    posterior_norm: str = "ln"  # ln | bn | none: normalisation of TRACE's residual posterior
+    norm_over: str = "mean"  # mean (d_mu only) | both ([d_mu, log d_sigma^2] together, Eq. 11)
+    norm_shift: str = "zero"  # zero | learned: the normalisation's shift beta (BN-VAE learns it)
     ln_gamma: float = 3.0  # its fixed scale
+    residual_posterior: bool = True  # false: Table 5's -RP, q(z_t | x_t) = N(d_mu_t, d_sigma_t^2)
     spectral_norm: bool = True  # trace-p: on the z-to-z maps F_mu1, F_sig1
     kl_threshold: float = 0.0  # per-dimension free bits; 0 = off
     conditional: bool | None = None  # the source is segment 0 (None: when the data has one)
@@ -62,6 +66,12 @@ class TemporalConfig:
         Segmenter(self.segment, self.segment_length).validate()
         if self.posterior_norm not in ("ln", "bn", "none"):
             raise TextVAEError(f"model.posterior_norm must be ln, bn or none, got {self.posterior_norm!r}")
+        if self.norm_over not in ("mean", "both"):
+            raise TextVAEError(f"model.norm_over must be mean or both, got {self.norm_over!r}")
+        if self.norm_shift not in ("zero", "learned"):
+            raise TextVAEError(f"model.norm_shift must be zero or learned, got {self.norm_shift!r}")
+        if self.posterior_norm == "none" and self.norm_shift == "learned":
+            raise TextVAEError("model.norm_shift=learned needs a normalisation (model.posterior_norm ln or bn)")
         if self.latent_size < 1 or self.ln_gamma <= 0 or self.kl_threshold < 0:
             raise TextVAEError("model.latent_size >= 1, model.ln_gamma > 0 and model.kl_threshold >= 0 needed")
 
@@ -155,6 +165,10 @@ class SegmentChain:
         present = self.present if z.dim() == 3 else self.present[:, None]
         return (per_slot * present).sum(-1)
 
+    def conditional_entropy(self, z: torch.Tensor) -> torch.Tensor:
+        """sum_t H(q(z_t | z_{t-1})) over present slots, z_{t-1} read from z [B, L, P]: [B]."""
+        return (self.given(z).entropy() * self.present).sum(-1)
+
     @property
     def shape_group(self) -> torch.Tensor:
         """Latent slots of each example [B]: latents of different counts live in different
@@ -187,27 +201,44 @@ class SegmentChain:
 
 
 class ResidualNorm(nn.Module):
-    """Normalises TRACE's residual mean d_mu with a fixed scale gamma (no learned shift):
-    `ln` per latent vector (sum_d d_mu_d^2 = P gamma^2, up to layer_norm's eps), `bn` per
-    dimension over the batch's slots (E[d_mu_d^2] = gamma^2), `none` leaves it."""
+    """Normalises the residual posterior's output [d_mu, log d_sigma^2] ([..., 2P]) with a
+    fixed scale gamma (never trained) and a shift beta, fixed at 0 or learned from 0:
 
-    def __init__(self, kind: str, size: int, gamma: float):
+        over    mean: d_mu alone (P values) | both: all 2P values together (Eq. 11 as printed)
+        kind    ln: per latent vector; bn: per dimension over the batch's present slots; none
+        shift   zero | learned (BN-VAE's learned beta, which Theorem 1's proof cites)
+
+    `ln` + `mean` + `zero` makes Theorem 1's floor exact: sum_d d_mu_d^2 = P gamma^2 (up to
+    layer_norm's eps) for every vector. A learned shift, or normalising both halves, lets the
+    KL go below it."""
+
+    def __init__(self, kind: str, size: int, gamma: float, over: str = "mean", shift: str = "zero"):
         super().__init__()
-        self.kind, self.gamma = kind, gamma
+        self.kind, self.size, self.gamma, self.over = kind, size, gamma, over
+        width = size if over == "mean" else 2 * size
+        self.shift = nn.Parameter(torch.zeros(width)) if shift == "learned" and kind != "none" else None
         if kind == "bn":
-            self.batch_norm = nn.BatchNorm1d(size, affine=False)
+            self.batch_norm = nn.BatchNorm1d(width, affine=False)
 
-    def forward(self, residual_mean: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """residual_mean [B, L, P] (float32), present [B, L] -> [B, L, P]."""
+    def forward(self, residual: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """residual [B, L, 2P] (float32), present [B, L] -> [B, L, 2P]."""
+        if self.kind == "none":
+            return residual
+        if self.over == "mean":
+            mean, log_var = residual.split(self.size, dim=-1)
+            return torch.cat([self.normalise(mean, present), log_var], dim=-1)
+        return self.normalise(residual, present)
+
+    def normalise(self, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         if self.kind == "ln":
-            return self.gamma * F.layer_norm(residual_mean, residual_mean.shape[-1:])
-        if self.kind == "bn":
-            rows = residual_mean[present]
+            normed = self.gamma * F.layer_norm(values, values.shape[-1:])
+        else:
+            rows = values[present]
             norm = self.batch_norm
             use_batch = self.training and rows.shape[0] > 1
-            normed = F.batch_norm(rows, norm.running_mean, norm.running_var, training=use_batch, momentum=norm.momentum, eps=norm.eps)
-            return residual_mean.masked_scatter(present[..., None], self.gamma * normed)
-        return residual_mean
+            rows = F.batch_norm(rows, norm.running_mean, norm.running_var, training=use_batch, momentum=norm.momentum, eps=norm.eps)
+            normed = values.masked_scatter(present[..., None], self.gamma * rows)
+        return normed if self.shift is None else normed + self.shift
 
 
 class SegmentLatentVAE(TextVAE):
@@ -299,8 +330,9 @@ class SegmentLatentVAE(TextVAE):
         return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups,
                       groups_present=layout.slots.bool(), z=z, logs=logs)
 
-    def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
-        """[B, k] log p(x | z_i) + log p(z_i) - log q(z_i | x), z_i from the posterior chain."""
+    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
+        """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i from the posterior chain: [B, k]
+        each; one group per present segment."""
         layout, posterior, prior = self.distributions(batch)
         latent = posterior.rsample(k)  # [B, k, L, P]
         rows = torch.arange(batch.size, device=latent.device).repeat_interleave(k)
@@ -308,7 +340,8 @@ class SegmentLatentVAE(TextVAE):
         repeated_layout = SegmentLayout(layout.segments[rows], layout.closers[rows], layout.present[rows], layout.offset)
         z = self.decoder_latent(latent.flatten(0, 1))
         log_px_z = -self.decoder_nll(repeated, z, repeated_layout).view(batch.size, k)
-        return log_px_z + prior.log_prob(latent) - posterior.log_prob(latent)
+        groups = layout.slots.sum(1).float().clamp(min=1)
+        return ImportanceWeights(log_px_z, prior.log_prob(latent) - posterior.log_prob(latent), groups)
 
     # --- generation: a new latent each time [SEP] is emitted -----------------------------
     def next_prior(self, before: torch.Tensor, previous: torch.Tensor | None, first: bool) -> DiagonalGaussian:
@@ -383,7 +416,8 @@ class TraceR(SegmentLatentVAE):
         # log-variance, sigma_t) grow geometrically over the segments of a long text
         nn.init.zeros_(self.prior_from_latent.weight)
         self.residual_from_text = nn.Linear(hidden, 2 * size)  # G
-        self.residual_norm = ResidualNorm(self.config.posterior_norm, size, self.config.ln_gamma)
+        config = self.config
+        self.residual_norm = ResidualNorm(config.posterior_norm, size, config.ln_gamma, config.norm_over, config.norm_shift)
 
     def prior_base(self, before: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
         """F's text part for every slot [B, L, 2P]; zero at the first slot without a source,
@@ -396,10 +430,11 @@ class TraceR(SegmentLatentVAE):
     def chains(self, states, layout):
         slots = layout.slots
         own = states["intra"][:, layout.offset :]
-        residual_mean, residual_log_var = self.residual_from_text(own).float().chunk(2, dim=-1)
-        residual = torch.cat([self.residual_norm(residual_mean, slots), residual_log_var], dim=-1)
+        residual = self.residual_norm(self.residual_from_text(own).float(), slots)
         base = self.prior_base(states["before"], layout)
         prior = SegmentChain(base, slots, self.prior_from_latent)
+        if not self.config.residual_posterior:  # -RP: the posterior ignores the prior
+            return SegmentChain(residual, slots), prior
         posterior = SegmentChain(base, slots, self.prior_from_latent, residual)
         return posterior, prior
 
@@ -445,7 +480,7 @@ class TraceP(TraceR):
     def chains(self, states, layout):
         posterior, prior = super().chains(states, layout)
         return (SegmentChain(posterior.base, posterior.present, residual=posterior.residual),
-                SegmentChain(prior.base, prior.present))
+                SegmentChain(prior.base, prior.present))  # both without the z-to-z term
 
     def increments(self, v: torch.Tensor) -> torch.Tensor:
         """u = F_mu1 v + (F_sig1 v) * xi for v [..., P] (fresh noise xi): same shape."""

@@ -241,7 +241,7 @@ class Trainer:
                 (out.loss * weight).backward()
             micro = {"loss": out.loss.detach() * len(rows), "rec": out.rec.detach().sum(), "kl": out.kl.detach().sum()}
             micro.update({key: torch.as_tensor(value).detach() * len(rows) for key, value in out.logs.items()})
-            micro.update(tokens=counted_tokens(batch, self.sep_id), examples=torch.tensor(len(rows)))
+            micro.update(tokens=counted_tokens(batch, self.sep_id).sum(), examples=torch.tensor(len(rows)))
             for key, value in micro.items():
                 sums[key] = sums.get(key, 0.0) + value.double().to(self.env.device)
         max_norm = self.train_config.grad_clip if self.train_config.grad_clip > 0 else float("inf")
@@ -267,7 +267,7 @@ class Trainer:
                 batch = collate([self.valid_data[i] for i in rows], self.pad_id).to(self.env.device)
                 with self.env.autocast():
                     out = self.model(batch, 1.0)
-                sums += [out.rec.sum().item(), out.kl.sum().item(), counted_tokens(batch, self.sep_id).item(), batch.size]
+                sums += [out.rec.sum().item(), out.kl.sum().item(), counted_tokens(batch, self.sep_id).sum().item(), batch.size]
             rec, kl, tokens, examples = sums
             record = {
                 "split": "valid",

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
 from textvae.backbone.backbone import Backbone
 from textvae.data.corpus import BUNDLED
@@ -85,3 +86,24 @@ def uncached_greedy(model, latent, steps: int) -> list[int]:
             hidden = model.backbone(ids, torch.ones_like(ids), **model.injections(latent)).hidden
         tokens.append(int(model.backbone.logits(hidden[:, -1]).argmax(-1)))
     return tokens[1:]
+
+
+def save_hf_folder(folder, family: str, tokenizer, missing_rows: int = 0):
+    """A tiny random model plus a fast tokenizer that knows BOS/EOS but has no SEP or PAD
+    tokens of its own; with `missing_rows`, the model lacks embeddings for the tokenizer's last
+    ids, as a pretrained model lacks rows for tokens a run adds."""
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, bos_token="<bos>", eos_token="<eos>")
+    vocab = hf_tokenizer.backend_tokenizer.get_vocab_size() - missing_rows
+    if family == "bart":
+        model = BartForConditionalGeneration(BartConfig(
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, vocab_size=vocab))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=vocab))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=vocab,
+                                             max_position_embeddings=64))
+    model.save_pretrained(folder)
+    hf_tokenizer.save_pretrained(folder)
+    return model

@@ -5,10 +5,8 @@ import math
 
 import pytest
 import torch
-from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, PreTrainedTokenizerFast)
 
-from conftest import demo_lines
+from conftest import demo_lines, save_hf_folder
 from textvae.backbone.backbone import Backbone
 from textvae.backbone.inject import inject_value_fusion
 from textvae.backbone.load import load_pretrained
@@ -20,30 +18,11 @@ from textvae.models.lm import LanguageModel, LMConfig
 from test_injection import ScaleFusion
 
 
-def _save_hf_folder(folder, family, tokenizer: TextTokenizer):
-    """A tiny random model plus a fast tokenizer that knows BOS/EOS but has no SEP or PAD."""
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, bos_token="<bos>", eos_token="<eos>")
-    vocab = hf_tokenizer.backend_tokenizer.get_vocab_size()
-    if family == "bart":
-        model = BartForConditionalGeneration(BartConfig(
-            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, vocab_size=vocab))
-    elif family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=vocab))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
-                                             num_key_value_heads=2, intermediate_size=64, vocab_size=vocab,
-                                             max_position_embeddings=64))
-    model.save_pretrained(folder)
-    hf_tokenizer.save_pretrained(folder)
-    return model
-
-
 @pytest.mark.parametrize("family", ("gpt2", "llama"))
 def test_local_folder_backbone_trains_with_its_own_tokenizer(family, tiny_txt, tmp_path):
     bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
     folder = tmp_path / "hf"
-    original = _save_hf_folder(folder, family, bpe)
+    original = save_hf_folder(folder, family, bpe)
     causal_lm, tokenizer = load_pretrained(str(folder), None, "sdpa")
     assert tokenizer.encode("a dog runs") == bpe.encode("a dog runs")  # the folder's tokenizer
     assert tokenizer.bos_id == bpe.bos_id and tokenizer.pad_id == tokenizer.eos_id  # PAD falls back to EOS
@@ -63,7 +42,7 @@ def test_local_folder_backbone_trains_with_its_own_tokenizer(family, tiny_txt, t
 def test_local_encoder_decoder_folder_trains_della_on_source_target_data(tiny_jsonl, tmp_path):
     bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
     folder = tmp_path / "bart"
-    original = _save_hf_folder(folder, "bart", bpe)
+    original = save_hf_folder(folder, "bart", bpe)
     seq2seq_lm, tokenizer = load_pretrained(str(folder), None, "sdpa")
     assert seq2seq_lm.config.is_encoder_decoder
     name = "model.shared.weight"

@@ -61,11 +61,16 @@ def _train_and_die(args, kill_at_step):
 LATENT = ["--model", "della", "--set", "model.latent_size=4", "--set", "kl.schedule=cyclical", "--set", "kl.period_epochs=1"]
 
 
-@pytest.mark.parametrize("model", ("lm", "della"))
+LORA = ["--set", "backbone.adapter=lora", "--set", "backbone.lora_rank=2"]
+
+
+@pytest.mark.parametrize("model", ("lm", "della", "della-lora"))
 def test_resume_after_kill_equals_uninterrupted_run(model, tiny_txt, tmp_path):
     """For a latent model the posterior noise comes from the checkpointed RNG state, so the
-    resumed run draws the same latents: losses and weights are still bit-identical."""
-    common = ["--data", str(tiny_txt), "--max-steps", "14", *BASE, *(LATENT if model == "della" else []),
+    resumed run draws the same latents: losses and weights are still bit-identical. With LoRA
+    the checkpoints hold only what trains and the base is drawn again from the seed."""
+    common = ["--data", str(tiny_txt), "--max-steps", "14", *BASE, *(LATENT if model != "lm" else []),
+              *(LORA if model.endswith("lora") else []),
               "--set", "train.batch_size=16", "--set", "train.checkpoint_every=4"]  # 10 batches/epoch: crosses an epoch
     straight = tmp_path / "straight"
     assert main(["train", "--out", str(straight), *common]) == 0
@@ -110,9 +115,10 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_txt, tmp_path):
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-5)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tiny_txt, tmp_path):
+@pytest.mark.parametrize("mode", ("full", "lora"))
+def test_two_processes_match_one_with_the_same_global_batch(mode, tiny_txt, tmp_path):
     args = ["--data", str(tiny_txt), "--max-steps", "4", *BASE, "--set", "backbone.dropout=0.0",
-            "--set", "train.batch_size=16", "--set", "train.checkpoint_every=2"]
+            "--set", "train.batch_size=16", "--set", "train.checkpoint_every=2", *(LORA if mode == "lora" else [])]
     single = tmp_path / "single"
     assert main(["train", "--out", str(single), *args]) == 0
     double = tmp_path / "double"

@@ -64,11 +64,32 @@ class BackboneConfig:
     spec: str = "gpt2-tiny"  # preset name, local Hugging Face folder, .gguf file, or "smollm2"
     dropout: float | None = None  # overrides the backbone's dropout rates when set
     attn_implementation: str = "sdpa"  # sdpa | eager
+    # how the backbone's own weights train (backbone/adapters.py)
+    adapter: str = "none"  # none (full fine-tuning) | lora (PEFT LoRA over the frozen base)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # module name suffixes; None: the family's defaults
+    freeze_layers: int = 0  # the embeddings and the bottom N layers frozen (and left without adapter)
 
     def validate(self) -> None:
         _check_choice("backbone.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _check_choice("backbone.adapter", self.adapter, ("none", "lora"))
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise TextVAEError(f"backbone.dropout must be in [0, 1), got {self.dropout}")
+        _check_positive("backbone.lora_rank", self.lora_rank)
+        if self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise TextVAEError(f"backbone.lora_alpha must be > 0 and backbone.lora_dropout in [0, 1), got "
+                               f"{self.lora_alpha} and {self.lora_dropout}")
+        if self.lora_targets is not None and not (self.lora_targets and all(isinstance(t, str) and t for t in self.lora_targets)):
+            raise TextVAEError("backbone.lora_targets must be a non-empty list of module names")
+        _check_positive("backbone.freeze_layers", self.freeze_layers, minimum=0)
+
+    @property
+    def frozen_base(self) -> bool:
+        """Whether some of the backbone's own weights are frozen (then a run stores only what
+        it trains, and rebuilds the base from its spec)."""
+        return self.adapter != "none" or self.freeze_layers > 0
 
 
 @dataclass

@@ -14,6 +14,7 @@ Logits are computed separately (`logits`) so callers project only the positions 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
+from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter
 from textvae.backbone.inject import LatentSites
 
 
@@ -57,6 +59,14 @@ class Backbone(LatentSites, nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
         self.num_layers = len(self.layers)
         self.value_size = self.num_kv_heads * self.head_dim
+        # set by models/registry.py when the base is frozen (backbone/adapters.py)
+        self.new_tokens: NewTokenRows | None = None  # trainable rows of tokens added to a frozen vocabulary
+        self.has_encoder_adapter = False  # encoder passes run under their own LoRA adapter
+        self.base_fingerprint: str | None = None  # of the frozen base this run trains over
+
+    def encoder_pass(self):
+        """A context for the posterior's encoder passes: its own adapter when it has one."""
+        return active_adapter(self.causal_lm, ENCODER) if self.has_encoder_adapter else nullcontext()
 
     @property
     def config(self):
@@ -71,11 +81,13 @@ class Backbone(LatentSites, nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, H] (GPT-2 adds its position embeddings inside the model)."""
-        return self.causal_lm.get_input_embeddings()(input_ids)
+        embeddings = self.causal_lm.get_input_embeddings()(input_ids)
+        return embeddings if self.new_tokens is None else self.new_tokens.embed(input_ids, embeddings)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [..., H] -> [..., V]."""
-        return self.causal_lm.get_output_embeddings()(hidden)
+        logits = self.causal_lm.get_output_embeddings()(hidden)
+        return logits if self.new_tokens is None else self.new_tokens.logits(hidden, logits)
 
     def positions_left(self, prompt_length: int) -> int:
         """How many tokens may follow a prompt of `prompt_length` (a memory position takes none)."""

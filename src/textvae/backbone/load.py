@@ -66,10 +66,11 @@ def is_preset(spec: str) -> bool:
 
 
 def build_preset(
-    spec: str, tokenizer: TextTokenizer, dropout: float | None, attn_implementation: str
+    spec: str, tokenizer: TextTokenizer, dropout: float | None, attn_implementation: str, seed: int | None = None
 ) -> PreTrainedModel:
     """A randomly initialised model of preset shape `spec` for `tokenizer`'s vocabulary (an
-    encoder-decoder's decoder starts from [SEP], as in the shared layout)."""
+    encoder-decoder's decoder starts from [SEP], as in the shared layout); drawn with its own
+    `seed` when given (a frozen base must be rebuilt exactly), else from the global RNG."""
     if spec not in PRESETS:
         raise TextVAEError(f"unknown backbone preset {spec!r}; presets: {', '.join(PRESETS)}")
     model_type, shape = PRESETS[spec]
@@ -78,13 +79,26 @@ def build_preset(
     if config.is_encoder_decoder:
         config.decoder_start_token_id = tokenizer.sep_id
         config.forced_bos_token_id = config.forced_eos_token_id = None
-    return _instantiate(config, dropout, attn_implementation)
+    if seed is None:
+        return _instantiate(config, dropout, attn_implementation)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _instantiate(config, dropout, attn_implementation)
 
 
 def load_pretrained(
     spec: str, dropout: float | None, attn_implementation: str
 ) -> tuple[PreTrainedModel, TextTokenizer]:
     """Load pretrained weights and tokenizer from a local folder, a GGUF file or `hf:NAME`."""
+    model, tokenizer, _ = load_pretrained_base(spec, dropout, attn_implementation)
+    return model, tokenizer
+
+
+def load_pretrained_base(
+    spec: str, dropout: float | None, attn_implementation: str
+) -> tuple[PreTrainedModel, TextTokenizer, int]:
+    """`load_pretrained`, plus the number of embedding rows the pretrained model had: rows
+    from there on belong to tokens this tokenizer added (e.g. [SEP])."""
     kwargs: dict = {"attn_implementation": attn_implementation}
     if spec.startswith("hf:"):
         location, local_only = spec[3:], False
@@ -94,6 +108,8 @@ def load_pretrained(
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # GGUF de-quantisation chatter
+    progress_bars = transformers.logging.is_progress_bar_enabled()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars: the CLI prints one line per event
     try:
         hf_tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only, **_only_gguf(kwargs))
         model_class = AutoModelForCausalLM
@@ -106,10 +122,13 @@ def load_pretrained(
         raise TextVAEError(f"cannot load backbone {spec}: {str(err).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if progress_bars:
+            transformers.logging.enable_progress_bar()
     _set_dropout(model.config, model, dropout)
     tokenizer = TextTokenizer.from_pretrained(hf_tokenizer)
+    pretrained_rows = model.get_input_embeddings().num_embeddings
     resize_embeddings(model, tokenizer.vocab_size)
-    return model, tokenizer
+    return model, tokenizer, pretrained_rows
 
 
 def rebuild(config_dict: dict, attn_implementation: str) -> PreTrainedModel:
@@ -121,9 +140,12 @@ def rebuild(config_dict: dict, attn_implementation: str) -> PreTrainedModel:
 
 
 def resize_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
-    """Grow the token embeddings (new rows at the mean embedding) to cover added tokens."""
+    """Grow the token embeddings to cover added tokens: new rows drawn around the mean
+    embedding, with a fixed seed so that loading the same weights twice gives the same model."""
     if model.get_input_embeddings().num_embeddings < vocab_size:
-        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.resize_token_embeddings(vocab_size, mean_resizing=True)
 
 
 def _instantiate(config, dropout: float | None, attn_implementation: str) -> PreTrainedModel:

@@ -25,6 +25,7 @@ shift. `position_ids` are accepted for interface compatibility and ignored.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +129,16 @@ class Seq2SeqBackbone(LatentSites, nn.Module):
         self.num_layers = len(self.layers)
         self.value_size = self.num_kv_heads * self.head_dim
         self.num_encoder_layers = len(seq2seq_lm.get_encoder().layers)
+        self.has_encoder_adapter = False  # BART's encoder is already the posterior's own
+        self.base_fingerprint: str | None = None  # of a frozen base (models/registry.py)
 
     @property
     def config(self):
         return self.seq2seq_lm.config
+
+    def encoder_pass(self):
+        """The posterior reads BART's own encoder: no adapter to switch."""
+        return nullcontext()
 
     def value_projection(self, layer: int) -> tuple[nn.Module, str, int]:
         """(parent module, attribute name, value offset) of decoder layer `layer`'s self-attention."""

@@ -92,7 +92,7 @@ class TextEncoder(nn.Module):
         if not share and backbone.is_encoder_decoder:
             raise TextVAEError("model.share_encoder=false is for decoder-only backbones: an encoder-decoder "
                                "backbone's posterior already reads its own encoder")
-        if not share:
+        if not share and not backbone.has_encoder_adapter:  # with LoRA: its own adapter over the same base
             self.own_backbone = copy.deepcopy(backbone)
             self.own_backbone.causal_lm.lm_head = nn.Identity()  # an encoder needs no LM head
 
@@ -103,15 +103,18 @@ class TextEncoder(nn.Module):
         with the decoder's `backbone` (or the encoder's own copy); each position's state
         layer-normalised when `normalize`."""
         body = self.own_backbone if self.own_backbone is not None else backbone
+        with body.encoder_pass():
+            stacked = self._states(body, input_ids, mask, position_ids)
+        return F.layer_norm(stacked, stacked.shape[-1:]) if self.normalize else stacked
+
+    def _states(self, body: Backbone, input_ids, mask, position_ids) -> torch.Tensor:
         if body.is_encoder_decoder:  # BART's encoder; it numbers positions itself
             states = body.encoder_states(input_ids, mask)
-            stacked = torch.stack([states[body.encoder_layer(layer)] for layer in self.layers], dim=1)
-        elif self.layers == [body.num_layers]:
-            stacked = body(input_ids, mask, position_ids=position_ids).hidden[:, None]
-        else:
-            out = body(input_ids, mask, position_ids=position_ids, output_hidden_states=True)
-            stacked = torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
-        return F.layer_norm(stacked, stacked.shape[-1:]) if self.normalize else stacked
+            return torch.stack([states[body.encoder_layer(layer)] for layer in self.layers], dim=1)
+        if self.layers == [body.num_layers]:
+            return body(input_ids, mask, position_ids=position_ids).hidden[:, None]
+        out = body(input_ids, mask, position_ids=position_ids, output_hidden_states=True)
+        return torch.stack([out.hidden_states[layer] for layer in self.layers], dim=1)
 
     def forward(self, backbone: Backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Bidirectional encoding of [B, T] token ids, pooled over real tokens -> [B, S, H]."""

@@ -7,12 +7,14 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
+from textvae.backbone import adapters
 from textvae.backbone.backbone import Backbone
 from textvae.backbone.seq2seq import Seq2SeqBackbone
-from textvae.backbone.load import build_preset, is_preset, load_pretrained, rebuild
+from textvae.backbone.load import build_preset, is_preset, load_pretrained_base, rebuild
 from textvae.config import Config, build_dataclass, load_yaml, save_yaml
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
@@ -45,21 +47,47 @@ def model_config(config: Config):
 
 def create_model(config: Config, train_texts: list[str]) -> TextVAE:
     """A fresh model: preset backbones get a BPE trained on `train_texts`; pretrained ones
-    bring their weights and tokenizer."""
+    bring their weights and tokenizer. The backbone trains as `config.backbone` says
+    (fully, frozen layers, LoRA: backbone/adapters.py)."""
     cls = model_class(str(config.model.get("name", "lm")))
     typed = model_config(config)
     spec = config.backbone.spec
     if is_preset(spec):
         tokenizer = TextTokenizer.train_bpe(train_texts, config.data.vocab_size)
-        causal_lm = build_preset(spec, tokenizer, config.backbone.dropout, config.backbone.attn_implementation)
+        causal_lm, pretrained_rows = _preset_base(config, tokenizer), tokenizer.vocab_size
     else:
-        causal_lm, tokenizer = load_pretrained(spec, config.backbone.dropout, config.backbone.attn_implementation)
-    backbone = wrap_backbone(causal_lm, tokenizer, cls)
+        causal_lm, tokenizer, pretrained_rows = load_pretrained_base(spec, config.backbone.dropout, config.backbone.attn_implementation)
+    backbone = _prepared_backbone(causal_lm, tokenizer, cls, typed, config, pretrained_rows)
     if config.data.max_length > backbone.max_positions:
         raise TextVAEError(
             f"data.max_length={config.data.max_length} is longer than backbone {spec} allows ({backbone.max_positions})"
         )
     return cls(backbone, tokenizer, typed)
+
+
+def _preset_base(config: Config, tokenizer: TextTokenizer):
+    """A preset's random weights; drawn from the run's seed alone when the base is frozen, so
+    that loading the run can draw them again instead of storing them."""
+    seed = config.train.seed if config.backbone.frozen_base else None
+    return build_preset(config.backbone.spec, tokenizer, config.backbone.dropout, config.backbone.attn_implementation, seed)
+
+
+def _prepared_backbone(causal_lm, tokenizer: TextTokenizer, cls: type[TextVAE], typed, config: Config,
+                       pretrained_rows: int) -> Backbone | Seq2SeqBackbone:
+    """Freeze/adapt the base as `config.backbone` says, then wrap it (before the model adds
+    its own parts, which all train)."""
+    settings = config.backbone
+    fingerprint = adapters.fingerprint(causal_lm) if settings.frozen_base else None
+    encoder_adapter = settings.adapter == "lora" and not getattr(typed, "share_encoder", True)
+    adapters.prepare_base(causal_lm, settings, encoder_adapter)
+    backbone = wrap_backbone(causal_lm, tokenizer, cls)
+    backbone.base_fingerprint, backbone.has_encoder_adapter = fingerprint, encoder_adapter
+    if settings.frozen_base and pretrained_rows < tokenizer.vocab_size:
+        if backbone.is_encoder_decoder:
+            raise TextVAEError("a frozen encoder-decoder backbone cannot train the tokens this run adds to its "
+                               "vocabulary; use backbone.adapter=none and backbone.freeze_layers=0")
+        backbone.new_tokens = adapters.NewTokenRows(causal_lm, pretrained_rows)
+    return backbone
 
 
 def wrap_backbone(hf_model, tokenizer: TextTokenizer, cls: type[TextVAE]) -> Backbone | Seq2SeqBackbone:
@@ -74,7 +102,8 @@ def wrap_backbone(hf_model, tokenizer: TextTokenizer, cls: type[TextVAE]) -> Bac
 
 
 def save_model(model: TextVAE, directory: str | Path, run_config: dict, weights: bool = True) -> None:
-    """Write config.yaml, tokenizer.json (+ special_tokens.json) and model.safetensors.
+    """Write config.yaml, tokenizer.json (+ special_tokens.json) and model.safetensors (over a
+    frozen base: only what trains, plus the base's fingerprint in config.yaml).
 
     Each file is written under a temporary name and renamed, so a crash never leaves a
     truncated file behind. `weights=False` writes only what is needed to rebuild the model."""
@@ -85,14 +114,57 @@ def save_model(model: TextVAE, directory: str | Path, run_config: dict, weights:
     # model must not be told it is quantised.
     hf_config.pop("quantization_config", None)
     meta = {"run": run_config, "hf_config": _plain(hf_config)}
+    if model.backbone.base_fingerprint is not None:
+        meta["base_fingerprint"] = model.backbone.base_fingerprint
     _atomic(directory / "config.yaml", lambda path: save_yaml(meta, path))
     model.tokenizer.save(directory)
     if weights:
-        _atomic(directory / "model.safetensors", lambda path: save_safetensors(model, str(path)))
+        _atomic(directory / "model.safetensors", lambda path: write_weights(model, path))
+
+
+def write_weights(model: TextVAE, path: Path) -> None:
+    """The model's tensors as safetensors: all of them, or over a frozen base only those not
+    frozen (the base is rebuilt from its spec)."""
+    if model.backbone.base_fingerprint is None:
+        save_safetensors(model, str(path))
+    else:
+        save_file({name: tensor.detach().contiguous() for name, tensor in _trained_tensors(model).items()}, str(path))
+
+
+def read_weights(model: TextVAE, path: Path, device: str | torch.device = "cpu") -> None:
+    """Load `write_weights`' file into `model`; anything missing or unexpected is an error."""
+    if model.backbone.base_fingerprint is None:
+        missing, unexpected = load_safetensors(model, str(path), strict=False, device=str(device))
+    else:
+        stored, trained = load_file(str(path), device=str(device)), _trained_tensors(model)
+        missing, unexpected = set(trained) - set(stored), set(stored) - set(trained)
+        if not (missing or unexpected):
+            with torch.no_grad():
+                for name, tensor in stored.items():
+                    if tensor.shape != trained[name].shape:
+                        raise TextVAEError(f"{path} does not match the model: {name} has shape {tuple(tensor.shape)}")
+                    trained[name].copy_(tensor)
+    if missing or unexpected:
+        raise TextVAEError(f"{path} does not match the model: {len(missing)} missing, {len(unexpected)} unexpected tensors")
+
+
+def _trained_tensors(model: TextVAE) -> dict[str, torch.Tensor]:
+    """The state-dict entries over a frozen base that are not frozen, each shared tensor once
+    (under its first name): what an adapter run stores."""
+    frozen = {id(parameter) for parameter in model.parameters() if not parameter.requires_grad}
+    kept, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in frozen or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        kept[name] = tensor
+    return kept
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu", weights: bool = True) -> tuple[TextVAE, Config]:
-    """Rebuild a saved model (no pretrained files needed) and its run config.
+    """Rebuild a saved model and its run config: from the stored Hugging Face config (no
+    pretrained files needed), or over a frozen base, from the base's spec (checked against
+    its fingerprint).
 
     With `weights=False` the model keeps its fresh initialisation (a resumed run then loads
     the weights of its checkpoint)."""
@@ -104,15 +176,30 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", weight
     meta = load_yaml(directory / "config.yaml")
     config = Config.from_dict(meta.get("run") or {})
     cls = model_class(str(config.model.get("name", "lm")))
+    typed = model_config(config)
     tokenizer = TextTokenizer.load(directory)
-    causal_lm = rebuild(meta["hf_config"], config.backbone.attn_implementation)
-    model = cls(wrap_backbone(causal_lm, tokenizer, cls), tokenizer, model_config(config))
+    if config.backbone.frozen_base:
+        backbone = _rebuilt_frozen_base(config, cls, typed, tokenizer, meta.get("base_fingerprint"))
+    else:
+        backbone = wrap_backbone(rebuild(meta["hf_config"], config.backbone.attn_implementation), tokenizer, cls)
+    model = cls(backbone, tokenizer, typed)
     if not weights:
         return model.to(device), config
-    missing, unexpected = load_safetensors(model, str(directory / "model.safetensors"), strict=False, device=str(device))
-    if missing or unexpected:
-        raise TextVAEError(f"{directory}/model.safetensors does not match the model: {len(missing)} missing, {len(unexpected)} unexpected tensors")
+    read_weights(model, directory / "model.safetensors", device)
     return model.to(device).eval(), config
+
+
+def _rebuilt_frozen_base(config: Config, cls, typed, tokenizer: TextTokenizer, stored: str | None):
+    spec = config.backbone.spec
+    if is_preset(spec):
+        causal_lm, pretrained_rows = _preset_base(config, tokenizer), tokenizer.vocab_size
+    else:
+        causal_lm, _, pretrained_rows = load_pretrained_base(spec, config.backbone.dropout, config.backbone.attn_implementation)
+    backbone = _prepared_backbone(causal_lm, tokenizer, cls, typed, config, pretrained_rows)
+    if backbone.base_fingerprint != stored:
+        raise TextVAEError(f"backbone {spec} is not the base this run was trained over (fingerprint "
+                           f"{str(backbone.base_fingerprint)[:12]}, the run's {str(stored)[:12]})")
+    return backbone
 
 
 def _atomic(path: Path, write) -> None:

@@ -1,6 +1,6 @@
 """Resumable checkpoints: safetensors for every tensor, JSON for everything else.
 
-    RUN_DIR/checkpoints/step-000200/model.safetensors      model weights
+    RUN_DIR/checkpoints/step-000200/model.safetensors      model weights (over a frozen base: what trains)
                                    /optimizer.safetensors  AdamW moments and step counts
                                    /rng-rank0.safetensors  each process's RNG state
                                    /state.json             step, data position, param groups
@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
+
+from textvae.models.registry import read_weights, write_weights
 
 LATEST = "latest"
 KEEP = 2  # complete checkpoints kept on disk
@@ -76,7 +78,7 @@ def write_checkpoint(
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    save_model(model, str(folder / "model.safetensors"))
+    write_weights(model, folder / "model.safetensors")
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(folder / "optimizer.safetensors"))
     (folder / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
@@ -97,7 +99,7 @@ def publish(run_dir: Path, folder: Path) -> None:
 def read_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load weights and optimizer state from `folder`; returns its state.json mapping."""
     state = json.loads((folder / "state.json").read_text())
-    load_model(model, str(folder / "model.safetensors"), strict=True)
+    read_weights(model, folder / "model.safetensors")
     tensors = load_file(str(folder / "optimizer.safetensors"))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("param_groups")))
     return state

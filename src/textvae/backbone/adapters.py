@@ -1,0 +1,163 @@
+"""How a backbone's own weights train: fully, with the bottom layers frozen, or frozen under
+LoRA adapters (Hugging Face PEFT), before any latent is injected.
+
+    adapter: none        every backbone weight trains (unless frozen below)
+    adapter: lora        the base is frozen; LoRA pairs (rank r, alpha, dropout) on the family's
+                         projections train: an adapter "decoder", and with `share_encoder: false`
+                         a second adapter "encoder" over the same base (one copy of its weights)
+    freeze_layers: N     the embeddings and the bottom N layers are frozen (and get no adapter)
+
+Tokens the run adds to a pretrained vocabulary (e.g. [SEP]) get trainable rows of their own
+(`NewTokenRows`) whenever the embeddings are frozen. Everything a model adds (posterior and
+prior heads, fusions, memory maps) trains fully: it is built after this, with fresh weights.
+
+A frozen base is not stored with the run: the run keeps its spec and `fingerprint`, and
+loading rebuilds the base and checks the fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from textvae.errors import TextVAEError
+
+# The projections LoRA adapts by default, by Hugging Face model type (module name suffixes).
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "bart": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+}
+# Input-side modules besides the token embeddings, frozen with them (GPT-2, BART).
+INPUT_MODULES = ("wpe", "embed_positions", "layernorm_embedding")
+DECODER, ENCODER = "decoder", "encoder"
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of every parameter and buffer: [64 hex]."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def layer_stacks(hf_model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """(name prefix, layers) of every transformer stack: one for a decoder-only model,
+    encoder and decoder for BART."""
+    stacks = []
+    for name, module in hf_model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("h", "layers"):
+            stacks.append((name, module))
+    if not stacks:
+        raise TextVAEError(f"cannot find the transformer layers of a {hf_model.config.model_type} model")
+    return stacks
+
+
+def lora_target_names(hf_model: nn.Module, suffixes: tuple[str, ...], skip_layers: int) -> list[str]:
+    """Full module names ending in one of `suffixes` inside layers skip_layers.. of each stack."""
+    names = []
+    for prefix, layers in layer_stacks(hf_model):
+        for index in range(skip_layers, len(layers)):
+            for name, module in layers[index].named_modules():
+                if name and name.split(".")[-1] in suffixes and not list(module.children()):
+                    names.append(f"{prefix}.{index}.{name}")
+    return names
+
+
+def prepare_base(hf_model: nn.Module, config, encoder_adapter: bool) -> None:
+    """Freeze and adapt `hf_model` in place as `config` (a BackboneConfig) says: LoRA adapters
+    (with a second, "encoder", adapter when `encoder_adapter`) and/or frozen bottom layers."""
+    if config.adapter == "none" and config.freeze_layers == 0:
+        return
+    stacks = layer_stacks(hf_model)
+    depth = min(len(layers) for _, layers in stacks)
+    if config.freeze_layers > depth:
+        raise TextVAEError(f"backbone.freeze_layers={config.freeze_layers} but the backbone has {depth} layers")
+    if config.adapter == "lora":
+        hf_model.requires_grad_(False)
+        suffixes = tuple(config.lora_targets or LORA_TARGETS.get(hf_model.config.model_type, ()))
+        if not suffixes:
+            raise TextVAEError(f"no default LoRA targets for a {hf_model.config.model_type} model: set backbone.lora_targets")
+        targets = lora_target_names(hf_model, suffixes, config.freeze_layers)
+        if not targets:
+            raise TextVAEError(f"backbone.lora_targets {list(suffixes)} match no module above layer {config.freeze_layers}")
+        _inject_lora(hf_model, config, targets, [DECODER, ENCODER] if encoder_adapter else [DECODER])
+    else:
+        hf_model.get_input_embeddings().requires_grad_(False)
+        for name, module in hf_model.named_modules():  # position embeddings and their norms too
+            if name.split(".")[-1] in INPUT_MODULES:
+                module.requires_grad_(False)
+        for _, layers in stacks:
+            for layer in layers[: config.freeze_layers]:
+                layer.requires_grad_(False)
+        if not hf_model.config.tie_word_embeddings:
+            return
+        hf_model.get_output_embeddings().requires_grad_(False)  # tied: the same matrix
+
+
+def _inject_lora(hf_model: nn.Module, config, targets: list[str], names: list[str]) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, fan_in_fan_out=hf_model.config.model_type == "gpt2")
+    with warnings.catch_warnings():  # "multiple adapters": intended for the encoder's own adapter
+        warnings.simplefilter("ignore")
+        for name in names:
+            inject_adapter_in_model(lora, hf_model, adapter_name=name)
+    _switch(hf_model, DECODER)
+
+
+def tuner_layers(hf_model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in hf_model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _switch(hf_model: nn.Module, name: str) -> None:
+    """Make adapter `name` the active one; every adapter stays trainable (PEFT's set_adapter
+    freezes the inactive ones, but both train within one step)."""
+    for layer in tuner_layers(hf_model):
+        layer.set_adapter(name)
+    for parameter_name, parameter in hf_model.named_parameters():
+        if ".lora_" in parameter_name:
+            parameter.requires_grad_(True)
+
+
+@contextmanager
+def active_adapter(hf_model: nn.Module, name: str):
+    """Run the enclosed passes with adapter `name`, then return to the decoder's."""
+    _switch(hf_model, name)
+    try:
+        yield
+    finally:
+        _switch(hf_model, DECODER)
+
+
+class NewTokenRows(nn.Module):
+    """Trainable input (and, if untied, output) embedding rows for the tokens a run added to a
+    frozen pretrained vocabulary, ids `first`..`first + n - 1`; they start as the base's rows."""
+
+    def __init__(self, hf_model: nn.Module, first: int):
+        super().__init__()
+        self.first = first
+        self.input_rows = nn.Parameter(hf_model.get_input_embeddings().weight[first:].detach().clone())
+        self.tied = bool(hf_model.config.tie_word_embeddings)
+        head = hf_model.get_output_embeddings()
+        self.output_rows = None if self.tied else nn.Parameter(head.weight[first:].detach().clone())
+
+    def embed(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """The base's embeddings [B, T, H] with the new tokens' rows put in."""
+        new = input_ids >= self.first
+        rows = self.input_rows[(input_ids - self.first).clamp(min=0)].to(embeddings.dtype)
+        return torch.where(new[..., None], rows, embeddings)
+
+    def logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The base head's logits [..., V] with the new tokens' columns recomputed."""
+        rows = self.input_rows if self.tied else self.output_rows
+        return torch.cat([logits[..., : self.first], hidden @ rows.to(hidden.dtype).T], dim=-1)

@@ -1,0 +1,173 @@
+"""Backbone training modes: LoRA adapters (PEFT) over a frozen base, frozen bottom layers, the
+encoder's own adapter over the same base, trainable rows for added tokens, and adapter runs
+that store only what they train and rebuild (and check) their base on loading."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import demo_lines, save_hf_folder
+from textvae.cli import main
+from textvae.config import Config, TrainConfig
+from textvae.data.batching import collate, encode_examples
+from textvae.data.corpus import Example
+from textvae.data.tokenizer import TextTokenizer
+from textvae.errors import TextVAEError
+from textvae.models.registry import create_model, load_model
+from textvae.training.trainer import Environment, Trainer
+
+FAST = ["--set", "data.max_length=32", "--set", "train.precision=fp32", "--set", "train.log_every=1",
+        "--set", "train.warmup_steps=0", "--set", "train.batch_size=8", "--set", "train.lr=0.01"]
+LORA = ["--set", "backbone.adapter=lora", "--set", "backbone.lora_rank=2"]
+
+
+def _config(name="della", preset="gpt2-tiny", backbone=None, **model_options):
+    raw = {"model": {"name": name, **({"latent_size": 4} if name != "lm" else {}), **model_options},
+           "backbone": {"spec": preset, **(backbone or {})}, "data": {"vocab_size": 300}, "train": {"seed": 0}}
+    return Config.from_dict(raw)
+
+
+def _batch(model, count=4):
+    encoded, _ = encode_examples([Example(t) for t in demo_lines("valid", count)], model.tokenizer, 32, 16, "truncate")
+    return collate(encoded, model.tokenizer.pad_id)
+
+
+def _base_names(model):
+    """Parameter names of the Hugging Face base (not LoRA, not what the model adds)."""
+    prefix = "backbone.causal_lm."
+    return {n for n, _ in model.named_parameters() if n.startswith(prefix) and ".lora_" not in n and ".fusion." not in n}
+
+
+@pytest.mark.parametrize("preset", ("gpt2-tiny", "llama-tiny"))
+def test_lora_freezes_the_base_and_trains_adapters_and_everything_the_vae_adds(preset):
+    model = create_model(_config(preset=preset, backbone={"adapter": "lora", "lora_rank": 2}), demo_lines("train", 200))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not _base_names(model) & set(trainable)  # the base is frozen
+    lora = {n: p for n, p in trainable.items() if ".lora_" in n}
+    # rank 2 on every target projection of the 4 layers: r (in + out) per projection
+    expected = 0
+    for name, module in model.backbone.causal_lm.named_modules():
+        if hasattr(module, "lora_A"):
+            base = module.base_layer
+            fan_in, fan_out = (base.weight.shape if preset.startswith("gpt2") else base.weight.shape[::-1])
+            expected += 2 * (fan_in + fan_out)
+    assert sum(p.numel() for p in lora.values()) == expected > 0
+    suffixes = {n.split(".lora_")[0].removesuffix(".projection").split(".")[-1] for n in lora}  # DELLA wraps values
+    assert suffixes == ({"c_attn", "c_proj", "c_fc"} if preset.startswith("gpt2")
+                        else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    added = [n for n in trainable if ".lora_" not in n]
+    assert any(".fusion." in n for n in added) and any(n.startswith("latents.") for n in added)
+
+
+@pytest.mark.parametrize("backbone", ({"adapter": "lora", "lora_rank": 2}, {"freeze_layers": 2}), ids=("lora", "freeze"))
+def test_training_steps_leave_the_frozen_base_unchanged(backbone, tmp_path):
+    config = _config(backbone=backbone)
+    config.train = TrainConfig(batch_size=8, lr=0.01, warmup_steps=0, max_steps=3, precision="fp32", checkpoint_every=100)
+    model = create_model(config, demo_lines("train", 200))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    encoded, _ = encode_examples([Example(t) for t in demo_lines("train", 48)], model.tokenizer, 32, 16, "truncate")
+    Trainer(model, config.train, encoded, encoded[:8], tmp_path, Environment(torch.device("cpu"), bf16=False)).train()
+    after = dict(model.named_parameters())
+    frozen = [n for n, p in after.items() if not p.requires_grad]
+    assert frozen and all(torch.equal(after[n], before[n]) for n in frozen)
+    moved = [n for n, p in after.items() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any(".fusion." in n for n in moved)
+    assert any(".lora_B." in n for n in moved) if "adapter" in backbone else any(".h.3." in n for n in moved)
+
+
+def test_adapter_run_stores_only_trained_weights_and_reloads_equal(tiny_txt, tmp_path):
+    full, adapter = tmp_path / "full", tmp_path / "adapter"
+    common = ["train", "--model", "della", "--data", str(tiny_txt), "--max-steps", "2", *FAST, "--set", "model.latent_size=4"]
+    assert main([*common, "--out", str(full)]) == 0
+    assert main([*common, "--out", str(adapter), *LORA]) == 0
+    stored = load_file(str(adapter / "model.safetensors"))
+    assert not any(name in stored for name in _base_names(load_model(adapter)[0]))
+    assert (adapter / "model.safetensors").stat().st_size < 0.5 * (full / "model.safetensors").stat().st_size
+    model, _ = load_model(adapter)
+    batch = _batch(model)
+    torch.manual_seed(0)
+    again, _ = load_model(adapter)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = model.log_weights(batch, 3)
+        torch.manual_seed(1)
+        second = again.log_weights(batch, 3)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert main(["evaluate", str(adapter), "--iw-samples", "2"]) == 0
+    assert main(["generate", str(adapter), "--num", "2"]) == 0
+
+
+@pytest.mark.parametrize("family", ("gpt2", "llama"))
+def test_pretrained_folder_adapter_run_checks_its_base_on_loading(family, tiny_txt, tmp_path, capsys):
+    bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
+    folder = tmp_path / "hf"
+    original = save_hf_folder(folder, family, bpe, missing_rows=3)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "trace-r", "--backbone", str(folder), "--data", str(tiny_txt), "--out", str(run),
+                 "--max-steps", "2", *FAST, *LORA, "--set", "model.latent_size=4"]) == 0
+    model, _ = load_model(run)
+    rows = model.backbone.new_tokens
+    assert rows is not None and rows.first == original.config.vocab_size == bpe.vocab_size - 3
+    base_rows = model.backbone.causal_lm.get_input_embeddings().weight
+    assert not torch.equal(rows.input_rows, base_rows[rows.first:])  # the new rows trained
+    with torch.no_grad():  # the base changes under the run: loading refuses it in one line
+        original.get_input_embeddings().weight[5] += 1.0
+    original.save_pretrained(folder)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iw-samples", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "fingerprint" in error and str(folder) in error
+
+
+def test_freeze_layers_freezes_embeddings_and_the_bottom_layers_only():
+    model = create_model(_config(backbone={"freeze_layers": 2}), demo_lines("train", 200))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any("wte" in n for n in frozen) and any("wpe" in n for n in frozen)
+    for layer in range(4):
+        names = {n for n, _ in model.named_parameters() if f".h.{layer}." in n and ".fusion." not in n}
+        assert (names <= frozen) if layer < 2 else not (names & frozen), layer
+    with_lora = create_model(_config(backbone={"freeze_layers": 3, "adapter": "lora"}), demo_lines("train", 200))
+    adapted = {n.split(".h.")[1].split(".")[0] for n, _ in with_lora.named_parameters() if ".lora_" in n}
+    assert adapted == {"3"}  # no adapter below the frozen layers
+
+
+def test_frozen_bottom_layers_get_no_backward_pass_in_the_lm():
+    model = create_model(_config(name="lm", backbone={"freeze_layers": 3}), demo_lines("train", 200))
+    needs_grad = []
+    for layer in model.backbone.layers:
+        layer.register_forward_hook(lambda module, args, out: needs_grad.append(out[0].requires_grad))
+    model(_batch(model)).loss.backward()
+    assert needs_grad == [False, False, False, True]  # autograd's graph starts above the frozen stack
+
+
+def test_separate_encoder_gets_its_own_adapter_over_the_same_base():
+    shared = create_model(_config(backbone={"adapter": "lora"}), demo_lines("train", 200))
+    separate = create_model(_config(backbone={"adapter": "lora"}, share_encoder=False), demo_lines("train", 200)).eval()
+    count = lambda m, key: sum(p.numel() for n, p in m.named_parameters() if key(n))  # noqa: E731
+    assert count(separate, lambda n: ".lora_" not in n) == count(shared, lambda n: ".lora_" not in n)  # no base copy
+    assert count(separate, lambda n: ".lora_" in n) == 2 * count(shared, lambda n: ".lora_" in n)
+    batch = _batch(separate)
+    with torch.no_grad():
+        posterior = separate.posterior(batch).mean
+        decoder_hidden = separate.backbone(batch.input_ids, batch.attention_mask).hidden
+        for name, parameter in separate.named_parameters():
+            if ".lora_B.encoder" in name:
+                parameter.normal_()
+        assert not torch.allclose(separate.posterior(batch).mean, posterior)  # the encoder reads its adapter
+        torch.testing.assert_close(separate.backbone(batch.input_ids, batch.attention_mask).hidden, decoder_hidden)
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    ({"adapter": "dora"}, "backbone.adapter"), ({"lora_rank": 0}, "backbone.lora_rank"),
+    ({"lora_dropout": 1.5}, "backbone.lora_dropout"), ({"freeze_layers": -1}, "backbone.freeze_layers"),
+])
+def test_bad_training_modes_are_refused(sets, message):
+    with pytest.raises(TextVAEError, match=message):
+        _config(backbone=sets).validate()
+
+
+def test_too_many_frozen_layers_or_unknown_targets_are_refused():
+    with pytest.raises(TextVAEError, match="freeze_layers=9"):
+        create_model(_config(backbone={"freeze_layers": 9}), demo_lines("train", 100))
+    with pytest.raises(TextVAEError, match="match no module"):
+        create_model(_config(backbone={"adapter": "lora", "lora_targets": ["nothing"]}), demo_lines("train", 100))

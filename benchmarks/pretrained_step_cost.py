@@ -48,10 +48,10 @@ MODES = {
 }
 
 
-def build(name: str, mode: str, backbone: str, batch: int, length: int, seed: int = 0) -> Trainer:
+def build(name: str, mode: str, backbone: str, batch: int, length: int, seed: int = 0, attn: str = "sdpa") -> Trainer:
     config = Config.from_dict({
         "model": {"name": name, **({"segment_length": 10} if name.startswith("trace") else {})},
-        "backbone": {"spec": backbone, **MODES[mode]},
+        "backbone": {"spec": backbone, "attn_implementation": attn, **MODES[mode]},
         "train": {"batch_size": batch, "warmup_steps": 0, "precision": "bf16", "seed": seed},
         "data": {"max_length": length},
     })
@@ -96,27 +96,27 @@ def time_steps(trainers: dict[str, Trainer], steps: int) -> dict[str, float]:
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def peak_memory(name: str, mode: str, args) -> float:
+def peak_memory(name: str, mode: str, attn: str, args) -> float:
     """Peak RSS (GiB) of a child that builds (name, mode) and takes `args.memory_steps` steps."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_memory_child,
-                            args=(queue, name, mode, args.backbone, args.batch, args.length, args.memory_steps))
+                            args=(queue, name, mode, args.backbone, args.batch, args.length, args.memory_steps, attn))
     child.start()
     child.join()
     return queue.get() / 2**20 if child.exitcode == 0 else float("nan")
 
 
-def _memory_child(queue, name, mode, backbone, batch, length, steps):
-    trainer = build(name, mode, backbone, batch, length)
+def _memory_child(queue, name, mode, backbone, batch, length, steps, attn):
+    trainer = build(name, mode, backbone, batch, length, attn=attn)
     for _ in range(steps):
         trainer._optimizer_step(list(range(batch)), 1.0)
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 
 
-def evaluation_cost(name: str, backbone: str, texts: int, k: int, length: int) -> tuple[float, float]:
+def evaluation_cost(name: str, backbone: str, texts: int, k: int, length: int, attn: str) -> tuple[float, float]:
     """(seconds of evaluate_likelihood with k samples, seconds of k bare decoder passes)."""
-    trainer = build(name, "full", backbone, texts, length)
+    trainer = build(name, "full", backbone, texts, length, attn=attn)
     model, data = trainer.model.eval(), trainer.train_data
     start = time.perf_counter()
     evaluate_likelihood(model, data, batch_size=texts, iw_samples=k, bf16=True)
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "eager"], help="attention implementations to compare")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--eval", action="store_true", help="also time evaluation against its floor")
@@ -149,32 +150,36 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     peak = matmul_peak(torch.bfloat16)
     print(f"bf16 matmul peak (2048^3): {peak:.0f} GFLOP/s")
-    keys = [(name, mode) for name in args.models for mode in args.modes if not (name == "lm" and mode == "lora-freeze")]
-    trainers = {f"{name}/{mode}": build(name, mode, args.backbone, args.batch, args.length) for name, mode in keys}
+    keys = [(name, mode, attn) for attn in args.attn for name in args.models for mode in args.modes
+            if not (name == "lm" and mode == "lora-freeze")]
+    trainers = {key: build(key[0], key[1], args.backbone, args.batch, args.length, attn=key[2]) for key in keys}
     seconds = time_steps(trainers, args.steps)
     tokens = args.batch * args.length
-    reference = seconds["lm/full"]
+    reference = seconds[("lm", "full", args.attn[0])]
     print(f"\n{args.backbone}, bf16, batch {args.batch} x {args.length} tokens, median of {args.steps} steps, models interleaved")
-    print("| model | mode | trainable params | s/step | tokens/s | ratio to full-FT lm | GFLOP/s (% of peak) | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (name, mode), key in zip(keys, seconds):
+    print(f"| model | mode | attention | trainable params | s/step | tokens/s | ratio to full-FT lm ({args.attn[0]}) "
+          "| GFLOP/s (% of peak) | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key in keys:
+        name, mode, attn = key
         model = trainers[key].model
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         achieved = ""
         if name == "lm":
             gflops = lm_flops_per_token(model, args.length, mode != "full") * tokens / seconds[key] / 1e9
             achieved = f"{gflops:.0f} ({100 * gflops / peak:.0f}%)"
-        memory = "" if args.no_memory else f"{peak_memory(name, mode, args):.2f}"
-        print(f"| {name} | {mode} | {trainable / 1e6:.2f}M | {seconds[key]:.2f} | {tokens / seconds[key]:.0f} | "
+        memory = "" if args.no_memory else f"{peak_memory(name, mode, attn, args):.2f}"
+        print(f"| {name} | {mode} | {attn} | {trainable / 1e6:.2f}M | {seconds[key]:.2f} | {tokens / seconds[key]:.0f} | "
               f"{seconds[key] / reference:.2f} | {achieved} | {memory} |", flush=True)
     if args.eval:
         del trainers
         print(f"\nEvaluation, k = {args.eval_k}, {args.eval_texts} texts of {args.length} tokens, bf16")
+        print(f"attention: {args.attn[-1]}")
         print("| backbone | model | evaluate s | k decoder passes s | ratio |")
         print("|---|---|---|---|---|")
         for backbone in args.eval_backbones:
             for name in [m for m in args.models if m != "lm"]:
-                ours, floor = evaluation_cost(name, backbone, args.eval_texts, args.eval_k, args.length)
+                ours, floor = evaluation_cost(name, backbone, args.eval_texts, args.eval_k, args.length, args.attn[-1])
                 print(f"| {backbone} | {name} | {ours:.1f} | {floor:.1f} | {ours / floor:.2f} |", flush=True)
 
 

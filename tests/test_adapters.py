@@ -171,3 +171,34 @@ def test_too_many_frozen_layers_or_unknown_targets_are_refused():
         create_model(_config(backbone={"freeze_layers": 9}), demo_lines("train", 100))
     with pytest.raises(TextVAEError, match="match no module"):
         create_model(_config(backbone={"adapter": "lora", "lora_targets": ["nothing"]}), demo_lines("train", 100))
+
+
+def test_frozen_linear_weights_held_in_bf16_change_no_number_of_a_bf16_step(tmp_path):
+    from textvae.training.trainer import restore_weights
+
+    config = _config(backbone={"adapter": "lora", "lora_rank": 2})
+    config.train = TrainConfig(batch_size=8, warmup_steps=0, max_steps=1, precision="bf16", checkpoint_every=100)
+    losses, weights = [], []
+    for precast in (True, False):
+        torch.manual_seed(0)
+        model = create_model(config, demo_lines("train", 200))
+        encoded, _ = encode_examples([Example(t) for t in demo_lines("train", 8)], model.tokenizer, 32, 16, "truncate")
+        trainer = Trainer(model, config.train, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=True))
+        frozen = model.backbone.causal_lm.transformer.h[0].mlp.c_fc.base_layer.weight
+        assert frozen.dtype == torch.bfloat16 and model.backbone.causal_lm.transformer.wte.weight.dtype == torch.float32
+        if not precast:
+            restore_weights(trainer.fp32_frozen_weights)  # autocast casts them at every use instead
+        torch.manual_seed(1)
+        losses.append(trainer._optimizer_step(list(range(8)), 1.0)[0]["loss"])
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert losses[0] == losses[1]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_training_returns_the_frozen_weights_in_float32(tmp_path):
+    config = _config(name="lm", backbone={"adapter": "lora", "lora_rank": 2})
+    config.train = TrainConfig(batch_size=8, warmup_steps=0, max_steps=1, precision="bf16", checkpoint_every=100)
+    model = create_model(config, demo_lines("train", 200))
+    encoded, _ = encode_examples([Example(t) for t in demo_lines("train", 8)], model.tokenizer, 32, 16, "truncate")
+    Trainer(model, config.train, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=True)).train()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

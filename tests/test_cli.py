@@ -90,6 +90,7 @@ def _bad_inputs(tmp_path, tiny_txt):
         "unknown model": (["--data", str(tiny_txt), "--model", "vae9000"], "unknown model 'vae9000'"),
         "unknown backbone": (["--data", str(tiny_txt), "--backbone", "gpt5-huge"], "unknown backbone"),
         "invalid value": (["--data", str(tiny_txt), "--set", "train.lr=fast"], "train.lr must be float"),
+        "non-finite value": (["--data", str(tiny_txt), "--set", "train.lr=nan"], "train.lr must be float"),
         "invalid choice": (["--data", str(tiny_txt), "--set", "data.overlong=squash"], "data.overlong must be one of"),
         "unknown key": (["--data", str(tiny_txt), "--set", "train.speed=3"], "unknown train option"),
         "too long for backbone": (["--data", str(tiny_txt), "--set", "data.max_length=4096"], "longer than backbone"),
@@ -99,7 +100,7 @@ def _bad_inputs(tmp_path, tiny_txt):
 
 
 CASES = ["missing data", "empty split", "undecodable", "unknown model", "unknown backbone",
-         "invalid value", "invalid choice", "unknown key", "too long for backbone", "over-long input", "bad flag"]
+         "invalid value", "non-finite value", "invalid choice", "unknown key", "too long for backbone", "over-long input", "bad flag"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -156,3 +157,10 @@ def test_story_task_keeps_a_decoder_only_backbone_and_writes_samples_per_prompt(
     metrics = json.loads(out.read_text())
     assert metrics["samples_per_source"] == 2 and 0 <= metrics["bleu_ref"] <= 100
     assert (name == "lm") == ("kl" not in metrics)
+
+
+def test_set_reads_exponent_notation_as_a_float():
+    from textvae.config import Config, apply_overrides
+
+    config = Config.from_dict(apply_overrides({}, ["train.lr=1e-4", "kl.low=2E-5"]))  # YAML 1.1 reads these as strings
+    assert config.train.lr == 1e-4 and config.kl.low == 2e-5

@@ -107,3 +107,14 @@ def test_bucket_sampler_covers_every_example_once_and_is_deterministic():
 def test_eval_batches_are_sorted_longest_first():
     batches = eval_batches([3, 9, 1, 7], 2)
     assert batches == [[1, 3], [0, 2]]
+
+
+def test_train_examples_is_a_fixed_subset_in_corpus_order(tiny_txt):
+    from textvae.data.corpus import read_split
+
+    split = read_split(tiny_txt, "train")
+    first, again = split.subset(50), split.subset(50)
+    assert first == again and len(first) == 50 and len(set(e.target for e in first)) > 40
+    positions = [split.examples.index(e) for e in first]
+    assert positions == sorted(positions) and positions != list(range(50))  # in order, not the first 50
+    assert split.subset(10_000) == split.examples

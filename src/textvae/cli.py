@@ -180,6 +180,8 @@ def _train(args) -> int:
 
     data_dir = resolve_data_dir(config.data.path)
     train_split, valid_split = read_split(data_dir, "train"), read_split(data_dir, "valid")
+    if config.data.train_examples is not None:
+        train_split.examples = train_split.subset(config.data.train_examples)
     _resolve_conditional(config, train_split.conditional)
     if args.resume:
         _check_resume(out, config)

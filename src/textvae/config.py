@@ -8,6 +8,7 @@ dataclass lives next to the model, as in PEFT) and is checked with `build_datacl
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ class DataConfig:
     overlong: str = "truncate"  # truncate | drop | error
     vocab_size: int = 8000  # BPE vocabulary trained on the train split (from-scratch backbones)
     task: str | None = None  # story | summarization | paraphrase (.jsonl): see TASK_DEFAULTS
+    train_examples: int | None = None  # train on a fixed random subset of N examples (the same for every run)
 
     def validate(self) -> None:
         _check_choice("data.overlong", self.overlong, ("truncate", "drop", "error"))
@@ -57,6 +59,8 @@ class DataConfig:
         _check_positive("data.max_length", self.max_length, minimum=3)
         _check_positive("data.max_source_length", self.max_source_length)
         _check_positive("data.vocab_size", self.vocab_size, minimum=300)
+        if self.train_examples is not None:
+            _check_positive("data.train_examples", self.train_examples)
 
 
 @dataclass
@@ -240,6 +244,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         elif option is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                try:
+                    number = float(value)
+                except ValueError:
+                    continue
+                if math.isfinite(number):
+                    return number
         elif option is str:
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 return str(value)

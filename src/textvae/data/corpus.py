@@ -7,6 +7,7 @@ addressed by name (`demo`). Every problem with the files is a one-line `TextVAEE
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,14 @@ class Split:
     @property
     def conditional(self) -> bool:
         return self.path.suffix == ".jsonl"
+
+    def subset(self, count: int) -> list[Example]:
+        """`count` examples drawn without replacement with a fixed seed (the same subset for
+        every run of a table, whatever its training seed), kept in corpus order."""
+        if count >= len(self.examples):
+            return list(self.examples)
+        chosen = sorted(random.Random(0).sample(range(len(self.examples)), count))
+        return [self.examples[index] for index in chosen]
 
 
 def resolve_data_dir(spec: str) -> Path:

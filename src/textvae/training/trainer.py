@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from transformers.pytorch_utils import Conv1D
 from tqdm.auto import tqdm
 
 from textvae.config import TrainConfig
@@ -111,6 +112,32 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def frozen_weights_to_bf16(model: torch.nn.Module) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Store the frozen weights and biases of linear layers (nn.Linear, GPT-2's Conv1D) in bf16;
+    returns their float32 data to restore. Autocast caches its bf16 copies only of leaves that
+    require grad, so a frozen base would be cast again at every use (most of a LoRA step's
+    copies); the products are the same either way. Weights shared with an embedding (a tied LM
+    head) stay: the embedding lookup is not autocast."""
+    embedded = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    originals = {}
+    for module in model.modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        for parameter in (module.weight, module.bias):
+            if (parameter is not None and not parameter.requires_grad and id(parameter) not in embedded
+                    and parameter.dtype == torch.float32 and parameter not in originals):
+                originals[parameter] = parameter.data
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return originals
+
+
+def restore_weights(originals: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    """Put back the float32 data that `frozen_weights_to_bf16` replaced."""
+    for parameter, data in originals.items():
+        parameter.data = data
+    originals.clear()
+
+
 StepCallback = Callable[["Trainer", int], None]
 
 
@@ -153,6 +180,8 @@ class Trainer:
             if env.world_size > 1
             else self.model
         )
+        # frozen weights held in bf16 while this trainer runs under bf16 autocast (restored by train())
+        self.fp32_frozen_weights = frozen_weights_to_bf16(self.model) if env.bf16 else {}
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -214,6 +243,7 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
         progress.close()
+        restore_weights(self.fp32_frozen_weights)
         if self.env.main and self.save_final is not None:
             self.save_final(self.model)
         if self.tensorboard is not None:

@@ -125,6 +125,52 @@ def test_existing_run_dir_is_protected(tiny_txt, tmp_path, capsys):
     assert (run / "keep.txt").read_text() == "precious"
 
 
+def test_overwrite_replaces_only_a_run_and_never_the_data(tiny_txt, tmp_path, capsys):
+    folder = tmp_path / "thesis"
+    (folder / "photos").mkdir(parents=True)
+    (folder / "thesis.txt").write_text("precious")
+    args = ["train", "--data", str(tiny_txt), "--max-steps", "2", *FAST, "--overwrite"]
+    assert main([*args, "--out", str(folder)]) == 2
+    assert "replaces only a textvae run" in capsys.readouterr().err
+    assert (folder / "thesis.txt").read_text() == "precious" and (folder / "photos").is_dir()
+    assert main([*args, "--out", str(tiny_txt)]) == 2  # --data X --out X
+    assert "would delete the data" in capsys.readouterr().err
+    assert main([*args, "--out", str(tiny_txt.parent)]) == 2  # a folder holding the data
+    assert "would delete the data" in capsys.readouterr().err
+    assert (tiny_txt / "train.txt").is_file()
+    (tmp_path / "file").write_text("x")
+    assert main([*args, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+
+
+def test_overwrite_swaps_the_new_run_in_only_once_it_has_a_checkpoint(tiny_txt, tmp_path):
+    run = tmp_path / "run"
+    common = ["train", "--data", str(tiny_txt), "--out", str(run), *FAST]
+    assert main([*common, "--max-steps", "2"]) == 0
+    old_weights = (run / "model.safetensors").read_bytes()
+    seen = []
+
+    def watch(trainer, step):  # what a user finds at `run` while the replacement trains
+        seen.append((step, (run / "model.safetensors").exists() and (run / "model.safetensors").read_bytes() == old_weights))
+
+    from textvae.training import trainer as trainer_module
+
+    original = trainer_module.Trainer.__init__
+
+    def with_watch(self, *a, **k):
+        original(self, *a, **k)
+        self.callbacks.insert(0, watch)
+
+    trainer_module.Trainer.__init__ = with_watch
+    try:
+        assert main([*common, "--max-steps", "5", "--set", "train.checkpoint_every=3", "--overwrite"]) == 0
+    finally:
+        trainer_module.Trainer.__init__ = original
+    assert seen == [(1, True), (2, True), (3, True), (4, False), (5, False)]  # swapped after step 3's checkpoint
+    assert (run / "model.safetensors").read_bytes() != old_weights
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left behind
+
+
 def test_other_commands_fail_cleanly(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     assert "run directory not found" in capsys.readouterr().err
@@ -164,3 +210,25 @@ def test_set_reads_exponent_notation_as_a_float():
 
     config = Config.from_dict(apply_overrides({}, ["train.lr=1e-4", "kl.low=2E-5"]))  # YAML 1.1 reads these as strings
     assert config.train.lr == 1e-4 and config.kl.low == 2e-5
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "config without hf_config", "hf_config without model_type"])
+def test_a_damaged_run_gives_one_line(damage, tiny_txt, tmp_path, capsys):
+    import yaml
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1", *FAST]) == 0
+    if damage == "truncate weights":
+        weights = run / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        meta = yaml.safe_load((run / "config.yaml").read_text())
+        if damage == "config without hf_config":
+            del meta["hf_config"]
+        else:
+            del meta["hf_config"]["model_type"]
+        (run / "config.yaml").write_text(yaml.safe_dump(meta))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iw-samples", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("textvae: error: ") and str(run) in error

@@ -2,6 +2,7 @@
 two-process DistributedDataParallel, each checked against an uninterrupted single process."""
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -153,3 +154,109 @@ def test_a_latent_model_trains_under_two_processes(tiny_txt, tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
     assert all(r["kl"] > 0 for r in records if r["split"] == "train")
     assert (run / "model.safetensors").is_file()
+
+
+def test_a_non_finite_step_is_skipped_with_weights_and_optimizer_untouched(tiny_txt, tmp_path):
+    from textvae.config import Config
+    from textvae.data.batching import encode_examples
+    from textvae.data.corpus import read_split
+    from textvae.models.registry import create_model
+    from textvae.training.trainer import Environment, Trainer
+
+    config = Config.from_dict({"model": {"name": "della", "latent_size": 4}, "data": {"vocab_size": 300},
+                               "train": {"batch_size": 8, "warmup_steps": 0, "precision": "fp32"}})
+    examples = read_split(tiny_txt, "train").examples
+    model = create_model(config, [e.target for e in examples])
+    encoded, _ = encode_examples(examples[:16], model.tokenizer, 32, 16, "truncate")
+    trainer = Trainer(model, config.train, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=False))
+    trainer._optimizer_step(list(range(8)), 1.0)  # a finite step: the optimizer has state now
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    def optimizer_state():
+        return [{k: v.clone() for k, v in state.items()} for state in trainer.optimizer.state.values()]
+
+    before = optimizer_state()
+    with torch.no_grad():
+        model.latents.posterior_from_text[0].bias.fill_(float("nan"))  # every loss is NaN now
+    sums, grad_norm = trainer._optimizer_step(list(range(8)), 1.0)
+    assert math.isnan(sums["loss"]) and trainer.bad_steps == 1 and trainer.skipped_steps == 1
+    for name, parameter in model.named_parameters():
+        if name != "latents.posterior_from_text.0.bias":
+            assert torch.equal(parameter, weights[name]), name
+    after = optimizer_state()
+    assert len(after) == len(before) and all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                                             for a, b in zip(after, before))
+
+
+def test_a_diverging_run_stops_in_one_line_with_valid_metrics(tiny_txt, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", str(tiny_txt), "--max-steps", "40", *BASE, *LATENT,
+            "--set", "train.lr=1000", "--set", "train.batch_size=16", "--set", "train.max_bad_steps=3",
+            "--set", "train.checkpoint_every=2", "--set", "train.grad_clip=0"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("textvae: error: training diverged: 3 consecutive steps up to step")
+    assert "checkpoints/step-" in error
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # valid JSON throughout
+    assert any(r["loss"] is None for r in records if r["split"] == "train")
+    assert not (run / "model.safetensors").exists()
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    stored = load_file(str(run / "checkpoints" / latest / "model.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in stored.values())  # no NaN ever reached a checkpoint
+
+
+def _checkpointed_run(tiny_txt, tmp_path, steps="6"):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", str(tiny_txt), "--max-steps", steps, *BASE,
+            "--set", "train.batch_size=16", "--set", "train.checkpoint_every=2"]
+    return run, args
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_txt, tmp_path, capsys):
+    run, args = _checkpointed_run(tiny_txt, tmp_path, steps="4")
+    assert main(args) == 0
+    straight = _weights(run)
+    newest = run / "checkpoints" / "step-000004"
+    (run / "model.safetensors").unlink()
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"split": "train", "st')  # a line cut short by a kill
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert f"{weights} is damaged" in captured.err and "resumed from step-000002" in captured.out + captured.err
+    resumed = _weights(run)
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)  # the same 4 steps
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.safetensors", "state.json", "rng-rank0.json",
+                                    "rng-rank0.safetensors"])
+def test_resume_with_every_checkpoint_damaged_stops_in_one_line(damage, tiny_txt, tmp_path, capsys):
+    run, args = _checkpointed_run(tiny_txt, tmp_path, steps="4")
+    assert main(args) == 0
+    for folder in (run / "checkpoints").glob("step-*"):
+        path = folder / damage
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    (run / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the data summary lines
+    assert error.startswith("textvae: error: no intact checkpoint") and damage in error
+
+
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_usable(tiny_txt, tmp_path):
+    run, args = _checkpointed_run(tiny_txt, tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads for every run: bitwise comparable
+
+    def textvae(arguments, **extra):
+        return subprocess.run([sys.executable, "-m", "textvae", *arguments], env={**env, **extra},
+                              capture_output=True, text=True, timeout=600).returncode
+
+    assert textvae(args, TEXTVAE_FAULT="checkpoint-write:2") == -signal.SIGKILL  # dies writing step 4's
+    assert (run / "checkpoints" / "latest").read_text() == "step-000002"
+    assert (run / "checkpoints" / "step-000004" / "model.safetensors").is_file()  # the write was under way
+    assert textvae([*args, "--resume"]) == 0
+    straight = tmp_path / "straight"
+    assert textvae([*args[: args.index("--out") + 1], str(straight), *args[args.index("--out") + 2 :]]) == 0
+    resumed, reference = _weights(run), _weights(straight)
+    assert all(torch.equal(resumed[name], reference[name]) for name in reference)

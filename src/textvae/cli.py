@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from textvae.errors import TextVAEError
+from textvae.threads import configure_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub unless asked (hf:NAME)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -132,12 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--interpolate", nargs=2, metavar=("SENTENCE_A", "SENTENCE_B"),
                         help="decode the path between two sentences with every single-latent run")
     report.add_argument("--steps", type=int, default=5, help="points on the interpolation path, ends included")
+    for command in (train, evaluate, generate, interpolate, score):
+        command.add_argument("--threads", type=int, metavar="N",
+                             help="CPU threads to compute with (default: OMP_NUM_THREADS, else the physical cores); "
+                                  "a warning is printed when the machine's cores are already busy")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        if args.command != "report":
+            args.threads = configure_threads(args.threads)
         handler = {
             "train": _train,
             "evaluate": _evaluate,
@@ -153,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("textvae: interrupted", file=sys.stderr)
         return 130
+
+
+def _warn_if_busy(threads: int) -> None:
+    """Say so when the cores are already busy, as the work begins (after the input checks)."""
+    from textvae.threads import oversubscription_warning
+
+    warning = oversubscription_warning(threads)
+    if warning and int(os.environ.get("RANK", 0)) == 0:  # once under torchrun
+        print(warning, file=sys.stderr)
 
 
 # --- train ----------------------------------------------------------------------------
@@ -175,10 +191,15 @@ def _train(args) -> int:
     config.validate()
     model_config(config)  # unknown model names and model options fail here
     out = Path(args.out)
-    if not args.resume and out.exists() and any(out.iterdir()) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise TextVAEError(f"--out {out} is a file, not a run directory")
+    replacing = not args.resume and out.exists() and any(out.iterdir())
+    if replacing and not args.overwrite:
         raise TextVAEError(f"{out} already exists; use --resume to continue it or --overwrite to replace it")
 
     data_dir = resolve_data_dir(config.data.path)
+    if replacing:
+        _check_replaceable(out, data_dir)
     train_split, valid_split = read_split(data_dir, "train"), read_split(data_dir, "valid")
     if config.data.train_examples is not None:
         train_split.examples = train_split.subset(config.data.train_examples)
@@ -199,15 +220,18 @@ def _train(args) -> int:
         raise TextVAEError("no examples left after applying data.max_length (see data.overlong)")
 
     run_config = config.to_dict()
+    run_dir = _staging_dir(out) if replacing else out  # a replaced run stays until the new one has a checkpoint
     if not args.resume and env.main:
-        _create_run_dir(out, lambda staging: save_model(model, staging, run_config, weights=False), args.overwrite)
+        _create_run_dir(run_dir, lambda staging: save_model(model, staging, run_config, weights=False))
     if env.world_size > 1:
         dist.barrier()
+    _warn_if_busy(args.threads)
     _info(env.main, f"{type(model).__name__} on {config.backbone.spec}: {_count(model)} parameters; "
                     f"device {env.device}, {'bf16' if env.bf16 else 'fp32'}, {env.world_size} process(es)")
     trainer = Trainer(
-        model, config.train, train_data, valid_data, out, env,
+        model, config.train, train_data, valid_data, run_dir, env,
         beta_schedule=config.kl, save_final=lambda m: save_model(m, out, run_config),
+        callbacks=[_swap_in_after_checkpoint(out)] if replacing else None,
     )
     validation = trainer.train(resume=args.resume)
     if env.main:
@@ -251,20 +275,61 @@ def _check_resume(out: Path, config) -> None:
         raise TextVAEError(f"--resume must use the run's own configuration; differs in: {', '.join(sorted(changed))}")
 
 
-def _create_run_dir(out: Path, write, overwrite: bool) -> None:
-    """Write the run's first files into a staging folder, then move it into place."""
+def _create_run_dir(out: Path, write) -> None:
+    """Write the run's first files into a temporary folder, then move it into place (`out`
+    absent or empty)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(staging)
         if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise TextVAEError(f"{out} already exists")
-            shutil.rmtree(out)
+            out.rmdir()  # empty: checked before
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_replaceable(out: Path, data_dir: Path) -> None:
+    """--overwrite replaces a textvae run, never other files and never the data."""
+    from textvae.config import load_yaml
+
+    data, target = data_dir.resolve(), out.resolve()
+    if data == target or target in data.parents:
+        raise TextVAEError(f"--overwrite would delete the data in {data_dir}: choose another --out")
+    config = out / "config.yaml"
+    meta = load_yaml(config) if config.is_file() else {}
+    if not ("run" in meta and "hf_config" in meta):
+        raise TextVAEError(f"--overwrite replaces only a textvae run, and {out} is not one (no run config.yaml); "
+                           "nothing was deleted")
+
+
+def _staging_dir(out: Path) -> Path:
+    """Where a replacing run trains until its first checkpoint (the same name on every process)."""
+    staging = out.with_name(f".{out.name}.replacing")
+    if int(os.environ.get("RANK", 0)) == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted replacement
+    return staging
+
+
+def _swap_in_after_checkpoint(out: Path):
+    """A trainer callback: once the new run has a checkpoint, it takes the old run's place."""
+    from textvae.training.checkpoint import latest_checkpoint
+
+    def swap(trainer, step: int) -> None:
+        if trainer.run_dir == out or latest_checkpoint(trainer.run_dir) is None:
+            return
+        staging, old = trainer.run_dir, out.with_name(f".{out.name}.replaced")
+
+        def move() -> None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+
+        trainer.relocate(out, move)
+
+    return swap
 
 
 def _encode(split, model, config, name: str, verbose: bool):
@@ -302,6 +367,7 @@ def _evaluate(args) -> int:
         raise TextVAEError("no examples left after applying data.max_length (see data.overlong)")
     device = next(model.parameters()).device
     bf16 = resolve_bf16(args.precision, device)
+    _warn_if_busy(args.threads)
     metrics = evaluate_likelihood(model, data, args.batch_size, args.iw_samples, args.au_delta, bf16, args.seed)
     if args.generate:
         metrics.update(_generate_and_score(model, config, split, args))

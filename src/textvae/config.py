@@ -114,12 +114,13 @@ class TrainConfig:
     checkpoint_every: int = 200  # optimizer steps between resumable checkpoints
     bucket_batches: int = 50  # batches sorted together by length (length bucketing)
     device: str = "auto"  # auto | cpu | cuda
+    max_bad_steps: int = 10  # consecutive steps skipped for a non-finite loss or gradient before the run stops
 
     def validate(self) -> None:
         _check_choice("train.decay", self.decay, ("linear", "cosine", "constant"))
         _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        for name in ("batch_size", "grad_accum", "epochs", "log_every", "checkpoint_every", "bucket_batches"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "checkpoint_every", "bucket_batches", "max_bad_steps"):
             _check_positive(f"train.{name}", getattr(self, name))
         if self.max_steps is not None:
             _check_positive("train.max_steps", self.max_steps)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
@@ -132,7 +133,17 @@ def write_weights(model: TextVAE, path: Path) -> None:
 
 
 def read_weights(model: TextVAE, path: Path, device: str | torch.device = "cpu") -> None:
-    """Load `write_weights`' file into `model`; anything missing or unexpected is an error."""
+    """Load `write_weights`' file into `model`; a missing, truncated or mismatched file is a
+    TextVAEError naming it."""
+    try:
+        _read_weights(model, path, device)
+    except FileNotFoundError:
+        raise TextVAEError(f"{path} is missing") from None
+    except (SafetensorError, OSError) as err:
+        raise TextVAEError(f"{path} is damaged ({str(err).splitlines()[0]})") from None
+
+
+def _read_weights(model: TextVAE, path: Path, device) -> None:
     if model.backbone.base_fingerprint is None:
         missing, unexpected = load_safetensors(model, str(path), strict=False, device=str(device))
     else:
@@ -174,19 +185,28 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", weight
     if weights and not (directory / "model.safetensors").is_file():
         raise TextVAEError(f"{directory} has no trained model yet (no model.safetensors); resume or finish training first")
     meta = load_yaml(directory / "config.yaml")
-    config = Config.from_dict(meta.get("run") or {})
+    if not isinstance(meta.get("run"), dict) or not isinstance(meta.get("hf_config"), dict):
+        raise TextVAEError(f"{directory / 'config.yaml'} is not a textvae run's config (it needs 'run' and 'hf_config')")
+    config = Config.from_dict(meta["run"])
     cls = model_class(str(config.model.get("name", "lm")))
     typed = model_config(config)
     tokenizer = TextTokenizer.load(directory)
     if config.backbone.frozen_base:
         backbone = _rebuilt_frozen_base(config, cls, typed, tokenizer, meta.get("base_fingerprint"))
     else:
-        backbone = wrap_backbone(rebuild(meta["hf_config"], config.backbone.attn_implementation), tokenizer, cls)
+        backbone = wrap_backbone(_rebuilt(meta["hf_config"], config, directory), tokenizer, cls)
     model = cls(backbone, tokenizer, typed)
     if not weights:
         return model.to(device), config
     read_weights(model, directory / "model.safetensors", device)
     return model.to(device).eval(), config
+
+
+def _rebuilt(hf_config: dict, config: Config, directory: Path):
+    try:
+        return rebuild(hf_config, config.backbone.attn_implementation)
+    except (KeyError, ValueError, TypeError) as err:
+        raise TextVAEError(f"{directory / 'config.yaml'} has an unusable hf_config: {err}") from None
 
 
 def _rebuilt_frozen_base(config: Config, cls, typed, tokenizer: TextTokenizer, stored: str | None):

@@ -17,12 +17,15 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from textvae.errors import TextVAEError
 from textvae.models.registry import read_weights, write_weights
 
 LATEST = "latest"
@@ -39,6 +42,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = checkpoint_root(run_dir) / pointer.read_text().strip()
     return path if (path / "state.json").is_file() else None
+
+
+def checkpoints_newest_first(run_dir: Path) -> list[Path]:
+    """The published checkpoint and the complete ones older than it, newest first (a folder
+    newer than `latest` was never published: its write did not finish)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return []
+    older = [p for p in checkpoint_root(run_dir).iterdir() if p.is_dir() and p.name.startswith("step-") and p.name < latest.name]
+    return [latest, *sorted(older, reverse=True)]
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -59,11 +72,11 @@ def save_rng(folder: Path, rank: int) -> None:
 
 
 def load_rng(folder: Path, rank: int) -> None:
-    tensors = load_file(str(folder / f"rng-rank{rank}.safetensors"))
+    tensors = _load_tensors(folder / f"rng-rank{rank}.safetensors")
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
-    states = json.loads((folder / f"rng-rank{rank}.json").read_text())
+    states = _read_json(folder / f"rng-rank{rank}.json")
     version, state, gauss = states["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = states["numpy"]
@@ -79,6 +92,7 @@ def write_checkpoint(
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     write_weights(model, folder / "model.safetensors")
+    _fault_point("checkpoint-write")  # weights written, optimizer not yet
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     save_file(tensors, str(folder / "optimizer.safetensors"))
     (folder / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
@@ -86,23 +100,74 @@ def write_checkpoint(
 
 
 def publish(run_dir: Path, folder: Path) -> None:
-    """Point `latest` at `folder` atomically, then delete checkpoints older than KEEP."""
+    """Make `folder` durable (fsync its files and itself), point `latest` at it atomically,
+    then delete checkpoints older than KEEP."""
+    _fault_point("publish")
+    for path in folder.iterdir():
+        _fsync(path)
+    _fsync(folder)
     root = checkpoint_root(run_dir)
     temporary = root / (LATEST + ".tmp")
     temporary.write_text(folder.name)
+    _fsync(temporary)
     os.replace(temporary, root / LATEST)
+    _fsync(root)
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
     for old in steps[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def read_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Load weights and optimizer state from `folder`; returns its state.json mapping."""
-    state = json.loads((folder / "state.json").read_text())
+    """Load weights and optimizer state from `folder`; returns its state.json mapping. A
+    missing, truncated or mismatched file is a TextVAEError naming it."""
+    state = _read_json(folder / "state.json")
     read_weights(model, folder / "model.safetensors")
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("param_groups")))
+    tensors = _load_tensors(folder / "optimizer.safetensors")
+    try:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state.pop("param_groups")))
+    except (KeyError, ValueError, TypeError) as err:
+        raise TextVAEError(f"{folder / 'optimizer.safetensors'} does not match the model's optimizer: {err}") from None
     return state
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TextVAEError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TextVAEError(f"{path} is damaged (not valid JSON: {err})") from None
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise TextVAEError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise TextVAEError(f"{path} is damaged ({str(err).splitlines()[0]})") from None
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _fault_point(name: str) -> None:
+    """Tests kill the process here with TEXTVAE_FAULT=name (or name:N, at the N-th time the
+    point is reached): a write cut short."""
+    wanted, _, nth = os.environ.get("TEXTVAE_FAULT", "").partition(":")
+    if wanted != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:

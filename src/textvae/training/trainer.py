@@ -131,6 +131,11 @@ def frozen_weights_to_bf16(model: torch.nn.Module) -> dict[torch.nn.Parameter, t
     return originals
 
 
+def _finite_or_null(record: dict) -> dict:
+    """metrics.jsonl stays valid JSON: a NaN or infinite value is written as null."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
+
+
 def restore_weights(originals: dict[torch.nn.Parameter, torch.Tensor]) -> None:
     """Put back the float32 data that `frozen_weights_to_bf16` replaced."""
     for parameter, data in originals.items():
@@ -186,6 +191,8 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.tensorboard = None
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self.skipped_steps = 0  # all of them
 
     # --- the loop -------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
@@ -220,9 +227,11 @@ class Trainer:
                 grad_norms.append(grad_norm)
                 self.step += 1
                 progress.update(1)
+                self._stop_if_diverged()
                 if self.step % self.train_config.log_every == 0 or self.step == self.total_steps:
                     record = self._log_record(interval, beta, lr, time.perf_counter() - started)
                     record["grad_norm"] = sum(grad_norms) / len(grad_norms)
+                    record["skipped_steps"] = self.skipped_steps
                     progress.set_postfix(
                         loss=f"{record['loss']:.2f}", rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}",
                         ppl=f"{record['ppl']:.1f}", beta=f"{beta:.2g}",
@@ -274,15 +283,30 @@ class Trainer:
             micro.update(tokens=counted_tokens(batch, self.sep_id).sum(), examples=torch.tensor(len(rows)))
             for key, value in micro.items():
                 sums[key] = sums.get(key, 0.0) + value.double().to(self.env.device)
-        max_norm = self.train_config.grad_clip if self.train_config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         keys = sorted(sums)  # the same model logs the same keys on every process
         stacked = torch.stack([sums[key] for key in keys])
         if self.env.world_size > 1:
             dist.all_reduce(stacked)
+        max_norm = self.train_config.grad_clip if self.train_config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # every process sees the same all-reduced sums and gradients, so all skip together
+        if bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(stacked).all()):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:  # nothing is applied: weights and optimizer state stay as they were
+            self.bad_steps += 1
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
         return dict(zip(keys, stacked.tolist())), float(grad_norm)
+
+    def _stop_if_diverged(self) -> None:
+        """After `train.max_bad_steps` consecutive skipped steps, stop with one line."""
+        if self.bad_steps < self.train_config.max_bad_steps:
+            return
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        where = f"the last checkpoint, {latest}, holds finite weights" if latest else "no checkpoint was written"
+        raise TextVAEError(f"training diverged: {self.bad_steps} consecutive steps up to step {self.step} had a non-finite "
+                           f"loss or gradient and were skipped; {where} (try a lower train.lr)")
 
     # --- validation -----------------------------------------------------------------
     @torch.no_grad()
@@ -318,6 +342,19 @@ class Trainer:
             dist.barrier()
         return record
 
+    def relocate(self, run_dir: Path, move: Callable[[], None]) -> None:
+        """Continue in `run_dir` after `move()` (run on the main process) puts the run there;
+        the TensorBoard writer, which writes by path, is closed and reopened around it."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.env.main:
+            move()
+        if self.env.world_size > 1:
+            dist.barrier()
+        self.run_dir = Path(run_dir)
+        if self.tensorboard is not None:
+            self.tensorboard = _tensorboard_writer(self.run_dir / "tensorboard")
+
     # --- logging ----------------------------------------------------------------------
     def _log_record(self, sums: dict[str, float], beta: float, lr: float, seconds: float) -> dict:
         """Means over the examples of the steps since the last record."""
@@ -342,10 +379,10 @@ class Trainer:
         if not self.env.main:
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self.tensorboard.add_scalar(f"{record['split']}/{key}", value, record["step"])
 
     # --- checkpoints ------------------------------------------------------------------
@@ -364,18 +401,29 @@ class Trainer:
             checkpoint.publish(self.run_dir, folder)
 
     def _resume(self) -> None:
-        folder = checkpoint.latest_checkpoint(self.run_dir)
-        if folder is None:
+        """Continue from the newest intact checkpoint (saying which were damaged)."""
+        candidates = checkpoint.checkpoints_newest_first(self.run_dir)
+        if not candidates:
             raise TextVAEError(f"no complete checkpoint to resume from in {self.run_dir}")
-        state = checkpoint.read_checkpoint(folder, self.model, self.optimizer)
+        damaged = []
+        for folder in candidates:
+            try:
+                state = checkpoint.read_checkpoint(folder, self.model, self.optimizer)
+                checkpoint.load_rng(folder, self.env.rank)
+                break
+            except TextVAEError as err:
+                damaged.append(str(err))
+        else:
+            raise TextVAEError(f"no intact checkpoint to resume from in {self.run_dir}: {'; '.join(damaged)}")
         if state["world_size"] != self.env.world_size:
             raise TextVAEError(
                 f"checkpoint was written by {state['world_size']} process(es); resume with the same number"
             )
-        checkpoint.load_rng(folder, self.env.rank)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if self.env.main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            for problem in damaged:
+                tqdm.write(f"textvae: warning: {problem}; skipping that checkpoint", file=sys.stderr)
             tqdm.write(f"resumed from {folder.name} (step {self.step})")
 
 
@@ -388,11 +436,19 @@ def _one_line(record: dict, total_steps: int) -> str:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records a killed run logged after its last checkpoint, so the log reads as one run."""
+    """Drop records a killed run logged after its last checkpoint (and a line its kill cut
+    short), so the log reads as one run."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _tensorboard_writer(log_dir: Path):

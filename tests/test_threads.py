@@ -1,0 +1,38 @@
+"""CPU threads: --threads sets torch's count, and busy cores are reported in one line."""
+
+import os
+
+import pytest
+import torch
+
+from textvae.cli import main
+from textvae.threads import oversubscription_warning
+
+
+def test_threads_flag_sets_the_count_and_refuses_zero(tiny_txt, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["score", str(tiny_txt / "test.txt"), "--refs", str(tiny_txt / "valid.txt"),
+                     "--metrics", "dist_1", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["score", "x", "--refs", "y", "--threads", "0"]) == 2
+        assert capsys.readouterr().err.strip() == "textvae: error: --threads must be >= 1, got 0"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_give_one_warning_line(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    busy, idle = tmp_path / "busy", tmp_path / "idle"
+    busy.write_text("3.10 2.50 1.20 4/310 12345\n")  # 3 runnable threads besides the reader
+    idle.write_text("0.10 0.20 0.10 1/310 12345\n")  # only the reader
+    warning = oversubscription_warning(cores, samples=1, loadavg=busy)
+    assert warning is not None and "\n" not in warning and "3 other threads" in warning
+    assert oversubscription_warning(cores, samples=1, loadavg=idle) is None
+
+
+@pytest.mark.parametrize("content", ["", "garbage"])
+def test_an_unreadable_load_gives_no_warning(content, tmp_path):
+    path = tmp_path / "loadavg"
+    path.write_text(content)
+    assert oversubscription_warning(1, samples=1, loadavg=path) is None

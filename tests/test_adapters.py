@@ -13,7 +13,7 @@ from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
-from textvae.models.registry import create_model, load_model
+from textvae.models.registry import create_model, load_model, save_model
 from textvae.training.trainer import Environment, Trainer
 
 FAST = ["--set", "data.max_length=32", "--set", "train.precision=fp32", "--set", "train.log_every=1",
@@ -73,6 +73,15 @@ def test_training_steps_leave_the_frozen_base_unchanged(backbone, tmp_path):
     moved = [n for n, p in after.items() if p.requires_grad and not torch.equal(p, before[n])]
     assert any(".fusion." in n for n in moved)
     assert any(".lora_B." in n for n in moved) if "adapter" in backbone else any(".h.3." in n for n in moved)
+    save_model(model, tmp_path / "saved", config.to_dict())  # what it trained, and the base it trained over
+    reloaded, _ = load_model(tmp_path / "saved")
+    batch = _batch(model)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        trained = model.eval().log_weights(batch, 3)
+        torch.manual_seed(1)
+        again = reloaded.log_weights(batch, 3)
+    torch.testing.assert_close(again, trained, rtol=0, atol=0)
 
 
 def test_adapter_run_stores_only_trained_weights_and_reloads_equal(tiny_txt, tmp_path):
@@ -155,6 +164,10 @@ def test_separate_encoder_gets_its_own_adapter_over_the_same_base():
                 parameter.normal_()
         assert not torch.allclose(separate.posterior(batch).mean, posterior)  # the encoder reads its adapter
         torch.testing.assert_close(separate.backbone(batch.input_ids, batch.attention_mask).hidden, decoder_hidden)
+    separate.train()(batch).loss.backward()  # one step trains both adapters
+    grads = {n: p.grad for n, p in separate.named_parameters() if ".lora_B." in n}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert {n.split(".lora_B.")[1].split(".")[0] for n in grads} == {"encoder", "decoder"}
 
 
 @pytest.mark.parametrize(("sets", "message"), [

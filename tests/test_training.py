@@ -254,9 +254,74 @@ def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_usable(tiny_tx
 
     assert textvae(args, TEXTVAE_FAULT="checkpoint-write:2") == -signal.SIGKILL  # dies writing step 4's
     assert (run / "checkpoints" / "latest").read_text() == "step-000002"
-    assert (run / "checkpoints" / "step-000004" / "model.safetensors").is_file()  # the write was under way
+    assert (run / "checkpoints" / "step-000004.writing" / "model.safetensors").is_file()  # the write was under way
     assert textvae([*args, "--resume"]) == 0
     straight = tmp_path / "straight"
     assert textvae([*args[: args.index("--out") + 1], str(straight), *args[args.index("--out") + 2 :]]) == 0
     resumed, reference = _weights(run), _weights(straight)
     assert all(torch.equal(resumed[name], reference[name]) for name in reference)
+
+
+def test_a_skipped_step_leaves_batch_norm_statistics_untouched(tiny_txt, tmp_path):
+    from textvae.config import Config
+    from textvae.data.batching import encode_examples
+    from textvae.data.corpus import read_split
+    from textvae.models.registry import create_model
+    from textvae.training.trainer import Environment, Trainer
+
+    config = Config.from_dict({"model": {"name": "trace-r", "latent_size": 4, "segment_length": 4, "posterior_norm": "bn"},
+                               "data": {"vocab_size": 300}, "train": {"batch_size": 8, "warmup_steps": 0, "precision": "fp32"}})
+    examples = read_split(tiny_txt, "train").examples
+    model = create_model(config, [e.target for e in examples])
+    encoded, _ = encode_examples(examples[:16], model.tokenizer, 32, 16, "truncate", model.segmenter)
+    trainer = Trainer(model, config.train, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=False))
+    trainer._optimizer_step(list(range(8)), 1.0)
+    statistics = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    assert statistics
+    with torch.no_grad():
+        model.residual_from_text.bias.fill_(float("inf"))
+    trainer._optimizer_step(list(range(8)), 1.0)
+    assert trainer.skipped_steps == 1
+    assert all(torch.equal(b, statistics[n]) for n, b in model.named_buffers() if n in statistics)
+
+
+
+def test_validation_with_an_enormous_kl_reports_an_infinite_bound_not_a_traceback(tiny_txt, tmp_path):
+    from textvae.config import Config
+    from textvae.data.batching import encode_examples
+    from textvae.data.corpus import read_split
+    from textvae.models.registry import create_model
+    from textvae.training.trainer import Environment, Trainer
+
+    config = Config.from_dict({"model": {"name": "embed", "latent_size": 4}, "data": {"vocab_size": 300},
+                               "train": {"batch_size": 8, "warmup_steps": 0, "precision": "fp32"}})
+    examples = read_split(tiny_txt, "train").examples
+    model = create_model(config, [e.target for e in examples])
+    forward = model.forward
+
+    def huge_kl(batch, beta=1.0):  # what BN over the log-variances gave early in annealing: 19,000 nats
+        out = forward(batch, beta)
+        out.kl = out.kl + 1e6
+        return out
+
+    model.forward = huge_kl
+    encoded, _ = encode_examples(examples[:16], model.tokenizer, 32, 16, "truncate")
+    trainer = Trainer(model, config.train, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=False))
+    record = trainer.validate()
+    assert record["ppl_bound"] == math.inf
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["ppl_bound"] is None
+
+
+def test_resume_accepts_a_run_made_before_an_option_existed(tiny_txt, tmp_path):
+    import yaml
+
+    run, args = _checkpointed_run(tiny_txt, tmp_path, steps="4")
+    child = multiprocessing.get_context("spawn").Process(target=_train_and_die, args=(args, 3))
+    child.start()
+    child.join(timeout=900)
+    meta = yaml.safe_load((run / "config.yaml").read_text())
+    del meta["run"]["train"]["max_bad_steps"]  # as written by an older textvae
+    del meta["run"]["backbone"]["adapter"]
+    (run / "config.yaml").write_text(yaml.safe_dump(meta))
+    assert main([*args, "--resume"]) == 0

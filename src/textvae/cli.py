@@ -258,12 +258,13 @@ def _resolve_conditional(config, has_source: bool) -> None:
 
 
 def _check_resume(out: Path, config) -> None:
-    from textvae.config import load_yaml
+    from textvae.config import Config, load_yaml
 
     stored_path = out / "config.yaml"
     if not stored_path.is_file():
         raise TextVAEError(f"nothing to resume: {out} holds no run")
-    stored = load_yaml(stored_path).get("run") or {}
+    # through Config: options added since the run was made take their defaults on both sides
+    stored = Config.from_dict(load_yaml(stored_path).get("run") or {}).to_dict()
     current = config.to_dict()
     changed = [
         f"{section}.{key}"
@@ -306,7 +307,7 @@ def _check_replaceable(out: Path, data_dir: Path) -> None:
 
 def _staging_dir(out: Path) -> Path:
     """Where a replacing run trains until its first checkpoint (the same name on every process)."""
-    staging = out.with_name(f".{out.name}.replacing")
+    staging = out.resolve().with_name(f".{out.resolve().name}.replacing")
     if int(os.environ.get("RANK", 0)) == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted replacement
     return staging
@@ -314,12 +315,12 @@ def _staging_dir(out: Path) -> Path:
 
 def _swap_in_after_checkpoint(out: Path):
     """A trainer callback: once the new run has a checkpoint, it takes the old run's place."""
-    from textvae.training.checkpoint import latest_checkpoint
 
     def swap(trainer, step: int) -> None:
-        if trainer.run_dir == out or latest_checkpoint(trainer.run_dir) is None:
+        # decided from the step, which every process knows alike (a file read could differ)
+        if trainer.run_dir == out or trainer.last_checkpoint_step != step:
             return
-        staging, old = trainer.run_dir, out.with_name(f".{out.name}.replaced")
+        staging, old = trainer.run_dir, out.resolve().with_name(f".{out.resolve().name}.replaced")
 
         def move() -> None:
             shutil.rmtree(old, ignore_errors=True)

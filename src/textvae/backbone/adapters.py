@@ -37,13 +37,21 @@ INPUT_MODULES = ("wpe", "embed_positions", "layernorm_embedding")
 DECODER, ENCODER = "decoder", "encoder"
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of every parameter and buffer: [64 hex]."""
+def fingerprint(model: nn.Module, pretrained_rows: int) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of every parameter and buffer: [64 hex].
+    Only the first `pretrained_rows` rows of the token embeddings and the LM head count: rows
+    drawn for added tokens depend on the machine's arithmetic, and `NewTokenRows` replaces them."""
+    embeddings = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        embeddings.add(id(head.weight))
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        if id(tensor) in embeddings:
+            tensor = tensor[:pretrained_rows]
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -97,8 +97,9 @@ def load_pretrained(
 def load_pretrained_base(
     spec: str, dropout: float | None, attn_implementation: str
 ) -> tuple[PreTrainedModel, TextTokenizer, int]:
-    """`load_pretrained`, plus the number of embedding rows the pretrained model had: rows
-    from there on belong to tokens this tokenizer added (e.g. [SEP])."""
+    """`load_pretrained`, plus the first token id this run added to the pretrained vocabulary
+    (e.g. [SEP]): ids from there on have no trained embedding (in a padded vocabulary the
+    added ids fall below the number of embedding rows)."""
     kwargs: dict = {"attn_implementation": attn_implementation}
     if spec.startswith("hf:"):
         location, local_only = spec[3:], False
@@ -126,9 +127,9 @@ def load_pretrained_base(
             transformers.logging.enable_progress_bar()
     _set_dropout(model.config, model, dropout)
     tokenizer = TextTokenizer.from_pretrained(hf_tokenizer)
-    pretrained_rows = model.get_input_embeddings().num_embeddings
+    added_from = min(model.get_input_embeddings().num_embeddings, len(hf_tokenizer))
     resize_embeddings(model, tokenizer.vocab_size)
-    return model, tokenizer, pretrained_rows
+    return model, tokenizer, added_from
 
 
 def rebuild(config_dict: dict, attn_implementation: str) -> PreTrainedModel:

@@ -78,7 +78,7 @@ def _prepared_backbone(causal_lm, tokenizer: TextTokenizer, cls: type[TextVAE], 
     """Freeze/adapt the base as `config.backbone` says, then wrap it (before the model adds
     its own parts, which all train)."""
     settings = config.backbone
-    fingerprint = adapters.fingerprint(causal_lm) if settings.frozen_base else None
+    fingerprint = adapters.fingerprint(causal_lm, pretrained_rows) if settings.frozen_base else None
     encoder_adapter = settings.adapter == "lora" and not getattr(typed, "share_encoder", True)
     adapters.prepare_base(causal_lm, settings, encoder_adapter)
     backbone = wrap_backbone(causal_lm, tokenizer, cls)

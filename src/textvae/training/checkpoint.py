@@ -45,13 +45,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:
-    """The published checkpoint and the complete ones older than it, newest first (a folder
-    newer than `latest` was never published: its write did not finish)."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
+    """Published checkpoints up to the one `latest` names, newest first; a folder still being
+    written (`.writing`) never counts, nor one newer than `latest`."""
+    pointer = checkpoint_root(run_dir) / LATEST
+    if not pointer.is_file():
         return []
-    older = [p for p in checkpoint_root(run_dir).iterdir() if p.is_dir() and p.name.startswith("step-") and p.name < latest.name]
-    return [latest, *sorted(older, reverse=True)]
+    newest = pointer.read_text().strip()
+    return sorted((p for p in checkpoint_root(run_dir).iterdir()
+                   if p.is_dir() and p.name.startswith("step-") and not p.suffix and p.name <= newest
+                   and (p / "state.json").is_file()), reverse=True)
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -83,11 +85,16 @@ def load_rng(folder: Path, rank: int) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def writing_folder(run_dir: Path, step: int) -> Path:
+    """Where step `step`'s checkpoint is written (by every process) before `publish` renames it."""
+    return checkpoint_root(run_dir) / f"step-{step:06d}.writing"
+
+
 def write_checkpoint(
     run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
 ) -> Path:
-    """Write model, optimizer and `state` (rank 0 only) into a new step folder."""
-    folder = checkpoint_root(run_dir) / f"step-{step:06d}"
+    """Write model, optimizer and `state` (rank 0 only) into the step's writing folder."""
+    folder = writing_folder(run_dir, step)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -100,20 +107,28 @@ def write_checkpoint(
 
 
 def publish(run_dir: Path, folder: Path) -> None:
-    """Make `folder` durable (fsync its files and itself), point `latest` at it atomically,
-    then delete checkpoints older than KEEP."""
+    """Make the writing `folder` durable (fsync its files and itself), rename it into place
+    (an earlier checkpoint of the same step, from before a resume, moves aside first), point
+    `latest` at it atomically, then delete checkpoints older than KEEP."""
     _fault_point("publish")
     for path in folder.iterdir():
         _fsync(path)
     _fsync(folder)
     root = checkpoint_root(run_dir)
+    final = root / folder.name.removesuffix(".writing")
+    if final.exists():
+        aside = root / (final.name + ".replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(folder, final)
     temporary = root / (LATEST + ".tmp")
-    temporary.write_text(folder.name)
+    temporary.write_text(final.name)
     _fsync(temporary)
     os.replace(temporary, root / LATEST)
     _fsync(root)
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in steps[:-KEEP]:
+    leftovers = [p for p in root.iterdir() if p.is_dir() and p.suffix in (".replaced", ".writing")]
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.suffix)
+    for old in [*leftovers, *steps[:-KEEP]]:
         shutil.rmtree(old, ignore_errors=True)
 
 

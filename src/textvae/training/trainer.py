@@ -131,6 +131,11 @@ def frozen_weights_to_bf16(model: torch.nn.Module) -> dict[torch.nn.Parameter, t
     return originals
 
 
+def _exp_or_inf(value: float) -> float:
+    """exp that overflows to inf (a KL of thousands of nats early in annealing) instead of raising."""
+    return math.exp(value) if value < 709.0 else math.inf
+
+
 def _finite_or_null(record: dict) -> dict:
     """metrics.jsonl stays valid JSON: a NaN or infinite value is written as null."""
     return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
@@ -193,10 +198,17 @@ class Trainer:
         self.tensorboard = None
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.skipped_steps = 0  # all of them
+        self.last_checkpoint_step: int | None = None  # the same on every process
 
     # --- the loop -------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
         """Train to `total_steps`; returns the last validation metrics."""
+        try:
+            return self._train(resume)
+        finally:
+            restore_weights(self.fp32_frozen_weights)  # also after an error: fp32 use of the model works
+
+    def _train(self, resume: bool) -> dict:
         if resume:
             self._resume()
         if self.env.main:
@@ -268,6 +280,7 @@ class Trainer:
         share = global_batch[self.env.rank :: self.env.world_size]
         micro_batches = [m for m in np.array_split(np.asarray(share), self.train_config.grad_accum) if len(m)]
         self.wrapped.train()
+        buffers = [(buffer, buffer.clone()) for buffer in self.model.buffers() if buffer.is_floating_point()]
         sums: dict[str, torch.Tensor] = {}
         for index, rows in enumerate(micro_batches):
             batch = collate([self.train_data[i] for i in rows], self.pad_id).to(self.env.device)
@@ -293,7 +306,9 @@ class Trainer:
         if bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(stacked).all()):
             self.optimizer.step()
             self.bad_steps = 0
-        else:  # nothing is applied: weights and optimizer state stay as they were
+        else:  # nothing is applied: weights, running statistics and optimizer state stay as they were
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
             self.bad_steps += 1
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -329,7 +344,7 @@ class Trainer:
                 "rec": rec / examples,
                 "kl": kl / examples,
                 "elbo": (rec + kl) / examples,
-                "ppl_bound": math.exp((rec + kl) / tokens),
+                "ppl_bound": _exp_or_inf((rec + kl) / tokens),
                 "tokens": int(tokens),
                 "examples": int(examples),
             }
@@ -387,9 +402,10 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------
     def _checkpoint(self, started_next_epoch: bool) -> None:
+        self.last_checkpoint_step = self.step
         epoch, batch_in_epoch = (self.epoch + 1, 0) if started_next_epoch else (self.epoch, self.batch_in_epoch)
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.env.world_size}
-        folder = checkpoint.checkpoint_root(self.run_dir) / f"step-{self.step:06d}"
+        folder = checkpoint.writing_folder(self.run_dir, self.step)
         if self.env.main:
             folder = checkpoint.write_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state)
         if self.env.world_size > 1:

@@ -77,9 +77,9 @@ def lm_flops_per_token(model, length: int, lora: bool) -> float:
     """6 N (full) or 4 N (frozen weights: no weight gradients) plus attention, per token."""
     causal_lm = model.backbone.causal_lm
     config = causal_lm.config
-    base = [p for n, p in causal_lm.named_parameters() if ".lora_" not in n]
-    embeddings = causal_lm.get_input_embeddings().weight.numel()
-    dense = sum(p.numel() for p in base) - embeddings + embeddings  # the tied head still costs a matmul
+    # every base weight costs a matmul per token: the embedding lookup does not, but the tied LM
+    # head (the same matrix) does, so the two cancel and the total is the base's parameter count
+    dense = sum(p.numel() for n, p in causal_lm.named_parameters() if ".lora_" not in n)
     return (4 if lora else 6) * dense + 12 * config.num_hidden_layers * length * config.hidden_size
 
 

@@ -34,16 +34,10 @@ from textvae.models.base import TextVAE
 
 
 @torch.no_grad()
-def log_marginal(model: TextVAE, batch, k: int, chunk: int = 20) -> torch.Tensor:
-    """Importance-weighted log p(x) of each example: [B]. Samples are drawn `chunk` at a time
-    so memory stays bounded for large k."""
-    return log_marginals(model, batch, k, chunk)[0]
-
-
-@torch.no_grad()
 def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-weighted log p(x) of each example [B], and the same estimate with the latent
-    densities averaged over latent groups (DELLA's released-code convention) [B]."""
+    densities averaged over latent groups (DELLA's released-code convention) [B]. Samples are
+    drawn `chunk` at a time so memory stays bounded for large k."""
     if not model.has_latent:
         exact = model.log_weights(batch, 1)[:, 0]
         return exact, exact

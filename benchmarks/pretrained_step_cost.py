@@ -16,7 +16,7 @@ Evaluation (`--eval`): `evaluate_likelihood` with k importance samples on `--eva
 against its floor, k plain decoder forward passes over the same texts (the backbone alone).
 
     python benchmarks/pretrained_step_cost.py [--backbone smollm2] [--steps 5] [--batch 8 --length 64]
-        [--models lm memory della trace-r] [--modes full lora lora-freeze] [--eval] [--no-memory]
+        [--models lm memory della trace-r] [--modes full lora lora-freeze] [--eval] [--no-memory | --memory-only]
 """
 
 from __future__ import annotations
@@ -111,7 +111,16 @@ def _memory_child(queue, name, mode, backbone, batch, length, steps, attn):
     trainer = build(name, mode, backbone, batch, length, attn=attn)
     for _ in range(steps):
         trainer._optimizer_step(list(range(batch)), 1.0)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    queue.put(_peak_rss_kib())
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across exec, so a spawned child would report its forking parent's peak."""
+    for line in open("/proc/self/status", encoding="ascii"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: the best there is
 
 
 def evaluation_cost(name: str, backbone: str, texts: int, k: int, length: int, attn: str) -> tuple[float, float]:
@@ -142,6 +151,7 @@ def main() -> None:
     parser.add_argument("--attn", nargs="+", default=["sdpa", "eager"], help="attention implementations to compare")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory column (no step timing)")
     parser.add_argument("--eval", action="store_true", help="also time evaluation against its floor")
     parser.add_argument("--eval-texts", type=int, default=16)
     parser.add_argument("--eval-k", type=int, default=100)
@@ -152,6 +162,11 @@ def main() -> None:
     print(f"bf16 matmul peak (2048^3): {peak:.0f} GFLOP/s")
     keys = [(name, mode, attn) for attn in args.attn for name in args.models for mode in args.modes
             if not (name == "lm" and mode == "lora-freeze")]
+    if args.memory_only:
+        print("| model | mode | attention | peak RSS GiB |\n|---|---|---|---|")
+        for name, mode, attn in keys:
+            print(f"| {name} | {mode} | {attn} | {peak_memory(name, mode, attn, args):.2f} |", flush=True)
+        return
     trainers = {key: build(key[0], key[1], args.backbone, args.batch, args.length, attn=key[2]) for key in keys}
     seconds = time_steps(trainers, args.steps)
     tokens = args.batch * args.length

@@ -84,7 +84,7 @@ def test_max_length_policies_are_applied_and_counted(tiny_tokenizer):
     assert stats.truncated == 1 and stats.dropped == 0 and len(encoded[1].ids) == 8 < long_length
     assert encoded[1].ids[-1] != tok.eos_id  # a cut text did not end: no EOS
     encoded, stats = encode_examples(examples, tok, 8, 4, "drop")
-    assert stats.dropped == 1 and stats.kept == [0] and len(encoded) == 1
+    assert stats.dropped == 1 and len(encoded) == 1 and encoded[0].ids[1:-1] == tok.encode(examples[0].target)
     with pytest.raises(TextVAEError, match="example 2 has"):
         encode_examples(examples, tok, 8, 4, "error")
     _, stats = encode_examples([Example("a dog", source="a man is riding a red bike")], tok, 64, 3, "truncate")

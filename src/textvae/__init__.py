@@ -1,0 +1,23 @@
+"""textvae: Transformer VAEs for text (DELLA, TRACE and their baselines).
+
+The Python API (docs/api.md): `textvae.load(run_dir)` -> `TrainedVAE` (encode, decode,
+sample, reconstruct, interpolate, steer, analogy, log_likelihood, score, save),
+`textvae.train(...)`, `textvae.evaluate(...)`, `textvae.plot_latent(...)`. Imported lazily,
+so that the CLI starts without torch.
+"""
+
+from textvae.errors import TextVAEError
+
+__all__ = ["Posterior", "TextVAEError", "TrainedVAE", "evaluate", "load", "plot_latent", "train"]
+
+
+def __getattr__(name: str):
+    if name in ("Posterior", "TrainedVAE", "evaluate", "load", "train"):
+        from textvae import api
+
+        return getattr(api, name)
+    if name == "plot_latent":
+        from textvae.evaluation.latent_plot import plot_latent
+
+        return plot_latent
+    raise AttributeError(f"module 'textvae' has no attribute {name!r}")

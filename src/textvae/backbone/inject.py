@@ -12,15 +12,8 @@ reads the current layer's latent, set for the duration of one forward call by
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Protocol
-
 import torch
 from torch import nn
-
-
-class FusionFunction(Protocol):
-    def __call__(self, values: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """values: [B, T, V], latent: [B, P] -> fused values [B, T, V]."""
 
 
 class ValueFusion(nn.Module):

@@ -16,13 +16,6 @@ def bidirectional(attention_mask: torch.Tensor) -> torch.Tensor:
     return keys.expand(-1, 1, attention_mask.shape[1], -1) | _diagonal(attention_mask)
 
 
-def causal(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each position sees itself and earlier real positions. [B, T] -> [B, 1, T, T]."""
-    length = attention_mask.shape[1]
-    lower = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
-    return (lower & attention_mask.bool()[:, None, None, :]) | _diagonal(attention_mask)
-
-
 def block(segment_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str) -> torch.Tensor:
     """Segment-block masks for TRACE's encoder passes. segment_ids: [B, T] -> [B, 1, T, T].
 

@@ -16,7 +16,7 @@ did not end there), dropped, or rejected with an error. Counts are reported in `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ class EncodeStats:
     truncated: int = 0  # targets cut to fit max_length
     dropped: int = 0  # examples removed by overlong=drop
     sources_truncated: int = 0  # sources cut to max_source_length
-    kept: list[int] = field(default_factory=list)  # indices of the examples kept, in order
 
     def describe(self) -> str:
         return (
@@ -85,7 +84,6 @@ def encode_examples(
             ids = ids[:max_length]
             stats.truncated += 1
         encoded.append(Encoded(ids, len(prefix)))
-        stats.kept.append(index)
     return encoded, stats
 
 

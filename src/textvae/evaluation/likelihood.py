@@ -50,9 +50,8 @@ def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20) -> tuple[torch
 @torch.no_grad()
 def mutual_information(posteriors: list) -> float:
     """I_q(x; z) over the examples of all `posteriors` (one distribution object per batch,
-    with `rsample()` and `log_prob(z)`), in nats. log q(z_i | x_j) for every pair comes from
-    `cross_log_prob(z_i, owner)` where a posterior defines it, else from `log_prob` of z_i
-    broadcast over x_j's batch.
+    as declared in `latent/interface.py`), in nats; log q(z_i | x_j) for every pair comes from
+    `cross_log_prob(z_i, owner)`.
 
     Latents whose shape depends on the example (one per segment) come with `shape_group` [B],
     e.g. the segment count T: q(z | x_j) has no mass on another group's latents, and the
@@ -64,17 +63,10 @@ def mutual_information(posteriors: list) -> float:
     log_aggregate = [torch.full((z.shape[0],), float("-inf"), dtype=torch.float64, device=z.device) for z in samples]
     for posterior in posteriors:
         for index, (owner, z) in enumerate(zip(posteriors, samples)):
-            log_q = _cross_log_prob(posterior, z, owner)  # [B_j, B_i]
+            log_q = posterior.cross_log_prob(z, owner)  # [B_j, B_i]
             log_aggregate[index] = torch.logaddexp(log_aggregate[index], torch.logsumexp(log_q.double(), dim=0))
     log_count = _log_group_counts(posteriors, log_q_own)
     return float((log_q_own - (torch.cat(log_aggregate) - log_count)).mean())
-
-
-def _cross_log_prob(posterior, z: torch.Tensor, owner) -> torch.Tensor:
-    if hasattr(posterior, "cross_log_prob"):
-        return posterior.cross_log_prob(z, owner)
-    rows = posterior.mean.shape[0]
-    return posterior.log_prob(z[None].expand(rows, *z.shape))
 
 
 @torch.no_grad()
@@ -89,7 +81,7 @@ def minibatch_mutual_information(posteriors: list) -> float:
     for posterior in posteriors:
         z = posterior.rsample()
         negative_entropy = -posterior.conditional_entropy(z).double()  # [M]
-        log_q = _cross_log_prob(posterior, z, posterior).double()  # [M_j, M_i]
+        log_q = posterior.cross_log_prob(z, posterior).double()  # [M_j, M_i]
         log_aggregate = torch.logsumexp(log_q, dim=0) - _log_group_counts([posterior], negative_entropy)
         total += float((negative_entropy - log_aggregate).sum())
         examples += z.shape[0]
@@ -159,7 +151,7 @@ def evaluate_likelihood(
     metrics = {**_perplexity("", -values["log_px"], tokens), **_mean("nll", -values["log_px"])}
     if model.has_latent:
         rec, kl, groups = values["rec"], values["kl"], values["groups"]
-        active = active_units(torch.cat([q.mean for q in posteriors]), au_delta)
+        active = active_units(torch.cat([q.activity_means for q in posteriors]), au_delta)
         metrics.update(**_mean("elbo", rec + kl), **_mean("rec", rec), **_mean("kl", kl))
         metrics.update(mi=mutual_information(posteriors), au=int(active.sum()))
         sizes = model.latent_group_sizes

@@ -29,6 +29,7 @@ class RunRecord:
     model: str
     schedule: str
     steps: int | None
+    has_latent: bool
     curve: list[dict] = field(default_factory=list)  # train records: step, rec, kl, beta
     metrics: dict = field(default_factory=dict)  # eval_SPLIT.json, empty if not evaluated
 
@@ -36,6 +37,7 @@ class RunRecord:
 def read_run(directory: str | Path, split: str = "test") -> RunRecord:
     """What a run directory records about its model, training and evaluation."""
     from textvae.config import load_yaml
+    from textvae.models.registry import model_class
 
     directory = Path(directory)
     if not (directory / "config.yaml").is_file():
@@ -52,8 +54,9 @@ def read_run(directory: str | Path, split: str = "test") -> RunRecord:
         metrics = _json((directory / f"eval_{split}.json").read_text(encoding="utf-8"), directory / f"eval_{split}.json")
     schedule = (run.get("kl") or {}).get("schedule", "constant")
     model = (run.get("model") or {}).get("name", "lm")
-    return RunRecord(directory.name, directory, model, schedule if model != "lm" else "-",
-                     curve[-1]["step"] if curve else None, curve, metrics)
+    has_latent = model_class(model).has_latent
+    return RunRecord(directory.name, directory, model, schedule if has_latent else "-",
+                     curve[-1]["step"] if curve else None, has_latent, curve, metrics)
 
 
 def _json(text: str, path: Path) -> dict:
@@ -100,9 +103,9 @@ def plot_curves(records: list[RunRecord], path: Path) -> bool:
     for index, record in enumerate(logged):
         steps, color = [r["step"] for r in record.curve], f"C{index % 10}"  # one colour per run in both panels
         rec_axis.plot(steps, [r["rec"] for r in record.curve], color=color, label=record.name)
-        if record.model != "lm":
+        if record.has_latent:
             kl_axis.plot(steps, [r["kl"] for r in record.curve], color=color, label=record.name)
-    latent = [record for record in logged if record.model != "lm"]
+    latent = [record for record in logged if record.has_latent]
     if latent:  # the schedule worth showing: the first that changes beta
         shown = next((r for r in latent if len({x.get("beta", 1.0) for x in r.curve}) > 1), latent[0])
         beta_axis = kl_axis.twinx()

@@ -9,10 +9,14 @@ import math
 
 import torch
 
+from textvae.latent.interface import LatentGroups
+
 LOG_2PI = math.log(2 * math.pi)
 
 
 class DiagonalGaussian:
+    """One Gaussian latent per example (`latent/interface.py`)."""
+
     shape_group = None  # every latent has the same shape (see SegmentChain.shape_group)
 
     def __init__(self, mean: torch.Tensor, log_var: torch.Tensor):
@@ -22,9 +26,9 @@ class DiagonalGaussian:
         self.log_var = log_var
 
     @classmethod
-    def standard(cls, like: torch.Tensor) -> "DiagonalGaussian":
-        """N(0, I) with the shape, dtype and device of `like`."""
-        zeros = torch.zeros_like(like)
+    def standard(cls, batch: int, size: int, device: torch.device | str) -> "DiagonalGaussian":
+        """N(0, I) over [batch, size] (float32)."""
+        zeros = torch.zeros(batch, size, device=device)
         return cls(zeros, zeros)
 
     @property
@@ -45,6 +49,20 @@ class DiagonalGaussian:
         if z.dim() == mean.dim() + 1:
             mean, log_var = mean.unsqueeze(-2), log_var.unsqueeze(-2)
         return -0.5 * (LOG_2PI + log_var + (z - mean) ** 2 * torch.exp(-log_var)).sum(-1)
+
+    def cross_log_prob(self, z: torch.Tensor, owner: "DiagonalGaussian") -> torch.Tensor:
+        """log q(z_i | x_j) for every example j here and every z_i [B_i, P]: [B_j, B_i]."""
+        return self.log_prob(z[None].expand(self.mean.shape[0], *z.shape))
+
+    @property
+    def activity_means(self) -> torch.Tensor:
+        """[B, P]: one observation of the latent space per example (for AU)."""
+        return self.mean
+
+    def grouped(self) -> LatentGroups:
+        """One group: [B, 1, P]."""
+        present = torch.ones(self.mean.shape[0], 1, dtype=torch.bool, device=self.mean.device)
+        return LatentGroups(self.mean[:, None], self.log_var[:, None], present)
 
     def entropy(self) -> torch.Tensor:
         """Differential entropy summed over P: [...]."""

@@ -19,6 +19,9 @@ from textvae.data.batching import Batch
 from textvae.data.tokenizer import TextTokenizer
 
 
+LOGIT_ROWS = 4096  # positions projected to the vocabulary at a time (models/base.py target_nll)
+
+
 @dataclass
 class Output:
     """What `forward` returns. Per-example tensors are [B]; `loss` is their batch mean."""
@@ -77,6 +80,10 @@ class TextVAE(nn.Module):
     config_class: ClassVar[type]
     has_latent: ClassVar[bool] = True
     supports_encoder_decoder: ClassVar[bool] = True  # runs on `Seq2SeqBackbone` (BART) too
+    # what one latent group is: "single" (one vector per text), "layer" (DELLA: one per
+    # decoder layer) or "segment" (TRACE and its baselines: one per segment); None without latents
+    latent_groups: ClassVar[str | None] = "single"
+    segmenter = None  # segment-wise models: how a text is cut into segments (data/segment.py)
 
     def __init__(self, backbone: Backbone, tokenizer: TextTokenizer, config):
         super().__init__()
@@ -117,8 +124,12 @@ class TextVAE(nn.Module):
         Position t predicts token t + 1; only scored targets are projected to the vocabulary.
         """
         scored = batch.target_mask[:, 1:]
-        logits = self.backbone.logits(hidden[:, :-1][scored]).float()  # [N, V]
-        token_nll = F.cross_entropy(logits, batch.input_ids[:, 1:][scored], reduction="none")
+        states, targets = hidden[:, :-1][scored], batch.input_ids[:, 1:][scored]  # [N, H], [N]
+        # in slices: [N, V] float32 logits of a 49k vocabulary are GBs at evaluation's k x batch rows
+        token_nll = torch.cat([
+            F.cross_entropy(self.backbone.logits(part).float(), part_targets, reduction="none")
+            for part, part_targets in zip(states.split(LOGIT_ROWS), targets.split(LOGIT_ROWS))
+        ]) if len(targets) else hidden.new_zeros(0, dtype=torch.float32)
         rows = scored.nonzero()[:, 0]
         return torch.zeros(batch.size, device=hidden.device).index_add_(0, rows, token_nll)
 
@@ -131,6 +142,21 @@ class TextVAE(nn.Module):
         """Injections for the prompt pass of decoding [N, T] (by default the same at every
         position; segment-wise models keep a source prefix latent-free)."""
         return self.injections(latent)
+
+    def latent_to_groups(self, z: torch.Tensor) -> torch.Tensor:
+        """A latent from `posterior(...).rsample` [..., D] in the grouped layout [..., G, P] of
+        `LatentGroups` (groups: the single latent, layers, segments)."""
+        sizes = self.latent_group_sizes
+        return z.unflatten(-1, (len(sizes), sizes[0]))
+
+    def latent_from_groups(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `latent_to_groups`: [..., G, P] -> the model's own layout."""
+        return z.flatten(-2)
+
+    def decoding_latent(self, z: torch.Tensor, present: torch.Tensor, prompts: list[list[int]], device) -> Any:
+        """What `decode` carries to decode from given latents z [N, G, P] (`present` [N, G]
+        marks each row's groups), one row per prompt."""
+        return self.latent_from_groups(z.to(device))
 
     def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> Any:
         """Latents drawn from the prior, one per prompt (token ids; a conditional model's
@@ -166,18 +192,6 @@ class TextVAE(nn.Module):
         )
         state.next_position = state.next_position + 1
         return self.backbone.logits(out.hidden[:, -1]).float()
-
-    # --- persistence --------------------------------------------------------------
-    def save_pretrained(self, directory, run_config: dict) -> None:
-        from textvae.models.registry import save_model
-
-        save_model(self, directory, run_config)
-
-    @classmethod
-    def from_pretrained(cls, directory) -> "TextVAE":
-        from textvae.models.registry import load_model
-
-        return load_model(directory)[0]
 
 
 def select_rows(latent: Any, index: torch.Tensor) -> Any:

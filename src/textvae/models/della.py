@@ -38,6 +38,7 @@ from textvae.backbone.inject import inject_value_fusion
 from textvae.data.batching import Batch, pad_rows
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
+from textvae.latent.interface import LatentGroups
 from textvae.latent.regularizers import BagOfWords, thresholded_kl
 from textvae.models.base import ImportanceWeights, Output, TextVAE
 from textvae.models.encoder import POOLINGS, AttentionPooling, TextEncoder
@@ -207,8 +208,7 @@ class LatentChain:
             else:
                 params = (params[:, None] if summary.dim() == 3 else params) + from_summary
         if params is None:  # N(0, I)
-            zeros = torch.zeros(self.batch, self.latents.latent_size, device=self.device)
-            return DiagonalGaussian(zeros, zeros)
+            return DiagonalGaussian.standard(self.batch, self.latents.latent_size, self.device)
         return DiagonalGaussian(*params.chunk(2, -1))
 
     def _summary(self, index: int, summary, below):
@@ -244,6 +244,22 @@ class LatentChain:
         """sum_l H(q(z_l | z_<l)) with z_<l read from z [B, nP]: [B] (its mean over z ~ q is
         the chain's entropy)."""
         return sum(distribution.entropy() for distribution, _ in self.layers_along(z))
+
+    def cross_log_prob(self, z: torch.Tensor, owner: "LatentChain") -> torch.Tensor:
+        """log q(z_i | x_j) for every example j here and every z_i [B_i, nP]: [B_j, B_i]."""
+        return self.log_prob(z[None].expand(self.batch, *z.shape))
+
+    @property
+    def activity_means(self) -> torch.Tensor:
+        """[B, nP]: one observation of the latent space per example (for AU)."""
+        return self.mean
+
+    def grouped(self) -> LatentGroups:
+        """Each layer's mean and log-variance given the means of the layers below: [B, n, P]."""
+        layers = [distribution for distribution, _ in self.layers_along(self.mean)]
+        mean = torch.stack([d.mean.expand(self.batch, -1) for d in layers], dim=1)
+        log_var = torch.stack([d.log_var.expand(self.batch, -1) for d in layers], dim=1)
+        return LatentGroups(mean, log_var, torch.ones(mean.shape[:2], dtype=torch.bool, device=mean.device))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -305,6 +321,7 @@ class LayerwiseLatents(nn.Module):
 class Della(TextVAE):
     name = "della"
     config_class = DellaConfig
+    latent_groups = "layer"
 
     def __init__(self, backbone, tokenizer, config: DellaConfig):
         super().__init__(backbone, tokenizer, config)

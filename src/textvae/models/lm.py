@@ -22,6 +22,7 @@ class LanguageModel(TextVAE):
     name = "lm"
     config_class = LMConfig
     has_latent = False
+    latent_groups = None
 
     def forward(self, batch: Batch, beta: float = 1.0) -> Output:
         hidden = self.backbone(batch.input_ids, batch.attention_mask).hidden

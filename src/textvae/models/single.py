@@ -97,8 +97,7 @@ class SingleLatentVAE(TextVAE):
 
     def prior(self, batch: Batch) -> DiagonalGaussian:
         """p(z) = N(0, I): [B, P]."""
-        zeros = torch.zeros(batch.size, self.config.latent_size, device=batch.input_ids.device)
-        return DiagonalGaussian(zeros, zeros)
+        return DiagonalGaussian.standard(batch.size, self.config.latent_size, batch.input_ids.device)
 
     # --- the decoder -----------------------------------------------------------------
     def injections(self, z: torch.Tensor) -> dict:

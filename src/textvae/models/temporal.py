@@ -41,6 +41,7 @@ from textvae.data.batching import Batch, pad_rows
 from textvae.data.segment import Segmenter, segment_closers, segment_ids
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
+from textvae.latent.interface import LatentGroups
 from textvae.latent.regularizers import thresholded_kl
 from textvae.models.base import DecodeState, ImportanceWeights, Output, TextVAE
 from textvae.models.encoder import TextEncoder
@@ -187,17 +188,26 @@ class SegmentChain:
 
     @property
     def mean(self) -> torch.Tensor:
-        """Per-slot means along the chain run on means, present slots only: [slots in batch, P]
-        (each slot is one observation of the same P-dim latent space, for AU)."""
+        """Per-slot means along the chain run on means: [B, L, P] (absent slots hold what the
+        chain gives there; see `present`)."""
         if self.recurrent is None:
-            means = self._params(None, slice(None))[0]
-        else:
-            previous, steps = None, []
-            for slot in range(self.base.shape[1]):
-                previous = self._params(previous, slot)[0]
-                steps.append(previous)
-            means = torch.stack(steps, dim=1)
-        return means[self.present]
+            return self._params(None, slice(None))[0]
+        previous, steps = None, []
+        for slot in range(self.base.shape[1]):
+            previous = self._params(previous, slot)[0]
+            steps.append(previous)
+        return torch.stack(steps, dim=1)
+
+    @property
+    def activity_means(self) -> torch.Tensor:
+        """[slots in batch, P]: each present slot is one observation of the same P-dim latent
+        space (for AU)."""
+        return self.mean[self.present]
+
+    def grouped(self) -> LatentGroups:
+        """Each slot's mean and log-variance given the means of the slots before it: [B, L, P]."""
+        given = self.given(self.mean)
+        return LatentGroups(given.mean, given.log_var, self.present.bool())
 
 
 class ResidualNorm(nn.Module):
@@ -248,6 +258,8 @@ class SegmentLatentVAE(TextVAE):
     supports_encoder_decoder = False  # segment latents and masks live on the decoder-only layout
 
     config_class = TemporalConfig
+    latent_groups = "segment"
+    context_keys = ("ids", "mask", "given", "count", "slot")  # decoding state besides the chain's
     passes: tuple[str, ...]  # encoder passes the model reads: extra, intra, full
     prior_draws = 0  # latents drawn in generation (a counter for tests and diagnostics)
 
@@ -312,6 +324,12 @@ class SegmentLatentVAE(TextVAE):
         return self.target_nll(hidden, batch)
 
     # --- objective and bound -------------------------------------------------------------
+    def latent_to_groups(self, z: torch.Tensor) -> torch.Tensor:
+        return z  # already one latent per segment: [..., L, P]
+
+    def latent_from_groups(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
     def decoder_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """What the decoder reads from a latent drawn from the chains, [..., L, P] -> same
         shape: the latent itself (TRACE-P maps its v to z)."""
@@ -387,6 +405,16 @@ class SegmentLatentVAE(TextVAE):
             offsets = offsets * last[None, :, None].to(offsets.dtype)
         return {"embed_offset": offsets}
 
+    def decoding_latent(self, z: torch.Tensor, present: torch.Tensor, prompts: list[list[int]], device) -> dict:
+        """Decode from given per-segment latents z [N, L, P] (in the posterior's layout) with
+        `present` [N, L] marking each row's segments: segment t reads z_t while the row has
+        one, then latents come from the prior as in sampling."""
+        ids, mask = pad_rows(prompts, self.tokenizer.pad_id, device, left=True)
+        z = z.to(device).float()
+        count = present.to(device).sum(1)
+        return {**self.chain_state(z[:, 0], None), "ids": ids, "mask": mask,
+                "given": z, "count": count, "slot": torch.zeros_like(count)}
+
     @torch.no_grad()
     def decode_next(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         latent = dict(state.latent)
@@ -395,12 +423,27 @@ class SegmentLatentVAE(TextVAE):
         closed = tokens == self.tokenizer.sep_id
         if closed.any():  # the [SEP] itself already carries the next segment's latent
             rows = closed.nonzero()[:, 0]
-            previous = {key: value[rows] for key, value in latent.items() if key not in ("ids", "mask")}
-            for key, value in self._prior_draw(latent["ids"][rows], latent["mask"][rows], previous).items():
-                latent[key] = latent[key].clone()
-                latent[key][rows] = value.to(latent[key].dtype)
+            given = torch.zeros_like(rows, dtype=torch.bool)
+            if "given" in latent:  # decoding given latents: the next one, while there is one
+                latent["slot"] = latent["slot"].clone()
+                latent["slot"][rows] += 1
+                given = latent["slot"][rows] < latent["count"][rows]
+            for part, from_given in ((rows[given], True), (rows[~given], False)):
+                if len(part):
+                    self._advance_chain(latent, part, from_given)
         state.latent = latent
         return super().decode_next(state, tokens)
+
+    def _advance_chain(self, latent: dict, rows: torch.Tensor, from_given: bool) -> None:
+        """Replace the chain state of `rows` by the next segment's, drawn or given."""
+        previous = {key: value[rows] for key, value in latent.items() if key not in self.context_keys}
+        if from_given:
+            following = self.chain_state(latent["given"][rows, latent["slot"][rows]], previous)
+        else:
+            following = self._prior_draw(latent["ids"][rows], latent["mask"][rows], previous)
+        for key, value in following.items():
+            latent[key] = latent[key].clone()
+            latent[key][rows] = value.to(latent[key].dtype)
 
 
 class TraceR(SegmentLatentVAE):
@@ -440,8 +483,7 @@ class TraceR(SegmentLatentVAE):
 
     def next_prior(self, before, previous, first):
         if first and not self.conditional:
-            zeros = torch.zeros(before.shape[0], self.config.latent_size, device=before.device)
-            return DiagonalGaussian(zeros, zeros)
+            return DiagonalGaussian.standard(before.shape[0], self.config.latent_size, before.device)
         params = self.prior_from_text(before).float()
         if previous is not None:
             params = params + self.prior_from_latent(previous).float()
@@ -521,8 +563,7 @@ class Independent(SegmentLatentVAE):
         return posterior, SegmentChain(torch.zeros_like(posterior.base), slots)
 
     def next_prior(self, before, previous, first):
-        zeros = torch.zeros(before.shape[0], self.config.latent_size, device=before.device)
-        return DiagonalGaussian(zeros, zeros)
+        return DiagonalGaussian.standard(before.shape[0], self.config.latent_size, before.device)
 
     def _prior_draw(self, ids, mask, previous):  # N(0, I): no encoder pass needed
         self.prior_draws += ids.shape[0]

@@ -1,0 +1,51 @@
+#!/bin/bash
+# The pretrained rows of docs/results.md: SmolLM2-135M on Penn Treebank, one budget for every
+# row (configs/ptb-smollm2.yaml: 10,000 training sentences, one epoch, one cyclical-annealing
+# period, LoRA r 8 over the frozen base, bf16, batch 8); `lm` is also run with full fine-tuning
+# (lm-full). Each row trains to runs/smollm2-ROW, is evaluated on the first EXAMPLES (1,000)
+# test sentences with k = 100 importance samples (runs/smollm2-ROW-test.json), then samples
+# 1,000 texts with top-k 50 scored against the whole test split (runs/smollm2-ROW-diversity.json,
+# texts in runs/smollm2-ROW-samples.txt). Finished parts are skipped; an interrupted training
+# run resumes from its last checkpoint. Wall times go to runs/smollm2-ROW.log.
+#
+#   OMP_NUM_THREADS=1 bash benchmarks/smollm2_rows.sh della lm-full ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
+EXAMPLES=${EXAMPLES:-1000}
+
+row_args() {
+  case "$1" in
+    lm-full) echo "--model lm --set backbone.adapter=none" ;;  # full fine-tuning: the reference
+    lm|embed|memory|softmax|optimus|norec|della) echo "--model $1" ;;
+    ind|cgd|trace-r|trace-p) echo "--model $1 --set model.segment_length=10" ;;  # segments of 10 tokens, as the paper
+    *) echo "unknown row $1" >&2; return 2 ;;
+  esac
+}
+
+for row in "$@"; do
+  args=$(row_args "$row")
+  run=runs/smollm2-$row
+  if [ ! -f "$run/model.safetensors" ]; then
+    start=$(date +%s)
+    if [ -f "$run/checkpoints/latest" ]; then
+      # shellcheck disable=SC2086
+      "$TEXTVAE" train $args --config configs/ptb-smollm2.yaml --out "$run" --resume >> "$run.log" 2>&1
+    else
+      # shellcheck disable=SC2086
+      "$TEXTVAE" train $args --config configs/ptb-smollm2.yaml --out "$run" --overwrite > "$run.log" 2>&1
+    fi
+    echo "train_seconds $(( $(date +%s) - start ))" >> "$run.log"
+  fi
+  if [ ! -f "$run-test.json" ]; then
+    start=$(date +%s)
+    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --precision bf16 --json "$run-test.json" >> "$run.log" 2>&1
+    echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
+  fi
+  if [ ! -f "$run-diversity.json" ]; then
+    start=$(date +%s)
+    "$TEXTVAE" generate "$run" --num 1000 --decoding top-k --top-k 50 --seed 0 --out "$run-samples.txt" >> "$run.log" 2>&1
+    "$TEXTVAE" score "$run-samples.txt" --refs ../shared/data/ptb/test.txt --json "$run-diversity.json" >> "$run.log" 2>&1
+    echo "generate_seconds $(( $(date +%s) - start ))" >> "$run.log"
+  fi
+done

@@ -1,0 +1,385 @@
+"""The Python API: a trained run as an object that takes text in and gives text (or numbers)
+out. Batching, devices, padding and tokenisation happen here; bad input raises `TextVAEError`
+with the same one-line messages as the CLI, which is a client of this module.
+
+Latents travel in one layout for every model, [N, G, P]: G latent groups of P dimensions,
+the groups being the single latent (G = 1), DELLA's layers (one per fused decoder layer) or
+a segment-wise model's segments (TRACE, IND, CGD; texts differ in their number of segments,
+so `Posterior.present` [N, G] says which a text has).
+
+    import textvae
+    vae = textvae.load("runs/demo")
+    posterior = vae.encode(["a man is playing a guitar ."])   # .mean [1, G, P]
+    vae.decode(posterior.mean)                                 # -> ["a man is playing ..."]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from textvae.errors import TextVAEError
+
+
+@dataclass
+class Posterior:
+    """q(z | x) of a list of texts, by latent group (see the module docstring).
+
+    `mean` and `log_var` are each group's parameters along the chain run on means (for DELLA
+    and TRACE a group's posterior depends on the groups before it); `sample` draws from the
+    model's actual posterior, ancestrally."""
+
+    mean: torch.Tensor  # [N, G, P]
+    log_var: torch.Tensor  # [N, G, P]
+    present: torch.Tensor  # [N, G] bool
+    kind: str  # single | layer | segment
+    _distributions: list  # the model's posterior objects, one per batch of texts
+    _model: Any
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.log_var)
+
+    @torch.no_grad()
+    def sample(self, k: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """One latent per text [N, G, P], or k per text [N, k, G, P]."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        draws = []
+        for distribution in self._distributions:
+            z = self._model.latent_to_groups(distribution.rsample(k))
+            draws.append(z)
+        width = self.mean.shape[1]  # batches of segment-wise texts differ in segment count
+        return torch.cat([_pad_groups(z, width, dim=-2) for z in draws])
+
+
+class TrainedVAE:
+    """A trained run: `textvae.load(run_dir)`. Texts are read as the run's training data
+    (`[BOS] text [EOS]`, or `[BOS] source [SEP] text [EOS]` with a source, cut to
+    data.max_length)."""
+
+    def __init__(self, model, config, run_dir: Path | None = None, batch_size: int = 32):
+        self.model, self.config, self.run_dir, self.batch_size = model.eval(), config, run_dir, batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def latent_kind(self) -> str | None:
+        """single | layer | segment, or None for a plain language model."""
+        return self.model.latent_groups
+
+    # --- latents ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, texts: list[str], sources: list[str] | None = None) -> Posterior:
+        """q(z | x) of every text (with its source, for conditional runs)."""
+        self._require_latent("encode")
+        batches = self._batches(texts, sources)
+        distributions, groups = [], []
+        for batch in batches:
+            distribution = self.model.posterior(batch)
+            distributions.append(distribution)
+            groups.append(distribution.grouped())
+        width = max(g.mean.shape[1] for g in groups)
+        mean = torch.cat([_pad_groups(g.mean, width, dim=1) for g in groups]).float().cpu()
+        log_var = torch.cat([_pad_groups(g.log_var, width, dim=1) for g in groups]).float().cpu()
+        present = torch.cat([_pad_groups(g.present, width, dim=1) for g in groups]).cpu()
+        return Posterior(mean, log_var, present, self.latent_kind, distributions, self.model)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, decoding: str = "greedy", prompts: list[str] | None = None,
+               present: torch.Tensor | None = None, seed: int = 0, **options) -> list[str]:
+        """A text from each latent [N, G, P] (as `encode(...).mean` or `.sample()` give them).
+        Segment-wise models read segment t's latent while generating segment t, as many as
+        `present` [N, G] gives (default: all G), then draw further ones from the prior.
+        `prompts`: the sources of a conditional run. `options`: top_k, top_p, num_beams,
+        temperature, max_new_tokens."""
+        self._require_latent("decode")
+        latents = torch.as_tensor(latents, dtype=torch.float32)
+        if latents.dim() == 2:  # one text
+            latents = latents[None]
+        sizes = self.model.latent_group_sizes
+        if latents.dim() != 3 or latents.shape[-1] != sizes[0] or (self.latent_kind != "segment" and latents.shape[1] != len(sizes)):
+            raise TextVAEError(f"latents must be [N, groups, {sizes[0]}]"
+                               + ("" if self.latent_kind == "segment" else f" with {len(sizes)} groups")
+                               + f", got {list(latents.shape)}")
+        if present is None:
+            present = torch.ones(latents.shape[:2], dtype=torch.bool)
+        prompt_ids = self._prompts(len(latents), prompts)
+        config = self._decoding(decoding, options)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        torch.manual_seed(seed)
+        from textvae.generation.decode import decode
+
+        texts = []
+        for start in range(0, len(latents), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            state = self.model.decoding_latent(latents[rows], present[rows], prompt_ids[rows], self.device)
+            texts += [self.model.tokenizer.decode(t) for t in decode(self.model, prompt_ids[rows], state, config, generator)]
+        return texts
+
+    def sample(self, n: int, decoding: str | None = None, prompts: list[str] | None = None, seed: int = 0,
+               **options) -> list[str]:
+        """n texts with latents from the prior (n per prompt for conditional runs, in prompt
+        order). Decoding default: beam search for summarization and paraphrase runs, else top-p."""
+        from textvae.generation.decode import generate_texts
+
+        decoding = decoding or default_decoding(self.config, "top-p")
+        if n < 1:
+            raise TextVAEError("the number of samples must be >= 1")
+        if prompts is not None and not prompts:
+            raise TextVAEError("no prompts given")
+        return generate_texts(self.model, n, self._decoding(decoding, options), seed=seed, sources=prompts,
+                              max_source_length=self.config.data.max_source_length, batch_size=self.batch_size)
+
+    def reconstruct(self, texts: list[str], decoding: str = "greedy", use_mean: bool = True, seed: int = 0,
+                    sources: list[str] | None = None, **options) -> list[str]:
+        """Each text decoded from its posterior mean (or one posterior sample)."""
+        posterior = self.encode(texts, sources)
+        latents = posterior.mean if use_mean else posterior.sample(seed=seed)
+        return self.decode(latents, decoding, prompts=sources, present=posterior.present, seed=seed, **options)
+
+    def interpolate(self, text_a: str, text_b: str, steps: int = 5, decoding: str = "greedy", seed: int = 0,
+                    **options) -> list[tuple[float, str]]:
+        """`steps` (>= 2) evenly spaced z = (1 - t) mu_a + t mu_b, t from 0 to 1, each decoded.
+        Segment-wise models interpolate segment by segment, so both texts need the same
+        number of segments."""
+        if steps < 2:
+            raise TextVAEError("--steps must be >= 2 (the two end points are included)")
+        posterior = self.encode([text_a, text_b])
+        if not torch.equal(posterior.present[0], posterior.present[1]):
+            counts = posterior.present.sum(1).tolist()
+            raise TextVAEError(f"the two texts have {counts[0]} and {counts[1]} segments: interpolation pairs "
+                               "segment t with segment t, so they need the same number")
+        weights = torch.linspace(0, 1, steps)[:, None, None]
+        latents = (1 - weights) * posterior.mean[0] + weights * posterior.mean[1]
+        present = posterior.present[:1].expand(steps, -1)
+        texts = self.decode(latents, decoding, present=present, seed=seed, **options)
+        return [(float(t), text) for t, text in zip(weights[:, 0, 0], texts)]
+
+    def attribute_vector(self, from_texts: list[str], to_texts: list[str]) -> torch.Tensor:
+        """The mean posterior mean of `to_texts` minus that of `from_texts`: [G, P]."""
+        self._require_single_point("attribute vectors")
+        return self.encode(to_texts).mean.mean(0) - self.encode(from_texts).mean.mean(0)
+
+    def steer(self, texts: list[str], vector: torch.Tensor, alpha: float = 1.0, decoding: str = "greedy",
+              seed: int = 0, **options) -> list[str]:
+        """Each text decoded from its posterior mean plus alpha * vector ([G, P], every group)."""
+        self._require_single_point("steering")
+        means = self.encode(texts).mean
+        return self.decode(means + alpha * torch.as_tensor(vector, dtype=means.dtype), decoding, seed=seed, **options)
+
+    def analogy(self, text_a: str, text_b: str, text_c: str, decoding: str = "greedy", seed: int = 0,
+                **options) -> str:
+        """A is to B as C is to D: D decoded from z_C + (z_B - z_A) (posterior means)."""
+        self._require_single_point("analogies")
+        means = self.encode([text_a, text_b, text_c]).mean
+        return self.decode(means[2] + means[1] - means[0], decoding, seed=seed, **options)[0]
+
+    # --- likelihoods -----------------------------------------------------------------
+    @torch.no_grad()
+    def log_likelihood(self, texts: list[str], k: int = 100, seed: int = 0, sources: list[str] | None = None,
+                       bf16: bool = False) -> dict[str, list]:
+        """Per text: `log_likelihood`, the importance-weighted estimate of log p(x) with k
+        posterior samples (exact for a plain LM), in nats; `tokens`, the scored tokens."""
+        from textvae.data.batching import counted_tokens
+        from textvae.evaluation.likelihood import log_marginals
+
+        if k < 1:
+            raise TextVAEError("k (importance samples) must be >= 1")
+        torch.manual_seed(seed)
+        values, tokens = [], []
+        for batch in self._batches(texts, sources):
+            with self._autocast(bf16):
+                values += log_marginals(self.model, batch, k)[0].double().tolist()
+            tokens += counted_tokens(batch, self.model.tokenizer.sep_id).tolist()
+        return {"log_likelihood": values, "tokens": tokens}
+
+    @torch.no_grad()
+    def score(self, texts: list[str], seed: int = 0, sources: list[str] | None = None) -> dict[str, list]:
+        """Per text, in nats, from one posterior sample: `rec` (-log p(x | z)), `kl`
+        (KL(q(z | x) || p(z))) and `elbo` = rec + kl (the negative ELBO, an upper bound on
+        -log p(x), as `evaluate` reports it); `tokens`."""
+        from textvae.data.batching import counted_tokens
+
+        torch.manual_seed(seed)
+        parts: dict[str, list] = {"rec": [], "kl": [], "elbo": [], "tokens": []}
+        for batch in self._batches(texts, sources):
+            out = self.model(batch)
+            parts["rec"] += out.rec.double().tolist()
+            parts["kl"] += out.kl.double().tolist()
+            parts["elbo"] += (out.rec + out.kl).double().tolist()
+            parts["tokens"] += counted_tokens(batch, self.model.tokenizer.sep_id).tolist()
+        return parts
+
+    def save(self, directory: str | Path) -> None:
+        """Write the model as a run directory that `textvae.load` (and the CLI) read."""
+        from textvae.models.registry import save_model
+
+        save_model(self.model, Path(directory), self.config.to_dict())
+
+    # --- helpers ---------------------------------------------------------------------
+    def _require_latent(self, what: str) -> None:
+        if not self.model.has_latent:
+            raise TextVAEError(f"model {self.model.name!r} has no latent variable ({what} needs one)")
+
+    def _require_single_point(self, what: str) -> None:
+        self._require_latent(what)
+        if self.latent_kind == "segment":
+            raise TextVAEError(f"model {self.model.name!r} has one latent per segment; {what} need one latent "
+                               "point per text (single-latent models and DELLA)")
+
+    def _batches(self, texts: list[str], sources: list[str] | None):
+        from textvae.data.batching import collate, encode_examples
+        from textvae.data.corpus import Example
+
+        texts = _text_list(texts, "texts")
+        if sources is not None and len(_text_list(sources, "sources")) != len(texts):
+            raise TextVAEError(f"{len(sources)} sources for {len(texts)} texts")
+        if self.model.backbone.is_encoder_decoder and sources is None:
+            raise TextVAEError("an encoder-decoder run reads every text with its source: pass sources")
+        examples = [Example(text, None if sources is None else sources[i]) for i, text in enumerate(texts)]
+        data = self.config.data
+        encoded, _ = encode_examples(examples, self.model.tokenizer, data.max_length, data.max_source_length,
+                                     "truncate", self.model.segmenter)
+        if len(encoded) != len(texts):
+            raise TextVAEError("a source leaves no room for its text within data.max_length")
+        return [collate(encoded[i : i + self.batch_size], self.model.tokenizer.pad_id).to(self.device)
+                for i in range(0, len(encoded), self.batch_size)]
+
+    def _prompts(self, count: int, sources: list[str] | None) -> list[list[int]]:
+        from textvae.generation.decode import source_prompts
+
+        if sources is None:
+            if self.model.backbone.is_encoder_decoder:
+                raise TextVAEError("an encoder-decoder run decodes from sources: pass prompts")
+            return [[self.model.tokenizer.bos_id]] * count
+        if len(_text_list(sources, "prompts")) != count:
+            raise TextVAEError(f"{len(sources)} prompts for {count} latents")
+        return source_prompts(self.model.tokenizer, sources, self.config.data.max_source_length)[0]
+
+    def _decoding(self, strategy: str, options: dict):
+        from textvae.generation.decode import DecodingConfig
+
+        options = {key: value for key, value in options.items() if value is not None}
+        options.setdefault("max_new_tokens", self.config.data.max_length)
+        try:
+            config = DecodingConfig(strategy=strategy, **options)
+        except TypeError as err:
+            raise TextVAEError(f"unknown decoding option: {err}") from None
+        config.validate()
+        return config
+
+    def _autocast(self, bf16: bool):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def load(run_dir: str | Path, device: str | None = None, batch_size: int = 32) -> TrainedVAE:
+    """The trained run in `run_dir` (default device: CUDA when available, else the CPU)."""
+    from textvae.runs import load_run
+
+    model, config = load_run(run_dir, device)
+    return TrainedVAE(model, config, Path(run_dir), batch_size)
+
+
+def train(config: str | Path | dict | None = None, out: str | Path | None = None, data: str | None = None,
+          overrides: list[str] | dict | None = None, resume: bool = False, overwrite: bool = False,
+          task: str | None = None) -> dict:
+    """Train a model into run directory `out`, as `textvae train` does; returns the final
+    validation metrics (the dict the CLI prints). `config`: a YAML path or a mapping with
+    the sections data, backbone, train, kl, model; `overrides`: `key=value` strings or a
+    {key: value} mapping (e.g. {"model.name": "della", "train.max_steps": 100})."""
+    from textvae.config import load_yaml
+    from textvae.runs import assemble_config, train_run
+
+    if out is None:
+        raise TextVAEError("train needs out (the run directory to create)")
+    raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+    assignments = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
+    if data is not None:
+        assignments.insert(0, f"data.path={data}")
+    return train_run(assemble_config(raw, assignments, task), out, resume=resume, overwrite=overwrite)
+
+
+def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, iw_samples: int = 100,
+             au_delta: float = 0.01, seed: int = 0, precision: str = "fp32", batch_size: int = 32,
+             generate: int = 0, decoding: str | None = None, samples_per_source: int = 1,
+             metrics: list[str] | None = None, samples_out: str | Path | None = None, mauve_features: str = "minilm",
+             examples: int | None = None, device: str | None = None, verbose: bool = False, on_start=None,
+             **decoding_options) -> dict:
+    """Metrics of a trained run on a split, as `textvae evaluate` reports them
+    (docs/metrics.md): ppl, nll, elbo, rec, kl, mi, au with `*_stderr`, and the papers'
+    conventions (`evaluation/likelihood.py`); with `generate` = N, also text metrics of N
+    samples (`evaluation/generated.py`; decoding default: beam search for summarization and
+    paraphrase runs, else top-k 50; `decoding_options`: top_k, top_p, num_beams, max_new_tokens).
+    `examples`: only the split's first N examples (a fixed subset, the same for every run).
+    `on_start`: called once the inputs are checked, as the work begins."""
+    from textvae.data.corpus import read_split, resolve_data_dir
+    from textvae.evaluation.generated import generate_and_score
+    from textvae.evaluation.likelihood import evaluate_likelihood
+    from textvae.runs import encode_split, load_run, write_text
+    from textvae.training.trainer import resolve_bf16
+
+    if iw_samples < 1 or batch_size < 1:
+        raise TextVAEError("--iw-samples and --batch-size must be >= 1")
+    if au_delta < 0:
+        raise TextVAEError("--au-delta must be >= 0")
+    if split not in ("train", "valid", "test"):
+        raise TextVAEError(f"split must be train, valid or test, got {split!r}")
+    if examples is not None and examples < 1:
+        raise TextVAEError("--examples must be >= 1")
+    model, config = load_run(run_dir, device)
+    split_data = read_split(resolve_data_dir(data or config.data.path), split)
+    scored = dataclasses.replace(split_data, examples=split_data.examples[:examples])  # [:None]: all
+    encoded = encode_split(scored, model, config, split, verbose)
+    if not encoded:
+        raise TextVAEError("no examples left after applying data.max_length (see data.overlong)")
+    bf16 = resolve_bf16(precision, next(model.parameters()).device)
+    if generate:  # checked before the long likelihood pass
+        if generate < 2 and not split_data.conditional:
+            raise TextVAEError("--generate needs at least 2 samples (Self-BLEU and Jaccard compare samples)")
+        if samples_per_source < 1:
+            raise TextVAEError("--samples-per-source must be >= 1")
+        generation = TrainedVAE(model, config)._decoding(decoding or default_decoding(config, "top-k"), decoding_options)
+    if on_start is not None:
+        on_start()
+    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed)
+    if generate:
+        results.update(generate_and_score(model, config, split_data, generate, generation, seed, samples_per_source,
+                                          metrics, samples_out, mauve_features, write_text))
+    return results
+
+
+def default_decoding(config, fallback: str) -> str:
+    """Beam search for summarization and paraphrase runs (as the DELLA paper decodes them),
+    else `fallback`."""
+    from textvae.config import ENCODER_DECODER_TASKS
+
+    return "beam" if config.data.task in ENCODER_DECODER_TASKS else fallback
+
+
+def _text_list(texts, what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TextVAEError(f"{what} must be a list of strings, not one string")
+    texts = list(texts)
+    if not texts:
+        raise TextVAEError(f"no {what} given")
+    if not all(isinstance(text, str) for text in texts):
+        raise TextVAEError(f"{what} must be strings")
+    return texts
+
+
+def _pad_groups(values: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Pad the group axis `dim` with zeros (False) to `width`."""
+    missing = width - values.shape[dim]
+    if missing == 0:
+        return values
+    shape = list(values.shape)
+    shape[dim] = missing
+    return torch.cat([values, values.new_zeros(shape)], dim=dim)

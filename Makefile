@@ -1,6 +1,7 @@
 # Quick start:  make demo   (set up .venv, train the default model on the demo corpus,
 #                            print test metrics and samples)
 #               make test   (set up .venv if needed, run the test suite)
+#               make test-fast  (the suite without the tests marked slow: about a minute)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +32,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# unit tier: no subprocess / torchrun / pretrained-weight / model-metric / whole-pipeline tests
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

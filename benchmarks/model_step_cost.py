@@ -24,7 +24,8 @@ from textvae.backbone.load import PRESETS
 from textvae.config import Config
 from textvae.data.batching import Encoded
 from textvae.models.registry import model_class, model_config
-from textvae.training.trainer import Environment, Trainer
+from textvae.training.environment import Environment
+from textvae.training.trainer import Trainer
 
 
 class _Tokenizer:  # what the trainer and the models read from a tokenizer

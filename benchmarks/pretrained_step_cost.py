@@ -36,7 +36,8 @@ from textvae.data.corpus import BUNDLED
 from textvae.data.batching import Encoded, collate
 from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.models.registry import create_model
-from textvae.training.trainer import Environment, Trainer
+from textvae.training.environment import Environment
+from textvae.training.trainer import Trainer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from train_throughput import matmul_peak  # noqa: E402

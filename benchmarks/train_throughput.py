@@ -27,7 +27,8 @@ from textvae.backbone.load import PRESETS
 from textvae.config import TrainConfig
 from textvae.data.batching import Encoded
 from textvae.models.lm import LanguageModel, LMConfig
-from textvae.training.trainer import Environment, Trainer
+from textvae.training.environment import Environment
+from textvae.training.trainer import Trainer
 
 SHAPES = {"gpt2-tiny": dict(vocab=8000, batch=32, length=128), "gpt2-small": dict(vocab=50257, batch=4, length=128)}
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import (BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
 
@@ -107,3 +108,15 @@ def save_hf_folder(folder, family: str, tokenizer, missing_rows: int = 0):
     model.save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
     return model
+
+
+class ScaleFusion(nn.Module):
+    """v' = v * (1 + W z): the identity while W is zero."""
+
+    def __init__(self, value_size: int, latent_size: int):
+        super().__init__()
+        self.weight = nn.Linear(latent_size, value_size, bias=False)
+        nn.init.zeros_(self.weight.weight)
+
+    def forward(self, values, latent):
+        return values * (1 + self.weight(latent)[:, None, :])

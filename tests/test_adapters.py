@@ -14,7 +14,8 @@ from textvae.data.corpus import Example
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
 from textvae.models.registry import create_model, load_model, save_model
-from textvae.training.trainer import Environment, Trainer
+from textvae.training.environment import Environment
+from textvae.training.trainer import Trainer
 
 FAST = ["--set", "data.max_length=32", "--set", "train.precision=fp32", "--set", "train.log_every=1",
         "--set", "train.warmup_steps=0", "--set", "train.batch_size=8", "--set", "train.lr=0.01"]
@@ -59,6 +60,7 @@ def test_lora_freezes_the_base_and_trains_adapters_and_everything_the_vae_adds(p
     assert any(".fusion." in n for n in added) and any(n.startswith("latents.") for n in added)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ({"adapter": "lora", "lora_rank": 2}, {"freeze_layers": 2}), ids=("lora", "freeze"))
 def test_training_steps_leave_the_frozen_base_unchanged(backbone, tmp_path):
     config = _config(backbone=backbone)
@@ -84,6 +86,7 @@ def test_training_steps_leave_the_frozen_base_unchanged(backbone, tmp_path):
     torch.testing.assert_close(again, trained, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_adapter_run_stores_only_trained_weights_and_reloads_equal(tiny_txt, tmp_path):
     full, adapter = tmp_path / "full", tmp_path / "adapter"
     common = ["train", "--model", "della", "--data", str(tiny_txt), "--max-steps", "2", *FAST, "--set", "model.latent_size=4"]

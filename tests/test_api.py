@@ -14,7 +14,9 @@ from textvae.cli import main
 from textvae.data.batching import encode_examples
 from textvae.data.corpus import Example
 from textvae.models.temporal import SegmentLayout
-from tests.conftest import demo_lines
+from conftest import demo_lines
+
+pytestmark = pytest.mark.slow  # whole pipelines: trained runs, pretrained weights
 
 FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", "train.warmup_steps=2",
         "--set", "train.precision=fp32", "--set", "data.vocab_size=300", "--max-steps", "12"]
@@ -253,6 +255,7 @@ def test_bad_input_gives_one_line(runs, tmp_path, capsys):
     vae = textvae.load(runs["della"])
     for call, message in ((lambda: vae.encode([]), "no texts"), (lambda: vae.encode("one string"), "list of strings"),
                           (lambda: vae.decode(torch.zeros(2, 3, 16)), "latents must be"),
+                          (lambda: vae.interpolate("a dog runs .", "  "), "text 2 is empty"),
                           (lambda: textvae.load(tmp_path / "nowhere"), "not found")):
         with pytest.raises(textvae.TextVAEError, match=message):
             call()

@@ -20,6 +20,7 @@ def _records(run, split="train"):
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ("gpt2-tiny", "llama-tiny"))
 def test_lm_trains_evaluates_and_generates(backbone, tiny_txt, tmp_path, capsys):
     run = tmp_path / "run"
@@ -44,6 +45,7 @@ def test_lm_trains_evaluates_and_generates(backbone, tiny_txt, tmp_path, capsys)
     assert len((tmp_path / "g.txt").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_ppl_matches_hugging_face_loss_with_the_token_convention(tiny_txt, tmp_path):
     run = tmp_path / "run"
     main(["train", "--model", "lm", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "5", *FAST])
@@ -59,6 +61,7 @@ def test_ppl_matches_hugging_face_loss_with_the_token_convention(tiny_txt, tmp_p
     assert ours["ppl"] == pytest.approx(math.exp(hf.loss.item()), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_lm_on_jsonl_scores_targets_only(tiny_jsonl, tmp_path):
     run = tmp_path / "run"
     long = ["--set", "data.max_length=96", "--set", "data.max_source_length=40"]
@@ -143,6 +146,7 @@ def test_overwrite_replaces_only_a_run_and_never_the_data(tiny_txt, tmp_path, ca
     assert "is a file, not a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_overwrite_swaps_the_new_run_in_only_once_it_has_a_checkpoint(tiny_txt, tmp_path):
     run = tmp_path / "run"
     common = ["train", "--data", str(tiny_txt), "--out", str(run), *FAST]
@@ -180,6 +184,7 @@ def test_other_commands_fail_cleanly(tmp_path, capsys):
     assert "file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lm", "della", "trace-r"])
 def test_story_task_keeps_a_decoder_only_backbone_and_writes_samples_per_prompt(name, tiny_jsonl, tmp_path, capsys):
     run = tmp_path / "run"

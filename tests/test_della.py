@@ -15,7 +15,8 @@ from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.generation.decode import DecodingConfig, decode
 from textvae.models.della import Della, DellaConfig, LowRankTensorFusion, ProductOfSumsFusion
 from textvae.models.registry import load_model, model_config, save_model
-from textvae.training.trainer import Environment, Trainer
+from textvae.training.environment import Environment
+from textvae.training.trainer import Trainer
 
 
 def _batch(tokenizer, count=6, split="train"):
@@ -270,6 +271,7 @@ def test_conditional_della_samples_differ_for_the_same_prompt(tiny_tokenizer, ti
     assert len(set(texts[:4])) > 1 and len(set(texts[4:])) > 1
 
 
+@pytest.mark.slow
 def test_cli_makes_della_conditional_on_jsonl_data_and_generates_per_prompt(tiny_jsonl, tmp_path, capsys):
     from textvae.cli import main
 
@@ -297,6 +299,7 @@ def test_single_latent_ablation_fuses_one_latent_into_every_layer(tiny_tokenizer
     assert model.posterior(batch).rsample().shape == (3, 6)
 
 
+@pytest.mark.slow
 def test_evaluate_generates_texts_for_each_source_on_conditional_data(tiny_jsonl, tmp_path):
     from textvae.cli import main
 

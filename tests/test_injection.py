@@ -5,20 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAMILIES, tiny_backbone
+from conftest import FAMILIES, ScaleFusion, tiny_backbone
 from textvae.backbone.inject import inject_value_fusion, memory_positions
-
-
-class ScaleFusion(nn.Module):
-    """v' = v * (1 + W z): the identity while W is zero."""
-
-    def __init__(self, value_size: int, latent_size: int):
-        super().__init__()
-        self.weight = nn.Linear(latent_size, value_size, bias=False)
-        nn.init.zeros_(self.weight.weight)
-
-    def forward(self, values, latent):
-        return values * (1 + self.weight(latent)[:, None, :])
 
 
 def _inputs(batch=2, length=7, vocab=97, seed=1):

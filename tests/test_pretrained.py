@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import demo_lines, save_hf_folder
+from conftest import ScaleFusion, demo_lines, save_hf_folder
 from textvae.backbone.backbone import Backbone
 from textvae.backbone.inject import inject_value_fusion
 from textvae.backbone.load import load_pretrained
@@ -15,7 +15,8 @@ from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
 from textvae.data.tokenizer import TextTokenizer
 from textvae.models.lm import LanguageModel, LMConfig
-from test_injection import ScaleFusion
+
+pytestmark = pytest.mark.slow  # whole pipelines: trained runs, pretrained weights
 
 
 @pytest.mark.parametrize("family", ("gpt2", "llama"))

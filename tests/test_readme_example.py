@@ -3,7 +3,11 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from textvae.cli import main
+
+pytestmark = pytest.mark.slow  # whole pipelines: trained runs, pretrained weights
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

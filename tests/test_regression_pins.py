@@ -24,7 +24,7 @@ def measure(model: str, root: Path) -> dict:
     import torch
 
     import textvae
-    from tests.conftest import demo_lines
+    from conftest import demo_lines
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -65,7 +65,6 @@ def test_training_and_evaluation_numbers_are_unchanged(model, tmp_path):
 if __name__ == "__main__" and "--write" in sys.argv:
     import tempfile
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     with tempfile.TemporaryDirectory() as folder:
         PINS.write_text(json.dumps({m: measure(m, Path(folder)) for m in MODELS}, indent=1) + "\n")
     print(f"wrote {PINS}")

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from textvae.cli import main
 
 FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", "train.warmup_steps=2",
@@ -10,6 +12,7 @@ FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tmp_path, capsys):
     runs = {}
     for model in ("lm", "della"):

@@ -20,6 +20,7 @@ def _batch(tokenizer, count=6):
     return collate(encoded, tokenizer.pad_id)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_iw_bound_is_tighter_than_elbo_and_reaches_log_px(tiny_tokenizer):
     """With the latent cut off from the decoder (W_e = 0), log p(x) = log p(x | z) is exact.

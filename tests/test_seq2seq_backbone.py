@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 
-from test_injection import ScaleFusion
+from conftest import ScaleFusion
 from textvae.backbone.inject import inject_value_fusion, memory_positions
 from textvae.backbone.seq2seq import Seq2SeqBackbone
 

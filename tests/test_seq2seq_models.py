@@ -106,6 +106,7 @@ def test_cached_seq2seq_decoding_equals_full_recomputation(name, tiny_tokenizer)
 MODELS = ("lm", "embed", "memory", "softmax", "della")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_every_conditional_model_trains_reloads_and_generates_n_outputs_per_prompt(name, tiny_jsonl, tmp_path, capsys):
     from textvae.cli import main
@@ -149,6 +150,7 @@ def test_outputs_follow_the_order_of_their_sources(family, tiny_tokenizer, tiny_
         assert together == alone and len(set(alone)) > 1  # outputs depend on their own source
 
 
+@pytest.mark.slow
 def test_evaluate_scores_several_outputs_per_source(tiny_jsonl, tmp_path):
     from textvae.cli import main
 

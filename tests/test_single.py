@@ -13,7 +13,8 @@ from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
 from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.models.registry import load_model, model_class, model_config, save_model
-from textvae.training.trainer import Environment, Trainer
+from textvae.training.environment import Environment
+from textvae.training.trainer import Trainer
 
 CASES = [("embed", "gpt2"), ("memory", "gpt2"), ("memory", "llama"), ("softmax", "llama"),
          ("optimus", "gpt2"), ("optimus", "llama"), ("norec", "gpt2")]
@@ -81,6 +82,7 @@ def test_decoder_starts_as_the_backbone_and_every_injection_point_carries_z(tiny
             assert not torch.allclose(model.decoder_nll(batch, z), model.decoder_nll(batch, -z)), name
 
 
+@pytest.mark.slow
 def test_vae_cli_trains_with_tricks_evaluates_interpolates_and_reconstructs(tiny_txt, tmp_path, capsys):
     run = tmp_path / "run"
     sets = ["data.max_length=32", "data.vocab_size=400", "train.batch_size=16", "train.log_every=2",

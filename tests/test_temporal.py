@@ -17,7 +17,8 @@ from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.generation.decode import DecodingConfig, decode
 from textvae.models.registry import load_model, model_class, model_config, save_model
 from textvae.models.temporal import TemporalConfig, TraceR
-from textvae.training.trainer import Environment, Trainer
+from textvae.training.environment import Environment
+from textvae.training.trainer import Trainer
 
 
 def _model(name, tokenizer, family="gpt2", **options):

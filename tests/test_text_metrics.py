@@ -157,6 +157,7 @@ def _ptb_lines():
     return lines
 
 
+@pytest.mark.slow
 def test_mauve_is_high_for_one_distribution_and_low_for_two(tmp_path):
     from conftest import demo_lines
     from textvae.evaluation.embedding_metrics import mauve
@@ -167,6 +168,7 @@ def test_mauve_is_high_for_one_distribution_and_low_for_two(tmp_path):
     assert same > 0.8 and different < 0.2
 
 
+@pytest.mark.slow
 def test_bertscore_of_identical_texts_is_one():
     from textvae.evaluation.embedding_metrics import bertscore
 
@@ -178,6 +180,7 @@ def test_bertscore_of_identical_texts_is_one():
     assert bertscore(["", ""], texts) == 0.0
 
 
+@pytest.mark.slow
 def test_last_token_states_are_padding_free_and_word_order_aware(tmp_path, tiny_tokenizer):
     from conftest import demo_lines, tiny_lm
     from textvae.config import Config

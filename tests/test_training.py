@@ -65,6 +65,7 @@ LATENT = ["--model", "della", "--set", "model.latent_size=4", "--set", "kl.sched
 LORA = ["--set", "backbone.adapter=lora", "--set", "backbone.lora_rank=2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ("lm", "della", "della-lora"))
 def test_resume_after_kill_equals_uninterrupted_run(model, tiny_txt, tmp_path):
     """For a latent model the posterior noise comes from the checkpointed RNG state, so the
@@ -93,6 +94,7 @@ def test_resume_after_kill_equals_uninterrupted_run(model, tiny_txt, tmp_path):
     assert all(torch.equal(resumed[name], reference[name]) for name in reference)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(tiny_txt, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), "--data", str(tiny_txt), "--max-steps", "2", *BASE]
@@ -101,6 +103,7 @@ def test_resume_refuses_a_changed_config(tiny_txt, tmp_path, capsys):
     assert "differs in: train.lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tiny_txt, tmp_path):
     runs = []
     for accum in (1, 4):
@@ -116,6 +119,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_txt, tmp_path):
         torch.testing.assert_close(four[name], one[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ("full", "lora"))
 def test_two_processes_match_one_with_the_same_global_batch(mode, tiny_txt, tmp_path):
     args = ["--data", str(tiny_txt), "--max-steps", "4", *BASE, "--set", "backbone.dropout=0.0",
@@ -139,6 +143,7 @@ def test_two_processes_match_one_with_the_same_global_batch(mode, tiny_txt, tmp_
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_latent_model_trains_under_two_processes(tiny_txt, tmp_path):
     """Every DELLA parameter gets a gradient on every process (DDP would fail otherwise);
     each process draws its own posterior noise, so only completion and sane logs are checked."""
@@ -161,7 +166,8 @@ def test_a_non_finite_step_is_skipped_with_weights_and_optimizer_untouched(tiny_
     from textvae.data.batching import encode_examples
     from textvae.data.corpus import read_split
     from textvae.models.registry import create_model
-    from textvae.training.trainer import Environment, Trainer
+    from textvae.training.environment import Environment
+    from textvae.training.trainer import Trainer
 
     config = Config.from_dict({"model": {"name": "della", "latent_size": 4}, "data": {"vocab_size": 300},
                                "train": {"batch_size": 8, "warmup_steps": 0, "precision": "fp32"}})
@@ -187,6 +193,7 @@ def test_a_non_finite_step_is_skipped_with_weights_and_optimizer_untouched(tiny_
                                              for a, b in zip(after, before))
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_in_one_line_with_valid_metrics(tiny_txt, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), "--data", str(tiny_txt), "--max-steps", "40", *BASE, *LATENT,
@@ -211,6 +218,7 @@ def _checkpointed_run(tiny_txt, tmp_path, steps="6"):
     return run, args
 
 
+@pytest.mark.slow
 def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_txt, tmp_path, capsys):
     run, args = _checkpointed_run(tiny_txt, tmp_path, steps="4")
     assert main(args) == 0
@@ -231,6 +239,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_txt, tmp_path, c
 
 @pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.safetensors", "state.json", "rng-rank0.json",
                                     "rng-rank0.safetensors"])
+@pytest.mark.slow
 def test_resume_with_every_checkpoint_damaged_stops_in_one_line(damage, tiny_txt, tmp_path, capsys):
     run, args = _checkpointed_run(tiny_txt, tmp_path, steps="4")
     assert main(args) == 0
@@ -244,6 +253,7 @@ def test_resume_with_every_checkpoint_damaged_stops_in_one_line(damage, tiny_txt
     assert error.startswith("textvae: error: no intact checkpoint") and damage in error
 
 
+@pytest.mark.slow
 def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_usable(tiny_txt, tmp_path):
     run, args = _checkpointed_run(tiny_txt, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads for every run: bitwise comparable
@@ -267,7 +277,8 @@ def test_a_skipped_step_leaves_batch_norm_statistics_untouched(tiny_txt, tmp_pat
     from textvae.data.batching import encode_examples
     from textvae.data.corpus import read_split
     from textvae.models.registry import create_model
-    from textvae.training.trainer import Environment, Trainer
+    from textvae.training.environment import Environment
+    from textvae.training.trainer import Trainer
 
     config = Config.from_dict({"model": {"name": "trace-r", "latent_size": 4, "segment_length": 4, "posterior_norm": "bn"},
                                "data": {"vocab_size": 300}, "train": {"batch_size": 8, "warmup_steps": 0, "precision": "fp32"}})
@@ -291,7 +302,8 @@ def test_validation_with_an_enormous_kl_reports_an_infinite_bound_not_a_tracebac
     from textvae.data.batching import encode_examples
     from textvae.data.corpus import read_split
     from textvae.models.registry import create_model
-    from textvae.training.trainer import Environment, Trainer
+    from textvae.training.environment import Environment
+    from textvae.training.trainer import Trainer
 
     config = Config.from_dict({"model": {"name": "embed", "latent_size": 4}, "data": {"vocab_size": 300},
                                "train": {"batch_size": 8, "warmup_steps": 0, "precision": "fp32"}})
@@ -313,6 +325,7 @@ def test_validation_with_an_enormous_kl_reports_an_infinite_bound_not_a_tracebac
     assert logged["ppl_bound"] is None
 
 
+@pytest.mark.slow
 def test_resume_accepts_a_run_made_before_an_option_existed(tiny_txt, tmp_path):
     import yaml
 

@@ -324,7 +324,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     from textvae.evaluation.generated import generate_and_score
     from textvae.evaluation.likelihood import evaluate_likelihood
     from textvae.runs import encode_split, load_run, write_text
-    from textvae.training.trainer import resolve_bf16
+    from textvae.training.environment import resolve_bf16
 
     if iw_samples < 1 or batch_size < 1:
         raise TextVAEError("--iw-samples and --batch-size must be >= 1")
@@ -372,6 +372,9 @@ def _text_list(texts, what: str) -> list[str]:
         raise TextVAEError(f"no {what} given")
     if not all(isinstance(text, str) for text in texts):
         raise TextVAEError(f"{what} must be strings")
+    blank = next((index for index, text in enumerate(texts) if not text.strip()), None)
+    if blank is not None:
+        raise TextVAEError(f"{what.rstrip('s')} {blank + 1} is empty")
     return texts
 
 

@@ -42,7 +42,8 @@ def train_run(config: Config, out: str | Path, resume: bool = False, overwrite: 
 
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.models.registry import create_model, load_model, save_model
-    from textvae.training.trainer import Trainer, seed_everything, setup_environment
+    from textvae.training.environment import seed_everything, setup_environment
+    from textvae.training.trainer import Trainer
 
     out = Path(out)
     if out.exists() and not out.is_dir():

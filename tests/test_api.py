@@ -42,6 +42,11 @@ def runs(tmp_path_factory):
     return made
 
 
+def _one_line(texts: list[str]) -> list[str]:
+    """Texts as the CLI prints them: one per line, a text's own line breaks as spaces."""
+    return [" ".join(text.splitlines()) for text in texts]
+
+
 def _cli_lines(capsys, argv) -> list[str]:
     capsys.readouterr()
     assert main(argv) == 0
@@ -54,14 +59,14 @@ def test_api_and_cli_give_the_same_texts_and_metrics(name, runs, tmp_path, capsy
     vae = textvae.load(run)
     inputs = tmp_path / "in.txt"
     inputs.write_text("\n".join(TEXTS) + "\n")
-    assert vae.reconstruct(TEXTS) == _cli_lines(capsys, ["generate", str(run), "--reconstruct", str(inputs)])
-    assert vae.sample(5, decoding="top-k", seed=4) == _cli_lines(
+    assert _one_line(vae.reconstruct(TEXTS)) == _cli_lines(capsys, ["generate", str(run), "--reconstruct", str(inputs)])
+    assert _one_line(vae.sample(5, decoding="top-k", seed=4)) == _cli_lines(
         capsys, ["generate", str(run), "--num", "5", "--decoding", "top-k", "--seed", "4"])
     assert main(["evaluate", str(run), "--iw-samples", "5", "--json", str(tmp_path / "m.json")]) == 0
     assert textvae.evaluate(run, iw_samples=5) == json.loads((tmp_path / "m.json").read_text())
     if name != "trace-r":  # texts with the same segment count below
         path = [line.split(None, 1)[1] for line in _cli_lines(capsys, ["interpolate", str(run), TEXTS[0], TEXTS[2]])]
-        assert [text for _, text in vae.interpolate(TEXTS[0], TEXTS[2])] == path
+        assert _one_line([text for _, text in vae.interpolate(TEXTS[0], TEXTS[2])]) == path
 
 
 @pytest.mark.parametrize("name, kind, groups", (("embed", "single", 1), ("della", "layer", 4), ("trace-r", "segment", None)))
@@ -208,11 +213,11 @@ def test_steer_and_analogy_from_the_command_line(runs, tmp_path, capsys):
     steer = ["steer", run, "--from", str(tmp_path / "from.txt"), "--to", str(tmp_path / "to.txt"),
              "--texts", str(tmp_path / "in.txt")]
     vector = vae.attribute_vector(source, target)
-    assert _cli_lines(capsys, [*steer, "--alpha", "0"]) == vae.reconstruct(TEXTS)
+    assert _cli_lines(capsys, [*steer, "--alpha", "0"]) == _one_line(vae.reconstruct(TEXTS))
     far = _cli_lines(capsys, [*steer, "--alpha", "30"])
-    assert far == vae.steer(TEXTS, vector, alpha=30.0) != vae.reconstruct(TEXTS)
+    assert far == _one_line(vae.steer(TEXTS, vector, alpha=30.0)) != _one_line(vae.reconstruct(TEXTS))
     means = vae.encode(TEXTS[:3]).mean
-    assert _cli_lines(capsys, ["analogy", run, *TEXTS[:3]]) == vae.decode(means[2] + means[1] - means[0])
+    assert _cli_lines(capsys, ["analogy", run, *TEXTS[:3]]) == _one_line(vae.decode(means[2] + means[1] - means[0]))
 
 
 @pytest.mark.parametrize("name, method", (("della", "pca"), ("trace-r", "tsne"), ("embed", "pca")))
@@ -273,3 +278,31 @@ def test_train_evaluate_and_save_from_python(runs, tmp_path):
     assert textvae.evaluate(tmp_path / "copy", iw_samples=3) == textvae.evaluate(out, iw_samples=3)
     with pytest.raises(textvae.TextVAEError, match="already exists"):
         textvae.train({}, out=out, data=str(runs["data"]))
+
+
+@pytest.mark.parametrize("task, name", (("paraphrase", "della"), ("story", "della"), ("paraphrase", "memory")))
+def test_conditional_runs_read_sources_on_both_backbone_kinds(task, name, tiny_jsonl, tmp_path, capsys):
+    """paraphrase: bart-tiny, an encoder-decoder; story: gpt2-tiny with the source as prefix."""
+    from textvae.data.corpus import read_split
+
+    run = tmp_path / "run"
+    sets = ["data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "data.max_length=64",
+            "model.latent_size=8"]
+    assert main(["train", "--task", task, "--model", name, "--data", str(tiny_jsonl), "--out", str(run),
+                 "--max-steps", "3", *[part for item in sets for part in ("--set", item)]]) == 0
+    examples = read_split(tiny_jsonl, "test").examples[:3]
+    sources, targets = [e.source for e in examples], [e.target for e in examples]
+    vae = textvae.load(run)
+    assert vae.model.backbone.is_encoder_decoder == (task == "paraphrase")
+    (tmp_path / "prompts.txt").write_text("\n".join(sources) + "\n")
+    cli = _cli_lines(capsys, ["generate", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--num", "2",
+                              "--decoding", "top-k", "--max-new-tokens", "6"])
+    assert _one_line(vae.sample(2, decoding="top-k", prompts=sources, max_new_tokens=6)) == cli
+    posterior = vae.encode(targets, sources=sources)
+    assert posterior.mean.shape[0] == 3
+    assert vae.reconstruct(targets, sources=sources, max_new_tokens=6) == vae.decode(
+        posterior.mean, prompts=sources, max_new_tokens=6)
+    assert len(vae.log_likelihood(targets, k=3, sources=sources)["log_likelihood"]) == 3
+    if task == "paraphrase":
+        with pytest.raises(textvae.TextVAEError, match="source"):
+            vae.encode(targets)  # an encoder-decoder reads every text with its source

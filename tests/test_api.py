@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import textvae
+from textvae.backbone.inject import Injection
 from textvae.cli import main
 from textvae.data.batching import encode_examples
 from textvae.data.corpus import Example
@@ -127,7 +128,7 @@ def test_segment_latents_given_to_decode_are_the_ones_the_decoder_reads(name, ru
         vectors = model.latent_to_embedding(given[:, : layout.slots.shape[1]])
         offsets = vectors.gather(1, slot.clamp(0, vectors.shape[1] - 1)[..., None].expand(-1, -1, vectors.shape[-1]))
         with torch.no_grad():
-            hidden = model.backbone(ids, torch.ones_like(ids), embed_offset=offsets).hidden
+            hidden = model.backbone(ids, torch.ones_like(ids), injection=Injection(embed_offset=offsets)).hidden
             forward = model.backbone.logits(hidden[0, :-1]).float()
         torch.testing.assert_close(torch.cat(stepwise), forward, rtol=1e-4, atol=1e-4)
 

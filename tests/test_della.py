@@ -47,11 +47,11 @@ def test_identity_initialised_fusion_leaves_the_backbone_logits_unchanged(family
         expected = bare.logits(bare(batch.input_ids, batch.attention_mask).hidden)
         model = _della(tiny_tokenizer, family, **fusion).eval()
         z = model.sample_prior_latent([[1]] * batch.size, "cpu") * 3
-        hidden = model.backbone(batch.input_ids, batch.attention_mask, **model.injections(z)).hidden
+        hidden = model.backbone(batch.input_ids, batch.attention_mask, injection=model.injection(z)).hidden
         torch.testing.assert_close(model.backbone.logits(hidden), expected, rtol=0, atol=1e-5)
         form = {} if fusion == {"fusion": "add"} else fusion  # -LTP's shift starts at zero either way
         random = _della(tiny_tokenizer, family, ltp_init="random", **form).eval()  # the released initialisation
-        hidden = random.backbone(batch.input_ids, batch.attention_mask, **random.injections(z)).hidden
+        hidden = random.backbone(batch.input_ids, batch.attention_mask, injection=random.injection(z)).hidden
         assert (random.backbone.logits(hidden) - expected).abs().max() > 1e-2
 
 
@@ -251,7 +251,7 @@ def test_conditional_della_reads_the_source_only_through_c_and_scores_only_targe
         assert (prior_means[0] - prior_means[1]).abs().max() > 1e-3
         # rec counts target tokens (and EOS) only
         z = model.posterior(batch).rsample()
-        hidden = model.backbone(batch.input_ids, batch.attention_mask, **model.injections(z)).hidden
+        hidden = model.backbone(batch.input_ids, batch.attention_mask, injection=model.injection(z)).hidden
         logits = model.backbone.logits(hidden[:, :-1])
         token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
         expected = (token_nll * batch.target_mask[:, 1:]).sum(1)
@@ -293,7 +293,7 @@ def test_single_latent_ablation_fuses_one_latent_into_every_layer(tiny_tokenizer
     model = _della(tiny_tokenizer, layerwise=False)
     assert model.latent_group_sizes == [6] and model.inference_layers == [2] and model.latent_layers == [1, 2]
     z = torch.randn(3, 6)
-    layers = model.injections(z)["value_latents"]
+    layers = model.injection(z).value_latents
     assert len(layers) == 2 and all(torch.equal(layer, z) for layer in layers)
     _, batch = _batch(tiny_tokenizer, 3)
     assert model.posterior(batch).rsample().shape == (3, 6)

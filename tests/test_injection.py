@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from conftest import FAMILIES, ScaleFusion, tiny_backbone
+from textvae.backbone.inject import Injection
 from textvae.backbone.inject import inject_value_fusion, memory_positions
 
 
@@ -17,9 +18,9 @@ def _inputs(batch=2, length=7, vocab=97, seed=1):
     return ids, mask
 
 
-def _logits(backbone, ids, mask, **injections):
+def _logits(backbone, ids, mask, **parts):
     with torch.no_grad():
-        return backbone.logits(backbone(ids, mask, **injections).hidden)
+        return backbone.logits(backbone(ids, mask, injection=Injection(**parts)).hidden)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

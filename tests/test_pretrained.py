@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import ScaleFusion, demo_lines, save_hf_folder
+from textvae.backbone.inject import Injection
 from textvae.backbone.backbone import Backbone
 from textvae.backbone.inject import inject_value_fusion
 from textvae.backbone.load import load_pretrained
@@ -93,7 +94,7 @@ def test_smollm2_identity_fusion_and_cached_greedy(smollm2):
     wrappers = inject_value_fusion(backbone, [ScaleFusion(backbone.value_size, 4) for _ in range(30)])
     try:
         with torch.no_grad():
-            fused = backbone.logits(backbone(ids, torch.ones_like(ids), value_latents=[torch.randn(1, 4)] * 30).hidden)
+            fused = backbone.logits(backbone(ids, torch.ones_like(ids), injection=Injection(value_latents=[torch.randn(1, 4)] * 30)).hidden)
         torch.testing.assert_close(fused, plain, rtol=0, atol=1e-4)
     finally:  # un-inject so the module-scoped model stays plain
         for layer, wrapper in enumerate(wrappers):
@@ -116,7 +117,7 @@ def test_della_on_smollm2_starts_as_the_pretrained_model_and_trains(smollm2):
         assert della.latent_group_sizes == [8] * 30 and backbone.value_size == 192  # 3 KV heads x 64
         with torch.no_grad():
             z = della.sample_prior_latent([[tokenizer.bos_id]], "cpu")
-            hidden = backbone(batch.input_ids, batch.attention_mask, **della.injections(z)).hidden
+            hidden = backbone(batch.input_ids, batch.attention_mask, injection=della.injection(z)).hidden
         torch.testing.assert_close(backbone.logits(hidden), plain, rtol=0, atol=1e-4)
         della.train()
         out = della(batch)

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 
 from conftest import ScaleFusion
+from textvae.backbone.inject import Injection
 from textvae.backbone.inject import inject_value_fusion, memory_positions
 from textvae.backbone.seq2seq import Seq2SeqBackbone
 
@@ -34,10 +35,10 @@ def _inputs(seed=1):
     return source, source_mask, target, target_mask
 
 
-def _logits(backbone, source, source_mask, target, target_mask, **injections):
+def _logits(backbone, source, source_mask, target, target_mask, **parts):
     with torch.no_grad():
         context = backbone.encode(source, source_mask)
-        return backbone.logits(backbone.run_decoder(target, target_mask, source=context, **injections).hidden)
+        return backbone.logits(backbone.run_decoder(target, target_mask, source=context, injection=Injection(**parts)).hidden)
 
 
 def test_decoder_logits_equal_the_bare_bart_model():

@@ -72,7 +72,7 @@ def _uncached_greedy(model, prompt: list[int], latent, steps: int) -> list[int]:
     for _ in range(steps):
         ids = torch.tensor([tokens])
         with torch.no_grad():
-            hidden = model.backbone(ids, torch.ones_like(ids), **model.injections(latent)).hidden
+            hidden = model.backbone(ids, torch.ones_like(ids), injection=model.injection(latent)).hidden
         tokens.append(int(model.backbone.logits(hidden[:, -1]).argmax(-1)))
     return tokens[len(prompt):]
 

@@ -76,7 +76,7 @@ def test_decoder_starts_as_the_backbone_and_every_injection_point_carries_z(tiny
         z = torch.randn(4, 8)
         with torch.no_grad():
             if "memory" not in model.injection_points:  # a zero memory slot still takes attention
-                hidden = model.backbone(batch.input_ids, batch.attention_mask, **model.injections(z)).hidden
+                hidden = model.backbone(batch.input_ids, batch.attention_mask, injection=model.injection(z)).hidden
                 torch.testing.assert_close(hidden, bare_hidden, rtol=0, atol=1e-6)
             _randomise_latent_maps(model)
             assert not torch.allclose(model.decoder_nll(batch, z), model.decoder_nll(batch, -z)), name

@@ -1,13 +1,9 @@
 """`Backbone`: one interface over Hugging Face decoder-only models (GPT-2 and Llama families).
 
 It knows where each family keeps its layers and value projections, and runs the model with
-any combination of latent injections and attention masks:
-
-    embed_offset   [B, H] or [B, T, H]  added to the input token embeddings
-    memory         per layer (key, value) [B, KV, 1, D]: one extra attended position
-    value_latents  per layer [B, P] or None: read by the `ValueFusion` wrappers
-    head_offset    [B, H] or [B, T, H]  added to the last hidden state before the LM head
-    attention_mask [B, T] padding mask (causal attention), or [B, 1, T, T] boolean mask
+any latent `Injection` (backbone/inject.py: embedding offset, memory key/values, value-fusion
+latents, head offset) and attention mask ([B, T] padding mask for causal attention, or a
+[B, 1, T, T] boolean mask).
 
 Logits are computed separately (`logits`) so callers project only the positions they score.
 """
@@ -23,7 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
 from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter
-from textvae.backbone.inject import LatentSites
+from textvae.backbone.inject import NO_INJECTION, Injection, LatentSites, memory_cache
 
 
 @dataclass
@@ -95,10 +91,7 @@ class Backbone(LatentSites, nn.Module):
 
     def new_cache(self, memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
         """An empty KV cache, or one holding a memory position per layer."""
-        cache = DynamicCache(config=self.config)
-        for layer, (key, value) in enumerate(memory or []):
-            cache.update(key, value, layer)
-        return cache
+        return memory_cache(memory, self.config)
 
     def forward(
         self,
@@ -106,22 +99,19 @@ class Backbone(LatentSites, nn.Module):
         attention_mask: torch.Tensor,
         *,
         position_ids: torch.Tensor | None = None,
-        embed_offset: torch.Tensor | None = None,
-        memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        value_latents: list[torch.Tensor | None] | None = None,
-        head_offset: torch.Tensor | None = None,
+        injection: Injection = NO_INJECTION,
         cache: DynamicCache | None = None,
         output_hidden_states: bool = False,
     ) -> BackboneOutput:
         """Run the body. With `cache`, `attention_mask` covers cached and new positions and
-        `position_ids` must be given; with `memory` (no cache) a memory column is prepended."""
-        inputs_embeds = self.add_offset(self.embed(input_ids), embed_offset)
+        `position_ids` must be given; with memory (no cache) a memory column is prepended."""
+        inputs_embeds = self.add_offset(self.embed(input_ids), injection.embed_offset)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
-        cache, attention_mask = self.with_memory(memory, cache, attention_mask)
+        cache, attention_mask = self.with_memory(injection.memory, cache, attention_mask)
         if attention_mask.dim() == 4 and self.attn_implementation != "sdpa":
             attention_mask = masks.to_bias(attention_mask, torch.float32)
-        with self.value_latents(value_latents):
+        with self.value_latents(injection.value_latents):
             out = self.causal_lm.base_model(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -130,5 +120,5 @@ class Backbone(LatentSites, nn.Module):
                 use_cache=cache is not None,
                 output_hidden_states=output_hidden_states,
             )
-        hidden = self.add_offset(out.last_hidden_state, head_offset)
+        hidden = self.add_offset(out.last_hidden_state, injection.head_offset)
         return BackboneOutput(hidden, out.hidden_states if output_hidden_states else None, out.past_key_values)

@@ -1,19 +1,54 @@
-"""Latent injection points that live inside the backbone's layers, as module wrappers.
+"""What a model feeds its decoder besides the tokens (`Injection`), and the injection points
+that live inside the backbone's layers, as module wrappers.
 
-Injections at the model's edges need no wrapper: `Backbone.forward` takes an offset for the
-input embeddings (`embed_offset`), per-layer memory key/value positions (`memory`) and an
-offset for the last hidden state before the LM head (`head_offset`). The value projection
-sits inside every attention layer, so it is wrapped, PEFT style: `inject_value_fusion`
-replaces each layer's value projection with a `ValueFusion` that owns its fusion module and
-reads the current layer's latent, set for the duration of one forward call by
-`Backbone.forward(value_latents=...)`.
+Injections at the model's edges need no wrapper: `Backbone.forward` adds an offset to the
+input embeddings (`embed_offset`), prepends per-layer memory key/value positions (`memory`)
+and adds an offset to the last hidden state before the LM head (`head_offset`). The value
+projection sits inside every attention layer, so it is wrapped, PEFT style:
+`inject_value_fusion` replaces each layer's value projection with a `ValueFusion` that owns
+its fusion module and reads the current layer's latent, set for the duration of one forward
+call from `Injection.value_latents`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from transformers import DynamicCache
+
+
+@dataclass
+class Injection:
+    """Latent inputs of one decoder pass; every part is optional (the LM has none)."""
+
+    embed_offset: torch.Tensor | None = None  # [B, H] or [B, T, H]: added to the input token embeddings
+    memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (key, value) [B, KV, 1, D]
+    value_latents: list[torch.Tensor | None] | None = None  # per layer [B, P] or None: for the ValueFusion wrappers
+    head_offset: torch.Tensor | None = None  # [B, H] or [B, T, H]: added to the last hidden state
+
+    def without_memory(self) -> "Injection":
+        """The same injection once its memory positions are in a KV cache."""
+        return dataclasses.replace(self, memory=None)
+
+    def map_offsets(self, function) -> "Injection":
+        """Apply `function` to the two offsets (where they are not None)."""
+        return dataclasses.replace(self, embed_offset=None if self.embed_offset is None else function(self.embed_offset),
+                                   head_offset=None if self.head_offset is None else function(self.head_offset))
+
+
+NO_INJECTION = Injection()
+
+
+def memory_cache(memory: list[tuple[torch.Tensor, torch.Tensor]] | None, config) -> DynamicCache:
+    """A KV cache holding one memory position per layer (empty without memory)."""
+    cache = DynamicCache(config=config)
+    for layer, (key, value) in enumerate(memory or []):
+        cache.update(key, value, layer)
+    return cache
 
 
 class ValueFusion(nn.Module):

@@ -34,7 +34,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from textvae.backbone import masks
 from textvae.backbone.backbone import BackboneOutput
-from textvae.backbone.inject import LatentSites
+from textvae.backbone.inject import NO_INJECTION, Injection, LatentSites, memory_cache
 from textvae.errors import TextVAEError
 
 
@@ -180,10 +180,7 @@ class Seq2SeqBackbone(LatentSites, nn.Module):
     def new_cache(self, memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> SourceCache:
         """An empty cache (self- and cross-attention), or one whose self-attention part holds
         a memory position per decoder layer."""
-        self_attention = DynamicCache(config=self.config)
-        for layer, (key, value) in enumerate(memory or []):
-            self_attention.update(key, value, layer)
-        return SourceCache(self_attention, DynamicCache(config=self.config))
+        return SourceCache(memory_cache(memory, self.config), DynamicCache(config=self.config))
 
     def forward(
         self,
@@ -191,10 +188,7 @@ class Seq2SeqBackbone(LatentSites, nn.Module):
         attention_mask: torch.Tensor,
         *,
         position_ids: torch.Tensor | None = None,
-        embed_offset: torch.Tensor | None = None,
-        memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        value_latents: list[torch.Tensor | None] | None = None,
-        head_offset: torch.Tensor | None = None,
+        injection: Injection = NO_INJECTION,
         cache: SourceCache | None = None,
         output_hidden_states: bool = False,
     ) -> BackboneOutput:
@@ -205,8 +199,7 @@ class Seq2SeqBackbone(LatentSites, nn.Module):
         if cache is not None and cache.source is not None:
             mask = torch.ones(input_ids.shape[0], cache.get_seq_length() + input_ids.shape[1],
                               dtype=torch.long, device=input_ids.device)
-            return self.run_decoder(input_ids, mask, source=cache.source, embed_offset=embed_offset,
-                                    value_latents=value_latents, head_offset=head_offset, cache=cache,
+            return self.run_decoder(input_ids, mask, source=cache.source, injection=injection, cache=cache,
                                     output_hidden_states=output_hidden_states)
         length = input_ids.shape[1]
         if cache is not None:  # decoding's first pass: a memory column may already be cached
@@ -219,12 +212,11 @@ class Seq2SeqBackbone(LatentSites, nn.Module):
             decoder_mask = torch.cat([decoder_mask.new_ones(len(decoder_mask), cache.get_seq_length()), decoder_mask], 1)
 
         def at_decoder(offset):  # per-position offsets follow their tokens
-            return LayoutSplit.gather(offset, split.decoder_index) if offset is not None and offset.dim() == 3 else offset
+            return LayoutSplit.gather(offset, split.decoder_index) if offset.dim() == 3 else offset
 
         out = self.run_decoder(
             LayoutSplit.gather(input_ids, split.decoder_index), decoder_mask, source=source,
-            embed_offset=at_decoder(embed_offset), memory=memory, value_latents=value_latents,
-            head_offset=at_decoder(head_offset), cache=cache, output_hidden_states=output_hidden_states,
+            injection=injection.map_offsets(at_decoder), cache=cache, output_hidden_states=output_hidden_states,
         )
         states = None
         if out.hidden_states is not None:
@@ -237,19 +229,16 @@ class Seq2SeqBackbone(LatentSites, nn.Module):
         attention_mask: torch.Tensor,
         *,
         source: SourceContext,
-        embed_offset: torch.Tensor | None = None,
-        memory: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        value_latents: list[torch.Tensor | None] | None = None,
-        head_offset: torch.Tensor | None = None,
+        injection: Injection = NO_INJECTION,
         cache: SourceCache | None = None,
         output_hidden_states: bool = False,
     ) -> BackboneOutput:
         """Run the decoder over right-padded decoder tokens [B, D] reading `source`. With
-        `cache`, `attention_mask` covers cached and new positions; with `memory` (no cache) a
+        `cache`, `attention_mask` covers cached and new positions; with memory (no cache) a
         memory column is prepended."""
-        inputs_embeds = self.add_offset(self.embed(input_ids), embed_offset)
-        cache, attention_mask = self.with_memory(memory, cache, attention_mask)
-        with self.value_latents(value_latents):
+        inputs_embeds = self.add_offset(self.embed(input_ids), injection.embed_offset)
+        cache, attention_mask = self.with_memory(injection.memory, cache, attention_mask)
+        with self.value_latents(injection.value_latents):
             out = self.seq2seq_lm.get_decoder()(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -259,5 +248,5 @@ class Seq2SeqBackbone(LatentSites, nn.Module):
                 use_cache=cache is not None,
                 output_hidden_states=output_hidden_states,
             )
-        hidden = self.add_offset(out.last_hidden_state, head_offset)
+        hidden = self.add_offset(out.last_hidden_state, injection.head_offset)
         return BackboneOutput(hidden, out.hidden_states if output_hidden_states else None, out.past_key_values)

@@ -2,7 +2,7 @@
 
 A model owns a `Backbone` (the Hugging Face decoder it injects latents into) and the run's
 `TextTokenizer`. Subclasses implement `forward` and, when they have latents, `posterior`,
-`prior`, `log_weights` and `injections`; decoding, saving and loading are shared here.
+`prior`, `importance_weights` and `injection`; decoding is shared here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from textvae.backbone.backbone import Backbone
+from textvae.backbone.inject import NO_INJECTION, Injection
 from textvae.data.batching import Batch
 from textvae.data.tokenizer import TextTokenizer
 
@@ -134,14 +135,14 @@ class TextVAE(nn.Module):
         return torch.zeros(batch.size, device=hidden.device).index_add_(0, rows, token_nll)
 
     # --- decoding (see generation/decode.py) -------------------------------------------
-    def injections(self, latent: Any) -> dict[str, Any]:
-        """Backbone keyword arguments that feed `latent` to the decoder (none for the LM)."""
-        return {}
+    def injection(self, latent: Any) -> Injection:
+        """What feeds `latent` to the decoder (nothing for the LM)."""
+        return NO_INJECTION
 
-    def prompt_injections(self, latent: Any, prompt_ids: torch.Tensor) -> dict[str, Any]:
-        """Injections for the prompt pass of decoding [N, T] (by default the same at every
+    def prompt_injection(self, latent: Any, prompt_ids: torch.Tensor) -> Injection:
+        """The injection of decoding's prompt pass [N, T] (by default the same at every
         position; segment-wise models keep a source prefix latent-free)."""
-        return self.injections(latent)
+        return self.injection(latent)
 
     def latent_to_groups(self, z: torch.Tensor) -> torch.Tensor:
         """A latent from `posterior(...).rsample` [..., D] in the grouped layout [..., G, P] of
@@ -166,29 +167,26 @@ class TextVAE(nn.Module):
     @torch.no_grad()
     def decode_start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, latent: Any) -> tuple[torch.Tensor, DecodeState]:
         """Run left-padded prompts [N, T]; returns next-token logits [N, V] and the state."""
-        injections = self.prompt_injections(latent, prompt_ids)
-        memory = injections.pop("memory", None)
-        cache = self.backbone.new_cache(memory)
+        injection = self.prompt_injection(latent, prompt_ids)
+        cache = self.backbone.new_cache(injection.memory)  # the memory positions live in the cache from here on
         mask = prompt_mask
-        if memory is not None:
+        if injection.memory is not None:
             mask = torch.cat([prompt_mask.new_ones(prompt_mask.shape[0], 1), prompt_mask], dim=1)
         positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.backbone(prompt_ids, mask, position_ids=positions, cache=cache, **injections)
+        out = self.backbone(prompt_ids, mask, position_ids=positions, cache=cache, injection=injection.without_memory())
         state = DecodeState(out.cache, mask, positions[:, -1] + 1, latent)
         return self.backbone.logits(out.hidden[:, -1]).float(), state
 
     @torch.no_grad()
     def decode_next(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [N]; returns next-token logits [N, V] and advances `state`."""
-        injections = self.injections(state.latent)
-        injections.pop("memory", None)  # already in the cache
         state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], 1)
         out = self.backbone(
             tokens[:, None],
             state.attention_mask,
             position_ids=state.next_position[:, None],
             cache=state.cache,
-            **injections,
+            injection=self.injection(state.latent).without_memory(),  # memory: already in the cache
         )
         state.next_position = state.next_position + 1
         return self.backbone.logits(out.hidden[:, -1]).float()

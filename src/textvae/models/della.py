@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from textvae.backbone import masks
-from textvae.backbone.inject import inject_value_fusion
+from textvae.backbone.inject import Injection, inject_value_fusion
 from textvae.data.batching import Batch, pad_rows
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
@@ -380,22 +380,22 @@ class Della(TextVAE):
         return self.latents.posterior(text, condition), self.latents.prior(batch.size, batch.input_ids.device, condition)
 
     # --- the decoder -----------------------------------------------------------------
-    def injections(self, z) -> dict:
+    def injection(self, z) -> Injection:
         """z [B, nP] -> one latent per decoder layer for the value fusions (None elsewhere).
         In decoding z arrives already prepared by `decode_start`."""
         if isinstance(z, dict):
-            return {"value_latents": z["prepared"]}
+            return Injection(value_latents=z["prepared"])
         parts = z.split(self.config.latent_size, dim=-1)
         if not self.config.layerwise:
             parts = parts * len(self.latent_layers)  # the one latent goes to every fused layer
         per_layer: list[torch.Tensor | None] = [None] * self.backbone.num_layers
         for layer, part in zip(self.latent_layers, parts, strict=True):
             per_layer[layer - 1] = part
-        return {"value_latents": per_layer}
+        return Injection(value_latents=per_layer)
 
     def decoder_nll(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) of each example's targets: z [B, nP] -> [B]."""
-        hidden = self.backbone(batch.input_ids, batch.attention_mask, **self.injections(z)).hidden
+        hidden = self.backbone(batch.input_ids, batch.attention_mask, injection=self.injection(z)).hidden
         return self.target_nll(hidden, batch)
 
     def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -410,7 +410,7 @@ class Della(TextVAE):
     def decode_start(self, prompt_ids, prompt_mask, latent):
         """Decoding feeds one token at a time: map each z_l to its fusion's gates once per
         sequence instead of at every step (`LowRankTensorFusion.prepare`)."""
-        per_layer = self.injections(latent)["value_latents"]
+        per_layer = self.injection(latent).value_latents
         prepared = [None if z is None else self._fusion(layer).prepare(z) for layer, z in enumerate(per_layer)]
         return super().decode_start(prompt_ids, prompt_mask, {"prepared": prepared})
 

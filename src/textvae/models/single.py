@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from textvae.backbone.inject import memory_positions
+from textvae.backbone.inject import Injection, memory_positions
 from textvae.data.batching import Batch
 from textvae.errors import TextVAEError
 from textvae.latent.gaussian import DiagonalGaussian
@@ -100,21 +100,21 @@ class SingleLatentVAE(TextVAE):
         return DiagonalGaussian.standard(batch.size, self.config.latent_size, batch.input_ids.device)
 
     # --- the decoder -----------------------------------------------------------------
-    def injections(self, z: torch.Tensor) -> dict:
-        """Backbone keyword arguments that feed z [B, P] to the decoder."""
-        backbone, kwargs = self.backbone, {}
+    def injection(self, z: torch.Tensor) -> Injection:
+        """What feeds z [B, P] to the decoder, at this model's injection points."""
+        backbone, parts = self.backbone, {}
         if "embed" in self.injection_points:
-            kwargs["embed_offset"] = self.latent_to_embedding(z)
+            parts["embed_offset"] = self.latent_to_embedding(z)
         if "memory" in self.injection_points:
             vectors = self.latent_to_memory(z)
-            kwargs["memory"] = memory_positions(vectors, backbone.num_layers, backbone.num_kv_heads, backbone.head_dim)
+            parts["memory"] = memory_positions(vectors, backbone.num_layers, backbone.num_kv_heads, backbone.head_dim)
         if "softmax" in self.injection_points:
-            kwargs["head_offset"] = self.latent_to_head(z)
-        return kwargs
+            parts["head_offset"] = self.latent_to_head(z)
+        return Injection(**parts)
 
     def decoder_nll(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) of each example's targets: z [B, P] -> [B]."""
-        hidden = self.backbone(batch.input_ids, batch.attention_mask, **self.injections(z)).hidden
+        hidden = self.backbone(batch.input_ids, batch.attention_mask, injection=self.injection(z)).hidden
         return self.target_nll(hidden, batch)
 
     def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> torch.Tensor:

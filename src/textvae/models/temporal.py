@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from textvae.backbone import masks
+from textvae.backbone.inject import Injection
 from textvae.data.batching import Batch, pad_rows
 from textvae.data.segment import Segmenter, segment_closers, segment_ids
 from textvae.errors import TextVAEError
@@ -320,7 +321,7 @@ class SegmentLatentVAE(TextVAE):
         vectors = self.latent_to_embedding(z)  # [B, L, H]
         offsets = vectors.gather(1, slot.clamp(0, vectors.shape[1] - 1)[..., None].expand(-1, -1, vectors.shape[-1]))
         offsets = offsets * (slot >= 0)[..., None].to(offsets.dtype)
-        hidden = self.backbone(batch.input_ids, batch.attention_mask, embed_offset=offsets).hidden
+        hidden = self.backbone(batch.input_ids, batch.attention_mask, injection=Injection(embed_offset=offsets)).hidden
         return self.target_nll(hidden, batch)
 
     # --- objective and bound -------------------------------------------------------------
@@ -392,10 +393,10 @@ class SegmentLatentVAE(TextVAE):
         ids, mask = pad_rows(prompts, self.tokenizer.pad_id, device, left=True)
         return {**self._prior_draw(ids, mask, None), "ids": ids, "mask": mask}
 
-    def injections(self, latent: dict) -> dict:
-        return {"embed_offset": self.latent_to_embedding(latent["z"])}
+    def injection(self, latent: dict) -> Injection:
+        return Injection(embed_offset=self.latent_to_embedding(latent["z"]))
 
-    def prompt_injections(self, latent: dict, prompt_ids: torch.Tensor) -> dict:
+    def prompt_injection(self, latent: dict, prompt_ids: torch.Tensor) -> Injection:
         """As in training: positions predicting source tokens carry no latent; the prompt's
         last position ([BOS], or the source's [SEP]) predicts segment 1 and carries z_1."""
         offsets = self.latent_to_embedding(latent["z"])[:, None].expand(-1, prompt_ids.shape[1], -1)
@@ -403,7 +404,7 @@ class SegmentLatentVAE(TextVAE):
             last = torch.zeros(prompt_ids.shape[1], device=prompt_ids.device)
             last[-1] = 1
             offsets = offsets * last[None, :, None].to(offsets.dtype)
-        return {"embed_offset": offsets}
+        return Injection(embed_offset=offsets)
 
     def decoding_latent(self, z: torch.Tensor, present: torch.Tensor, prompts: list[list[int]], device) -> dict:
         """Decode from given per-segment latents z [N, L, P] (in the posterior's layout) with

@@ -356,6 +356,18 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     return results
 
 
+def interpolation_path(run_dir: str | Path, text_a: str, text_b: str, steps: int) -> list[tuple[float, str]] | str | None:
+    """Greedy decodings between the posterior means of two texts for `textvae report`, the
+    reason there are none (one line), or None for a model without latents."""
+    vae = load(run_dir)
+    if vae.latent_kind is None:
+        return None
+    try:
+        return vae.interpolate(text_a, text_b, steps, "greedy", seed=0)
+    except TextVAEError as err:  # e.g. two texts with different segment counts
+        return str(err)
+
+
 def default_decoding(config, fallback: str) -> str:
     """Beam search for summarization and paraphrase runs (as the DELLA paper decodes them),
     else `fallback`."""

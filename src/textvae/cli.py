@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from textvae.errors import TextVAEError
-from textvae.runs import warn_if_busy, write_text
+from textvae.runs import read_lines, warn_if_busy, write_text
 from textvae.threads import configure_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub unless asked (hf:NAME)
@@ -243,12 +243,12 @@ def _generate(args) -> int:
     options = {"top_k": args.top_k, "top_p": args.top_p, "num_beams": args.num_beams,
                "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
     if args.reconstruct:
-        lines = _read_lines(args.reconstruct, "texts")
+        lines = read_lines(args.reconstruct, "texts")
         texts = vae.reconstruct(lines, args.decoding or "greedy", args.latent == "mean", args.seed, **options)
     else:
         sources = None
         if args.prompts:
-            sources = _read_lines(args.prompts, "prompts")
+            sources = read_lines(args.prompts, "prompts")
             note_truncated(vae.model, sources, vae.config.data.max_source_length)
         texts = vae.sample(args.num, args.decoding, sources, args.seed, **options)
     _write_lines(texts, args.out)
@@ -277,8 +277,8 @@ def _analogy(args) -> int:
 def _steer(args) -> int:
     from textvae.api import load
 
-    source, target = _read_lines(args.from_texts, "texts"), _read_lines(args.to_texts, "texts")
-    texts = _read_lines(args.texts, "texts")
+    source, target = read_lines(args.from_texts, "texts"), read_lines(args.to_texts, "texts")
+    texts = read_lines(args.texts, "texts")
     vae = load(args.run_dir)
     steered = vae.steer(texts, vae.attribute_vector(source, target), args.alpha, args.decoding, args.seed)
     _write_lines(steered, args.out)
@@ -289,8 +289,8 @@ def _plot_latent(args) -> int:
     from textvae.api import load
     from textvae.evaluation.latent_plot import plot_latent
 
-    texts = _read_lines(args.texts, "texts")
-    labels = _read_lines(args.labels, "labels") if args.labels else None
+    texts = read_lines(args.texts, "texts")
+    labels = read_lines(args.labels, "labels") if args.labels else None
     written = plot_latent(load(args.run_dir), texts, args.out, labels, args.method, args.seed)
     print(f"wrote {written}", file=sys.stderr)
     return 0
@@ -300,8 +300,8 @@ def _plot_latent(args) -> int:
 def _score(args) -> int:
     from textvae.evaluation.text_metrics import score
 
-    samples = _read_lines(args.generated, "generated texts")
-    references = _read_lines(args.refs, "references")
+    samples = read_lines(args.generated, "generated texts")
+    references = read_lines(args.refs, "references")
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     try:
         results = score(samples, references, metrics, args.mauve_features)
@@ -323,57 +323,22 @@ def _make_report(args) -> int:
     records = [read_run(run_dir, args.split) for run_dir in args.run_dirs]
     listing = None
     if args.interpolate:
-        paths = {}
-        for record in records:
-            path = _interpolation_path(record.directory, *args.interpolate, args.steps)
-            if path is not None:
-                paths[record.name] = path
-        listing = interpolation_listing(*args.interpolate, paths)
+        from textvae.api import interpolation_path
+
+        paths = {record.name: interpolation_path(record.directory, *args.interpolate, args.steps) for record in records}
+        listing = interpolation_listing(*args.interpolate, {name: path for name, path in paths.items() if path is not None})
     sys.stdout.write(build_report(records, Path(args.out), args.split, listing))
     return 0
 
 
-def _interpolation_path(run_dir: Path, sentence_a: str, sentence_b: str, steps: int) -> list[tuple[float, str]] | str | None:
-    """Greedy decodings between the posterior means of the two sentences, why there are none,
-    or None for a model without latents."""
-    from textvae.api import load
-
-    vae = load(run_dir)
-    if vae.latent_kind is None:
-        return None
-    try:
-        return vae.interpolate(sentence_a, sentence_b, steps, "greedy", seed=0)
-    except TextVAEError as err:  # e.g. two texts with different segment counts
-        return str(err)
-
-
 # --- helpers ----------------------------------------------------------------------------
-def _read_lines(path: str, what: str) -> list[str]:
-    lines = [line.strip() for line in _read_text(Path(path)).splitlines() if line.strip()]
-    if not lines:
-        raise TextVAEError(f"{path} holds no {what}")
-    return lines
-
-
 def _report(metrics: dict, json_path: str | None) -> None:
-    """Print metrics as an aligned table (a mean with its standard error as `mean ± se`); also
-    write them as flat JSON when asked."""
-    width = max(len(key) for key in metrics)
-    for key, value in metrics.items():
-        if key.endswith("_stderr") and key[: -len("_stderr")] in metrics:
-            continue
-        error = metrics.get(f"{key}_stderr")
-        print(f"{key:<{width}}  {_readable(value)}" + ("" if error is None else f" ± {error:.4f}"))
+    """Print metrics as a table; also write them as flat JSON when asked."""
+    from textvae.evaluation.report import format_metrics
+
+    print(format_metrics(metrics))
     if json_path:
         write_text(Path(json_path), json.dumps(metrics, indent=1) + "\n")
-
-
-def _readable(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if isinstance(value, list):
-        return " ".join(_readable(item) for item in value)
-    return str(value)
 
 
 def _write_lines(texts: list[str], out: str | None) -> None:
@@ -383,15 +348,6 @@ def _write_lines(texts: list[str], out: str | None) -> None:
         write_text(Path(out), output)
     else:
         sys.stdout.write(output)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TextVAEError(f"file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise TextVAEError(f"{path} is not valid UTF-8") from None
 
 
 if __name__ == "__main__":

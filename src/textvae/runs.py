@@ -164,6 +164,21 @@ def write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped; one-line errors for a missing,
+    undecodable or empty file (`what`: what the lines are, for the message)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TextVAEError(f"file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise TextVAEError(f"{path} is not valid UTF-8") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise TextVAEError(f"{path} holds no {what}")
+    return lines
+
+
 def _check_resume(out: Path, config: Config) -> None:
     stored_path = out / "config.yaml"
     if not stored_path.is_file():

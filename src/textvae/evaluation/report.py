@@ -59,6 +59,26 @@ def read_run(directory: str | Path, split: str = "test") -> RunRecord:
                      curve[-1]["step"] if curve else None, has_latent, curve, metrics)
 
 
+def format_metrics(metrics: dict) -> str:
+    """Metrics as aligned lines, a mean with its standard error as `mean ± se`."""
+    width = max(len(key) for key in metrics)
+    lines = []
+    for key, value in metrics.items():
+        if key.endswith("_stderr") and key[: -len("_stderr")] in metrics:
+            continue
+        error = metrics.get(f"{key}_stderr")
+        lines.append(f"{key:<{width}}  {_readable(value)}" + ("" if error is None else f" ± {error:.4f}"))
+    return "\n".join(lines)
+
+
+def _readable(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list):
+        return " ".join(_readable(item) for item in value)
+    return str(value)
+
+
 def _json(text: str, path: Path) -> dict:
     try:
         value = json.loads(text)

@@ -1,4 +1,4 @@
-"""Segments for the segment-wise latent models (TRACE, IND, CGD; DESIGN.md section 4.3).
+"""Segments for the segment-wise latent models (TRACE, IND, CGD).
 
 A target text is cut into segments, every n tokens (`fixed`) or at sentence ends (`sentence`,
 with pysbd: rule-based, offline). Segments are joined by [SEP]; the last one is closed by EOS

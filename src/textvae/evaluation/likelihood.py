@@ -1,4 +1,4 @@
-"""Likelihood and representation metrics. Conventions (docs/metrics.md, DESIGN.md section 6):
+"""Likelihood and representation metrics. Conventions (docs/metrics.md):
 
 * tokens counted: each target's tokens and its EOS; never BOS, padding or a source prefix;
 * log p(x) ~= logsumexp_i log_weights_i - log k over k posterior samples (exact for the LM);

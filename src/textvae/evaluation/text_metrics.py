@@ -198,7 +198,7 @@ PAIRED = ("bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore")  # sample i 
 
 def score(samples: list[str], references: list[str], metrics: list[str] | None = None,
           mauve_features: str = "minilm", group_size: int | None = None) -> dict:
-    """The text metrics under their JSON keys (DESIGN.md section 7); default: the unpaired
+    """The text metrics under their JSON keys (docs/metrics.md); default: the unpaired
     ones. BLEU and Self-BLEU are fractions in [0, 1]. MAUVE adds `mauve_features` (see
     `embedding_metrics.mauve` for `mauve_features`). With `group_size` (several texts per
     source, consecutive), Self-BLEU and Jaccard compare the texts of each group and average

@@ -1,4 +1,4 @@
-"""The `TextVAE` interface shared by every model, the plain LM included (DESIGN.md section 3).
+"""The `TextVAE` interface shared by every model, the plain LM included (docs/architecture.md, "Models").
 
 A model owns a `Backbone` (the Hugging Face decoder it injects latents into) and the run's
 `TextTokenizer`. Subclasses implement `forward` and, when they have latents, `posterior`,

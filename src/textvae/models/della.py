@@ -1,5 +1,5 @@
 """DELLA: layer-wise latent variables fused into every decoder layer by a low-rank tensor
-product (DELLA paper section 4; DESIGN.md section 4.2).
+product (DELLA paper section 4).
 
     latent layers  l = latent_begin .. latent_end (1-based; default every layer)
     summary        s_l = tanh(A_l s_{l-1} + B_l z_{l-1}),  s = 0 at the first latent layer

@@ -1,4 +1,4 @@
-"""One latent vector per text (DELLA paper section 3.3; DESIGN.md section 4.1).
+"""One latent vector per text (DELLA paper section 3.3).
 
     posterior  q(z | x) = N(mu, diag sigma^2),  [mu, log sigma^2] = W pool(H_L)
     prior      p(z) = N(0, I)

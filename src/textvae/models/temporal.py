@@ -1,5 +1,5 @@
 """Segment-wise latent variables: TRACE (recurrent, exact and parallel), IND and CGD (TRACE
-paper sections 3.2 and 4; DESIGN.md section 4.3).
+paper sections 3.2 and 4).
 
 The target is cut into segments closed by [SEP] (data/segment.py); latent slot t belongs to
 target segment t (with a `.jsonl` source, segment 0 is the source: the condition, no latent).

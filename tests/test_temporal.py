@@ -16,7 +16,7 @@ from textvae.data.corpus import Example
 from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.generation.decode import DecodingConfig, decode
 from textvae.models.registry import load_model, model_class, model_config, save_model
-from textvae.models.temporal import TemporalConfig, TraceR
+from textvae.models.temporal import SegmentLatentConfig, TraceR
 from textvae.training.environment import Environment
 from textvae.training.trainer import Trainer
 
@@ -188,8 +188,8 @@ def test_fixed_gamma_keeps_every_segment_kl_above_the_theorem_bound(tiny_tokeniz
         with torch.no_grad():
             layout, posterior, prior = model.distributions(batch)
             z = posterior.rsample()
-            out_kl = posterior.given(z).kl_per_dim(prior.given(z)).sum(-1)  # [B, L]
-            prior_var = prior.given(z).log_var.exp()
+            out_kl = posterior.conditionals(z).kl_per_dim(prior.conditionals(z)).sum(-1)  # [B, L]
+            prior_var = prior.conditionals(z).log_var.exp()
             bound = 6 * 2.0**2 / (2 * prior_var.amax(-1))
         slots = layout.slots
         assert (out_kl[slots] >= bound[slots] - 1e-4).all()
@@ -334,7 +334,7 @@ def test_config_validation_refuses_bad_options(options, message):
     from textvae.errors import TextVAEError
 
     with pytest.raises(TextVAEError, match=message):
-        TemporalConfig(**options).validate()
+        SegmentLatentConfig(**options).validate()
 
 
 def test_residual_normalisations_fix_the_scale_they_promise():
@@ -415,9 +415,9 @@ def test_without_residual_parametrisation_the_posterior_ignores_the_prior(name, 
         posterior, prior = model.chains(states, layout)
         own = model.residual_from_text(states["intra"]).float()
         z = posterior.rsample()
-        q = posterior.given(z)
+        q = posterior.conditionals(z)
     torch.testing.assert_close(torch.cat([q.mean, q.log_var], -1)[layout.slots], own[layout.slots])
-    assert not torch.allclose(prior.given(z).mean[layout.slots], q.mean[layout.slots])
+    assert not torch.allclose(prior.conditionals(z).mean[layout.slots], q.mean[layout.slots])
 
 
 def test_trace_p_spectral_cap_is_switchable(tiny_tokenizer):
@@ -444,7 +444,7 @@ def test_conditional_trace_treats_the_source_as_segment_zero_and_decodes_with_be
         assert layout.offset == 1
         assert (layout.slots.sum(1) == layout.present.sum(1) - 1).all()  # no latent for the source
         z = posterior.rsample()
-        first = prior.given(z).mean[:, 0]  # p(z_1 | source): differs between sources
+        first = prior.conditionals(z).mean[:, 0]  # p(z_1 | source): differs between sources
         assert (first[0] - first[1]).abs().max() > 1e-4
         slot = layout.next_token_slot()
         for row, item in enumerate(encoded):  # source tokens carry no latent; the source [SEP] carries z_1

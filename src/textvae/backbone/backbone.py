@@ -19,7 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
 from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter
-from textvae.backbone.inject import NO_INJECTION, Injection, LatentSites, memory_cache
+from textvae.backbone.inject import NO_INJECTION, Injection, InjectionPoints, memory_cache
 
 
 @dataclass
@@ -29,7 +29,7 @@ class BackboneOutput:
     cache: DynamicCache | None
 
 
-class Backbone(LatentSites, nn.Module):
+class Backbone(InjectionPoints, nn.Module):
     is_encoder_decoder = False
 
     def __init__(self, causal_lm: PreTrainedModel):

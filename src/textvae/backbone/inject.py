@@ -75,7 +75,7 @@ class ValueFusion(nn.Module):
         return torch.cat([head, self.fusion(values, self.latent)], dim=-1)
 
 
-class LatentSites:
+class InjectionPoints:
     """What every backbone does at its injection points: offsets at the edges, a memory
     column, and the wrapped value projections' latents set around one forward call.
     Needs `config`, `new_cache(memory)`, `value_projection(layer)` and `num_layers`."""

@@ -34,7 +34,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from textvae.backbone import masks
 from textvae.backbone.backbone import BackboneOutput
-from textvae.backbone.inject import NO_INJECTION, Injection, LatentSites, memory_cache
+from textvae.backbone.inject import NO_INJECTION, Injection, InjectionPoints, memory_cache
 from textvae.errors import TextVAEError
 
 
@@ -109,7 +109,7 @@ def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, keep.gather(1, index).long()
 
 
-class Seq2SeqBackbone(LatentSites, nn.Module):
+class Seq2SeqBackbone(InjectionPoints, nn.Module):
     is_encoder_decoder = True
 
     def __init__(self, seq2seq_lm: PreTrainedModel, sep_id: int):

@@ -39,7 +39,7 @@ def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20) -> tuple[torch
     densities averaged over latent groups (DELLA's released-code convention) [B]. Samples are
     drawn `chunk` at a time so memory stays bounded for large k."""
     if not model.has_latent:
-        exact = model.log_weights(batch, 1)[:, 0]
+        exact = model.importance_weights(batch, 1).reconstruction[:, 0]  # no latent: log p(x) itself
         return exact, exact
     parts = [model.importance_weights(batch, min(chunk, k - start)) for start in range(0, k, chunk)]
     true = torch.cat([part.total for part in parts], dim=1)
@@ -53,7 +53,7 @@ def mutual_information(posteriors: list) -> float:
     as declared in `latent/interface.py`), in nats; log q(z_i | x_j) for every pair comes from
     `cross_log_prob(z_i, owner)`.
 
-    Latents whose shape depends on the example (one per segment) come with `shape_group` [B],
+    Latents whose shape depends on the example (one per segment) come with `segment_counts` [B],
     e.g. the segment count T: q(z | x_j) has no mass on another group's latents, and the
     aggregate is taken within the group, log q(z_i | T_i) = logsumexp_j log q(z_i | x_j) -
     log N_T, so the result is I(x; z | T). Normalising by N instead would add H(T), which the
@@ -91,9 +91,9 @@ def minibatch_mutual_information(posteriors: list) -> float:
 def _log_group_counts(posteriors: list, like: torch.Tensor) -> torch.Tensor:
     """log of the number of examples sharing each example's latent shape (its segment count),
     or log N when every latent has the same shape: [N], like `like`."""
-    if posteriors[0].shape_group is None:
+    if posteriors[0].segment_counts is None:
         return torch.full_like(like, math.log(like.shape[0]))
-    groups = torch.cat([posterior.shape_group for posterior in posteriors])
+    groups = torch.cat([posterior.segment_counts for posterior in posteriors])
     _, group_index, group_size = torch.unique(groups, return_inverse=True, return_counts=True)
     return group_size[group_index].double().log().to(like.device)
 

@@ -17,7 +17,7 @@ LOG_2PI = math.log(2 * math.pi)
 class DiagonalGaussian:
     """One Gaussian latent per example (`latent/interface.py`)."""
 
-    shape_group = None  # every latent has the same shape (see SegmentChain.shape_group)
+    segment_counts = None  # every latent has the same shape (see SegmentChain.segment_counts)
 
     def __init__(self, mean: torch.Tensor, log_var: torch.Tensor):
         if mean.shape != log_var.shape:

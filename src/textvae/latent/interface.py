@@ -39,7 +39,7 @@ class LatentDistribution(Protocol):
         """log q(z_i | x_j) for every example j here and every z_i drawn by `owner`: [B_j, B_i]."""
 
     @property
-    def shape_group(self) -> torch.Tensor | None:
+    def segment_counts(self) -> torch.Tensor | None:
         """[B] which latent space each example's z lives in (its segment count), or None when all share one."""
 
     @property

@@ -191,7 +191,7 @@ class LatentChain:
     the bottom of an unconditional prior. Scoring many latents per example ([B, k, nP]) thus
     never copies them."""
 
-    shape_group = None  # every latent has the same shape (see SegmentChain.shape_group)
+    segment_counts = None  # every latent has the same shape (see SegmentChain.segment_counts)
 
     def __init__(self, latents: "LayerwiseLatents", terms: list[torch.Tensor] | None, summary_heads, batch: int, device):
         self.latents, self.terms, self.summary_heads = latents, terms, summary_heads

@@ -49,7 +49,7 @@ from textvae.models.encoder import TextEncoder
 
 
 @dataclass
-class TemporalConfig:
+class SegmentLatentConfig:
     name: str = "trace-r"
     latent_size: int = 32
     segment: str = "fixed"  # fixed | sentence
@@ -133,7 +133,7 @@ class SegmentChain:
             params = params + self.recurrent(previous).float()
         return params.chunk(2, dim=-1)
 
-    def given(self, z: torch.Tensor) -> DiagonalGaussian:
+    def conditionals(self, z: torch.Tensor) -> DiagonalGaussian:
         """The slots' distributions with z_{t-1} read from z (teacher forcing), shaped like z
         ([B, L, P] or [B, k, L, P])."""
         previous = None
@@ -163,16 +163,16 @@ class SegmentChain:
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Log density of z [B, L, P] or [B, k, L, P] summed over present slots: [B] or [B, k]."""
-        per_slot = self.given(z).log_prob(z)  # [.., L]
+        per_slot = self.conditionals(z).log_prob(z)  # [.., L]
         present = self.present if z.dim() == 3 else self.present[:, None]
         return (per_slot * present).sum(-1)
 
     def conditional_entropy(self, z: torch.Tensor) -> torch.Tensor:
         """sum_t H(q(z_t | z_{t-1})) over present slots, z_{t-1} read from z [B, L, P]: [B]."""
-        return (self.given(z).entropy() * self.present).sum(-1)
+        return (self.conditionals(z).entropy() * self.present).sum(-1)
 
     @property
-    def shape_group(self) -> torch.Tensor:
+    def segment_counts(self) -> torch.Tensor:
         """Latent slots of each example [B]: latents of different counts live in different
         spaces (the mutual information is taken given the count)."""
         return self.present.sum(1)
@@ -180,7 +180,7 @@ class SegmentChain:
     def cross_log_prob(self, z: torch.Tensor, owner: "SegmentChain") -> torch.Tensor:
         """log q(z_i | x_j) for every example j here and every latent z_i [B_i, L_i, P] drawn
         by `owner`: [B_j, B_i]; -inf where the slot counts differ (no mass there)."""
-        mine, theirs = self.shape_group, owner.shape_group
+        mine, theirs = self.segment_counts, owner.segment_counts
         width = self.base.shape[1]
         aligned = z[:, :width] if z.shape[1] >= width else F.pad(z, (0, 0, 0, width - z.shape[1]))
         expanded = aligned[None].expand(self.base.shape[0], -1, -1, -1)  # [B_j, B_i, L, P]
@@ -207,8 +207,8 @@ class SegmentChain:
 
     def grouped(self) -> LatentGroups:
         """Each slot's mean and log-variance given the means of the slots before it: [B, L, P]."""
-        given = self.given(self.mean)
-        return LatentGroups(given.mean, given.log_var, self.present.bool())
+        along_means = self.conditionals(self.mean)
+        return LatentGroups(along_means.mean, along_means.log_var, self.present.bool())
 
 
 class ResidualNorm(nn.Module):
@@ -258,13 +258,13 @@ class SegmentLatentVAE(TextVAE):
 
     supports_encoder_decoder = False  # segment latents and masks live on the decoder-only layout
 
-    config_class = TemporalConfig
+    config_class = SegmentLatentConfig
     latent_groups = "segment"
     context_keys = ("ids", "mask", "given", "count", "slot")  # decoding state besides the chain's
     passes: tuple[str, ...]  # encoder passes the model reads: extra, intra, full
     prior_draws = 0  # latents drawn in generation (a counter for tests and diagnostics)
 
-    def __init__(self, backbone, tokenizer, config: TemporalConfig):
+    def __init__(self, backbone, tokenizer, config: SegmentLatentConfig):
         super().__init__(backbone, tokenizer, config)
         hidden, size = backbone.hidden_size, config.latent_size
         self.segmenter = Segmenter(config.segment, config.segment_length)
@@ -342,7 +342,7 @@ class SegmentLatentVAE(TextVAE):
         latent = posterior.rsample()
         z = self.decoder_latent(latent)
         rec = self.decoder_nll(batch, z, layout)
-        kl_per_dim = posterior.given(latent).kl_per_dim(prior.given(latent)) * layout.slots[..., None]  # [B, L, P]
+        kl_per_dim = posterior.conditionals(latent).kl_per_dim(prior.conditionals(latent)) * layout.slots[..., None]  # [B, L, P]
         kl_groups = kl_per_dim.sum(-1)  # per segment
         loss = rec + beta * thresholded_kl(kl_per_dim.flatten(1), self.config.kl_threshold)
         logs = {"segments": layout.slots.sum(1).float().mean()}

@@ -103,6 +103,19 @@ def test_resume_refuses_a_changed_config(tiny_txt, tmp_path, capsys):
     assert "differs in: train.lr" in capsys.readouterr().err
 
 
+def test_resuming_a_finished_run_says_so_and_reports_its_last_validation(tiny_txt, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), "--data", str(tiny_txt), "--max-steps", "2", *BASE]
+    assert main(args) == 0
+    finished = json.loads(capsys.readouterr().out.splitlines()[-1])
+    weights = _weights(run)
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr()
+    assert "had already finished its 2 steps; nothing was trained" in out.err.strip().splitlines()[-1]
+    assert json.loads(out.out.splitlines()[-1]) == finished and finished["step"] == 2
+    assert all(torch.equal(weights[name], value) for name, value in _weights(run).items())
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tiny_txt, tmp_path):
     runs = []

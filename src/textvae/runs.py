@@ -92,7 +92,17 @@ def train_run(config: Config, out: str | Path, resume: bool = False, overwrite: 
     validation = trainer.train(resume=resume)
     if env.world_size > 1:
         dist.destroy_process_group()
+    if not validation:  # resumed at its last step: the run's own last validation
+        info(env.main, f"{out} had already finished its {trainer.total_steps} steps; nothing was trained")
+        validation = _last_validation(out / "metrics.jsonl")
     return {key: value for key, value in validation.items() if key != "split"}
+
+
+def _last_validation(metrics: Path) -> dict:
+    import json
+
+    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return next((record for record in reversed(records) if record.get("split") == "valid"), {})
 
 
 def load_run(run_dir: str | Path, device: str | None = None):

@@ -79,9 +79,8 @@ class SingleLatentVAE(TextVAE):
             self.latent_to_head = nn.Linear(latent, hidden, bias=False)
         self.bag_of_words = BagOfWords(latent, tokenizer.vocab_size) if config.bow_weight else None
         # The latent maps start at zero, so the decoder starts as the bare backbone (embed and
-        # softmax exactly; memory adds a zero key/value). nn.Linear's default init injects
-        # noise ~30x a fresh GPT-2 token embedding: on PTB (gpt2-tiny, 300 steps) that cost
-        # 13 nats of reconstruction per sentence against the LM, zero init 2.7.
+        # softmax exactly; memory adds a zero key/value); nn.Linear's default init injects noise
+        # far larger than a token embedding (measured in docs/architecture.md).
         for name in ("latent_to_embedding", "latent_to_memory", "latent_to_head"):
             if hasattr(self, name):
                 nn.init.zeros_(getattr(self, name).weight)

@@ -507,8 +507,8 @@ class TraceP(TraceR):
     those of v (x reaches u only through v). Generation draws v_t from p at each [SEP] and
     keeps the running sum of u. We do not score TRACE-P with TRACE-R's exact recursion
     z_t ~ N(F [z_{t-1}; x_<t], ...): the sampler never trains it, and run on a trained TRACE-P
-    it diverges (|z| 8 -> 5e6 -> inf within 6 segments of a PTB sentence: the log-variance is
-    linear in z and exponentiated). With the z-to-z maps at zero, u = 0 and z_t is TRACE-R's
+    it diverges (the log-variance is linear in z and exponentiated; docs/architecture.md).
+    With the z-to-z maps at zero, u = 0 and z_t is TRACE-R's
     sample for the same noise. [F_mu1; F_sig1] has its spectral norm capped at 1
     (`spectral_norm`; W / max(1, ||W||_2)) rather than set to exactly 1 as torch's
     spectral_norm does, so the map starts at zero like TRACE-R's."""

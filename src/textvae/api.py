@@ -265,16 +265,7 @@ class TrainedVAE:
         return source_prompts(self.model.tokenizer, sources, self.config.data.max_source_length)[0]
 
     def _decoding(self, strategy: str, options: dict):
-        from textvae.generation.decode import DecodingConfig
-
-        options = {key: value for key, value in options.items() if value is not None}
-        options.setdefault("max_new_tokens", self.config.data.max_length)
-        try:
-            config = DecodingConfig(strategy=strategy, **options)
-        except TypeError as err:
-            raise TextVAEError(f"unknown decoding option: {err}") from None
-        config.validate()
-        return config
+        return decoding_config(self.config, strategy, options)
 
     def _autocast(self, bf16: bool):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -346,7 +337,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
             raise TextVAEError("--generate needs at least 2 samples (Self-BLEU and Jaccard compare samples)")
         if samples_per_source < 1:
             raise TextVAEError("--samples-per-source must be >= 1")
-        generation = TrainedVAE(model, config)._decoding(decoding or default_decoding(config, "top-k"), decoding_options)
+        generation = decoding_config(config, decoding or default_decoding(config, "top-k"), decoding_options)
     if on_start is not None:
         on_start()
     results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed)
@@ -366,6 +357,21 @@ def interpolation_path(run_dir: str | Path, text_a: str, text_b: str, steps: int
         return vae.interpolate(text_a, text_b, steps, "greedy", seed=0)
     except TextVAEError as err:  # e.g. two texts with different segment counts
         return str(err)
+
+
+def decoding_config(config, strategy: str, options: dict):
+    """A validated `DecodingConfig`: `options` (top_k, top_p, num_beams, temperature,
+    max_new_tokens; None = default) over the defaults, max_new_tokens = the run's max_length."""
+    from textvae.generation.decode import DecodingConfig
+
+    options = {key: value for key, value in options.items() if value is not None}
+    options.setdefault("max_new_tokens", config.data.max_length)
+    try:
+        decoding = DecodingConfig(strategy=strategy, **options)
+    except TypeError as err:
+        raise TextVAEError(f"unknown decoding option: {err}") from None
+    decoding.validate()
+    return decoding
 
 
 def default_decoding(config, fallback: str) -> str:

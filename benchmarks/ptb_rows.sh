@@ -26,8 +26,10 @@ row_args() {
     # the DELLA paper as written: Eq. 9's product of sums, the released initialisation, x_l the first token's state
     della-paper) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.ltp_form=paper --set model.ltp_init=random --set model.pooling=first" ;;
     della-klfirst) echo "--model della --set model.state_norm=false --set kl.schedule=cyclical --set model.kl_layers=first" ;;
-    trace-r|trace-p|ind|cgd|norec) echo "--model $1 --set kl.schedule=cyclical" ;;  # segments of 10 tokens
-    trace-r-gamma1) echo "--model trace-r --set kl.schedule=cyclical --set model.ln_gamma=1" ;;  # KL floor 16 nats, not 144
+    ind|cgd|norec) echo "--model $1 --set kl.schedule=cyclical" ;;  # segments of 10 tokens
+    # the first TRACE rows: d_mu normalised alone, no shift (Theorem 1's floor; the default until the eq11 rows)
+    trace-r|trace-p) echo "--model $1 --set kl.schedule=cyclical --set model.norm_over=mean --set model.norm_shift=zero" ;;
+    trace-r-gamma1) echo "--model trace-r --set kl.schedule=cyclical --set model.norm_over=mean --set model.norm_shift=zero --set model.ln_gamma=1" ;;  # floor 16 nats, not 144
     # the TRACE paper's Eq. 11 as printed: one LayerNorm over [d_mu, log d_sigma^2], gamma 3 fixed,
     # beta learned (BN-VAE); its Table 5 ablations relative to it
     trace-r-eq11|trace-p-eq11) echo "--model ${1%-eq11} --set kl.schedule=cyclical --set model.norm_over=both --set model.norm_shift=learned" ;;

@@ -14,7 +14,7 @@ from textvae.backbone.inject import Injection
 from textvae.cli import main
 from textvae.data.batching import encode_examples
 from textvae.data.corpus import Example
-from textvae.models.temporal import SegmentLayout
+from textvae.models.trace import SegmentLayout
 from conftest import demo_lines
 
 pytestmark = pytest.mark.slow  # whole pipelines: trained runs, pretrained weights

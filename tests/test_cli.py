@@ -33,7 +33,8 @@ def test_lm_trains_evaluates_and_generates(backbone, tiny_txt, tmp_path, capsys)
 
     assert main(["evaluate", str(run), "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert set(metrics) == {"ppl", "nll", "ppl_stderr", "nll_stderr", "tokens", "examples"}
+    assert set(metrics) == {"ppl", "nll", "ppl_stderr", "nll_stderr", "tokens", "examples", "settings"}
+    assert metrics["settings"]["iw_samples"] is None  # the LM's likelihood is exact
     assert metrics["examples"] == 24
     assert metrics["ppl"] == pytest.approx(math.exp(metrics["nll"] * metrics["examples"] / metrics["tokens"]))
     assert "ppl" in capsys.readouterr().out

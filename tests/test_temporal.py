@@ -16,7 +16,7 @@ from textvae.data.corpus import Example
 from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.generation.decode import DecodingConfig, decode
 from textvae.models.registry import load_model, model_class, model_config, save_model
-from textvae.models.temporal import SegmentLatentConfig, TraceR
+from textvae.models.trace import SegmentLatentConfig, TraceR
 from textvae.training.environment import Environment
 from textvae.training.trainer import Trainer
 
@@ -54,9 +54,25 @@ def test_extra_and_intra_passes_read_at_each_sep_see_what_they_should(tiny_token
     assert torch.equal(other["extra"][1], states["extra"][1])  # other rows untouched
 
 
-def test_vectorised_recurrence_equals_a_step_by_step_reference(tiny_tokenizer):
-    model = _model("trace-r", tiny_tokenizer).eval()
-    torch.nn.init.normal_(model.prior_from_latent.weight, std=0.1)  # an active recurrence
+def _residual_reference(model, head_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[d_mu, log d_sigma^2] of one slot from G x_t [2P], by hand: gamma 3 times a layer norm
+    of d_mu alone (the floor reading) or of all 2P values plus the learned shift (Eq. 11)."""
+    def gamma_layer_norm(values):
+        centred = values - values.mean()
+        return 3.0 * centred / torch.sqrt(centred.pow(2).mean() + 1e-5)
+
+    if model.config.norm_over == "mean":
+        residual_mean, residual_log_var = head_output.chunk(2)
+        return gamma_layer_norm(residual_mean), residual_log_var
+    return (gamma_layer_norm(head_output) + model.residual_norm.shift).chunk(2)
+
+
+@pytest.mark.parametrize("normalisation", [{}, {"norm_over": "mean", "norm_shift": "zero"}], ids=["eq11", "floor"])
+def test_vectorised_recurrence_equals_a_step_by_step_reference(normalisation, tiny_tokenizer):
+    model = _model("trace-r", tiny_tokenizer, **normalisation).eval()
+    torch.nn.init.normal_(model.prior_from_latent.weight, std=0.03)  # an active recurrence that stays finite
+    if model.residual_norm.shift is not None:
+        torch.nn.init.normal_(model.residual_norm.shift, std=0.1)  # a learned shift away from 0
     _, batch = _data(model, 4)
     with torch.no_grad():
         layout, posterior, prior = model.distributions(batch)
@@ -76,9 +92,7 @@ def test_vectorised_recurrence_equals_a_step_by_step_reference(tiny_tokenizer):
                 for slot in range(int(layout.slots[row].sum())):
                     text_part = torch.zeros(12) if slot == 0 else model.prior_from_text(states["before"][row, slot])
                     prior_mean, prior_log_var = (text_part + model.prior_from_latent(previous)).chunk(2)
-                    residual_mean, residual_log_var = model.residual_from_text(states["intra"][row, slot]).chunk(2)
-                    centred = residual_mean - residual_mean.mean()
-                    residual_mean = 3.0 * centred / torch.sqrt(centred.pow(2).mean() + 1e-5)  # gamma-scaled LN
+                    residual_mean, residual_log_var = _residual_reference(model, model.residual_from_text(states["intra"][row, slot]))
                     mean, log_var = prior_mean + residual_mean, prior_log_var + residual_log_var
                     drawn = mean + torch.exp(0.5 * log_var) * noise[row, sample, slot]
                     torch.testing.assert_close(z[row, sample, slot], drawn, rtol=1e-4, atol=1e-4)
@@ -128,6 +142,7 @@ def test_trace_p_log_weights_equal_a_hand_computed_bound_of_the_parallel_model(t
         torch.nn.init.normal_(model.prior_from_latent.parametrizations.weight.original, std=0.5)
         torch.nn.init.normal_(model.prior_from_text.weight, std=0.1)
         torch.nn.init.normal_(model.latent_to_embedding.weight, std=0.5)  # the decoder reads z
+        torch.nn.init.normal_(model.residual_norm.shift, std=0.5)  # Eq. 11's learned shift, away from 0
     _, batch = _data(model, 3)
     k, size = 5, 6
     with torch.no_grad():
@@ -137,8 +152,8 @@ def test_trace_p_log_weights_equal_a_hand_computed_bound_of_the_parallel_model(t
         states = model.read(batch, layout)
         base_mean, base_log_var = model.prior_from_text(states["before"]).chunk(2, -1)
         base_mean[:, 0], base_log_var[:, 0] = 0.0, 0.0  # p(v_1) = N(0, I)
-        residual_mean, residual_log_var = model.residual_from_text(states["intra"]).chunk(2, -1)
-        residual_mean = 3.0 * torch.nn.functional.layer_norm(residual_mean, (size,))  # fixed gamma
+        residual = 3.0 * torch.nn.functional.layer_norm(model.residual_from_text(states["intra"]), (2 * size,))
+        residual_mean, residual_log_var = (residual + model.residual_norm.shift).chunk(2, -1)  # Eq. 11
         prior_v = torch.distributions.Normal(base_mean[:, None], torch.exp(0.5 * base_log_var[:, None]))
         posterior_v = torch.distributions.Normal((base_mean + residual_mean)[:, None],
                                                  torch.exp(0.5 * (base_log_var + residual_log_var))[:, None])
@@ -311,7 +326,7 @@ def test_segment_model_trains_saves_reloads_and_evaluates(name, family, tiny_tok
 
 def test_segment_mi_is_taken_given_the_segment_count():
     from textvae.evaluation.likelihood import mutual_information
-    from textvae.models.temporal import SegmentChain
+    from textvae.models.trace import SegmentChain
 
     # one-segment texts: posteriors at +20 and -20 (each z names its text: log 2 nats);
     # two-segment texts: identical posteriors (z says nothing). P = 3, unit variances.
@@ -327,7 +342,6 @@ def test_segment_mi_is_taken_given_the_segment_count():
 @pytest.mark.parametrize(("options", "message"), [
     ({"posterior_norm": "group"}, "posterior_norm"), ({"ln_gamma": 0.0}, "ln_gamma"),
     ({"norm_over": "all"}, "norm_over"), ({"norm_shift": "bias"}, "norm_shift"),
-    ({"posterior_norm": "none", "norm_shift": "learned"}, "needs a normalisation"),
     ({"segment": "paragraph"}, "segment kind"), ({"segment_length": 0}, "segment length"),
 ])
 def test_config_validation_refuses_bad_options(options, message):
@@ -338,7 +352,7 @@ def test_config_validation_refuses_bad_options(options, message):
 
 
 def test_residual_normalisations_fix_the_scale_they_promise():
-    from textvae.models.temporal import ResidualNorm
+    from textvae.models.trace import ResidualNorm
 
     torch.manual_seed(0)
     residual = torch.randn(8, 5, 12) * 4 + 1  # [d_mu, log d_sigma^2], P = 6
@@ -360,7 +374,7 @@ def test_residual_normalisations_fix_the_scale_they_promise():
 
 @pytest.mark.parametrize(("kind", "over", "width"), [("ln", "mean", 6), ("ln", "both", 12), ("bn", "mean", 6), ("bn", "both", 12)])
 def test_learned_shift_trains_and_gamma_does_not(kind, over, width):
-    from textvae.models.temporal import ResidualNorm
+    from textvae.models.trace import ResidualNorm
 
     fixed = ResidualNorm(kind, 6, 3.0, over, "zero")
     assert list(fixed.parameters()) == []  # gamma is a constant, beta fixed at 0
@@ -380,7 +394,7 @@ def test_learned_shift_trains_and_gamma_does_not(kind, over, width):
 def _fit_posterior_to_the_prior(norm_over, norm_shift, steps=300):
     """Minimise KL(N(d_mu, d_sigma^2) || N(0, I)) over G and the norm's shift for random x_t:
     the smallest KL each normalisation lets a posterior reach. Returns the final mean KL."""
-    from textvae.models.temporal import ResidualNorm
+    from textvae.models.trace import ResidualNorm
 
     torch.manual_seed(0)
     size, gamma = 8, 3.0

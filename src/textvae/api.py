@@ -303,13 +303,14 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
              generate: int = 0, decoding: str | None = None, samples_per_source: int = 1,
              metrics: list[str] | None = None, samples_out: str | Path | None = None, mauve_features: str = "minilm",
              examples: int | None = None, device: str | None = None, verbose: bool = False, on_start=None,
-             **decoding_options) -> dict:
+             iw_batch: int = 20, **decoding_options) -> dict:
     """Metrics of a trained run on a split, as `textvae evaluate` reports them
     (docs/metrics.md): ppl, nll, elbo, rec, kl, mi, au with `*_stderr`, and the papers'
     conventions (`evaluation/likelihood.py`); with `generate` = N, also text metrics of N
     samples (`evaluation/generated.py`; decoding default: beam search for summarization and
     paraphrase runs, else top-k 50; `decoding_options`: top_k, top_p, num_beams, max_new_tokens).
     `examples`: only the split's first N examples (a fixed subset, the same for every run).
+    `iw_batch`: importance samples scored at a time (memory ~ batch_size x iw_batch).
     `on_start`: called once the inputs are checked, as the work begins."""
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
@@ -317,8 +318,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     from textvae.runs import encode_split, load_run, write_text
     from textvae.training.environment import resolve_bf16
 
-    if iw_samples < 1 or batch_size < 1:
-        raise TextVAEError("--iw-samples and --batch-size must be >= 1")
+    if iw_samples < 1 or batch_size < 1 or iw_batch < 1:
+        raise TextVAEError("--iw-samples, --iw-batch and --batch-size must be >= 1")
     if au_delta < 0:
         raise TextVAEError("--au-delta must be >= 0")
     if split not in ("train", "valid", "test"):
@@ -340,7 +341,11 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         generation = decoding_config(config, decoding or default_decoding(config, "top-k"), decoding_options)
     if on_start is not None:
         on_start()
-    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed)
+    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch)
+    # the settings that change the numbers, so that records made with different ones stay apart
+    results["settings"] = {"iw_samples": iw_samples if model.has_latent else None, "au_delta": au_delta,
+                           "seed": seed, "precision": "bf16" if bf16 else "fp32", "examples_limit": examples,
+                           "iw_batch": iw_batch if model.has_latent else None}
     if generate:
         results.update(generate_and_score(model, config, split_data, generate, generation, seed, samples_per_source,
                                           metrics, samples_out, mauve_features, write_text))

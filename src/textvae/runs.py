@@ -18,19 +18,22 @@ from typing import Any
 
 from textvae.config import Config, apply_overrides, load_yaml, task_defaults
 from textvae.errors import TextVAEError
+from textvae.files import usual_mode
 
 
 def assemble_config(raw: dict[str, Any], assignments: list[str], task: str | None = None) -> Config:
     """A validated `Config` from a raw mapping (a YAML file's contents), `key=value`
     assignments (highest precedence) and a task's defaults (lowest: only what neither the
     mapping nor an assignment fixes)."""
-    from textvae.models.registry import model_config
+    from textvae.models.registry import whole_model_section
 
     if task:
         assignments = task_defaults(apply_overrides(raw, assignments), task) + assignments
     config = Config.from_dict(apply_overrides(raw, assignments))
     config.validate()
-    model_config(config)  # unknown model names and model options fail here
+    # unknown model names and model options fail here; the run stores every option's value,
+    # so a later change of a default cannot change how it loads
+    config.model = whole_model_section(config)
     return config
 
 
@@ -130,6 +133,9 @@ def encode_split(split, model, config: Config, name: str, verbose: bool):
                            "for every example")
     if data.task and not split.conditional:
         raise TextVAEError(f"data.task={data.task} needs .jsonl source/target data")
+    if config.model.get("conditional") and not split.conditional:  # a CVAE needs its sources
+        raise TextVAEError(f"{split.path} is plain text, but this run is conditional (trained with sources): "
+                           "give it .jsonl source/target data")
     encoded, stats = encode_examples(
         split.examples, model.tokenizer, data.max_length, data.max_source_length, data.overlong, model.segmenter
     )
@@ -166,6 +172,32 @@ def info(enabled: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def record_evaluation(run_dir: Path, split: str, metrics: dict) -> Path:
+    """Keep `metrics` with the run. RUN_DIR/eval_SPLIT.json, the record `textvae report` reads,
+    is replaced only by an evaluation at least as thorough (as many importance samples and
+    examples); any other is written beside it, named by its settings. Returns the file."""
+    import json
+
+    record = run_dir / f"eval_{split}.json"
+    if record.is_file():
+        try:
+            kept = json.loads(record.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            kept = None  # a damaged record is replaced
+        if isinstance(kept, dict) and _thoroughness(metrics) < _thoroughness(kept):
+            settings = metrics.get("settings") or {}
+            record = run_dir / f"eval_{split}-k{settings.get('iw_samples')}-n{metrics.get('examples')}.json"
+    write_text(record, json.dumps(metrics, indent=1) + "\n")
+    return record
+
+
+def _thoroughness(metrics: dict) -> tuple[int, int]:
+    """(importance samples, examples) of an evaluation record, compared as a pair: a record made
+    before settings were recorded counts as the default k = 100."""
+    k = (metrics.get("settings") or {}).get("iw_samples", 100) or 0
+    return k, int(metrics.get("examples") or 0)
+
+
 def write_text(path: Path, text: str) -> None:
     """Write via a temporary file and rename: the output is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,9 +225,14 @@ def _check_resume(out: Path, config: Config) -> None:
     stored_path = out / "config.yaml"
     if not stored_path.is_file():
         raise TextVAEError(f"nothing to resume: {out} holds no run")
+    from textvae.models.registry import stored_model_section, whole_model_section
+
     # through Config: options added since the run was made take their defaults on both sides
-    stored = Config.from_dict(load_yaml(stored_path).get("run") or {}).to_dict()
+    stored = Config.from_dict(load_yaml(stored_path).get("run") or {})
+    stored.model = stored_model_section(stored.model)
+    stored.model = whole_model_section(stored)
     current = config.to_dict()
+    stored = stored.to_dict()
     changed = [
         f"{section}.{key}"
         for section in current
@@ -215,7 +252,7 @@ def _create_run_dir(out: Path, write) -> None:
         write(staging)
         if out.exists():
             out.rmdir()  # empty: checked before
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private
+        usual_mode(staging, folder=True)  # mkdtemp makes it private
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -259,12 +296,6 @@ def _swap_in_after_checkpoint(out: Path):
         trainer.relocate(out, move)
 
     return swap
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _count(model) -> str:

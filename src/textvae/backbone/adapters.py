@@ -24,14 +24,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from textvae.backbone.families import family_of
 from textvae.errors import TextVAEError
 
 # The projections LoRA adapts by default, by Hugging Face model type (module name suffixes).
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "bart": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-}
 # Input-side modules besides the token embeddings, frozen with them (GPT-2, BART).
 INPUT_MODULES = ("wpe", "embed_positions", "layernorm_embedding")
 DECODER, ENCODER = "decoder", "encoder"
@@ -89,9 +85,8 @@ def prepare_base(hf_model: nn.Module, config, encoder_adapter: bool) -> None:
         raise TextVAEError(f"backbone.freeze_layers={config.freeze_layers} but the backbone has {depth} layers")
     if config.adapter == "lora":
         hf_model.requires_grad_(False)
-        suffixes = tuple(config.lora_targets or LORA_TARGETS.get(hf_model.config.model_type, ()))
-        if not suffixes:
-            raise TextVAEError(f"no default LoRA targets for a {hf_model.config.model_type} model: set backbone.lora_targets")
+        family = family_of(hf_model.config.model_type)
+        suffixes = tuple(config.lora_targets or family.lora_targets)
         targets = lora_target_names(hf_model, suffixes, config.freeze_layers)
         if not targets:
             raise TextVAEError(f"backbone.lora_targets {list(suffixes)} match no module above layer {config.freeze_layers}")
@@ -113,7 +108,7 @@ def _inject_lora(hf_model: nn.Module, config, targets: list[str], names: list[st
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, fan_in_fan_out=hf_model.config.model_type == "gpt2")
+                      target_modules=targets, fan_in_fan_out=family_of(hf_model.config.model_type).lora_fan_in_fan_out)
     with warnings.catch_warnings():  # "multiple adapters": intended for the encoder's own adapter
         warnings.simplefilter("ignore")
         for name in names:

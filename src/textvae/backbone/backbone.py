@@ -1,6 +1,7 @@
-"""`Backbone`: one interface over Hugging Face decoder-only models (GPT-2 and Llama families).
+"""`Backbone`: one interface over Hugging Face decoder-only models (the families of
+backbone/families.py: GPT-2, Llama-style).
 
-It knows where each family keeps its layers and value projections, and runs the model with
+It runs the model with
 any latent `Injection` (backbone/inject.py: embedding offset, memory key/values, value-fusion
 latents, head offset) and attention mask ([B, T] padding mask for causal attention, or a
 [B, 1, T, T] boolean mask).
@@ -19,6 +20,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
 from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter
+from textvae.backbone.families import family_of
 from textvae.backbone.inject import NO_INJECTION, Injection, InjectionPoints, memory_cache
 
 
@@ -37,21 +39,13 @@ class Backbone(InjectionPoints, nn.Module):
         self.causal_lm = causal_lm
         config = causal_lm.config
         self.family = config.model_type
-        body = causal_lm.base_model
-        if hasattr(body, "h"):  # GPT-2 family: fused q/k/v projection
-            self.layers = body.h
-            self.num_heads = config.n_head
-            self.num_kv_heads = config.n_head
-            self.hidden_size = config.n_embd
-            self.max_positions = config.n_positions
-        elif hasattr(body, "layers"):  # Llama family (Mistral, Qwen2, SmolLM2, ...)
-            self.layers = body.layers
-            self.num_heads = config.num_attention_heads
-            self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            self.hidden_size = config.hidden_size
-            self.max_positions = config.max_position_embeddings
-        else:
-            raise ValueError(f"unsupported backbone family {self.family!r}")
+        family = family_of(self.family)
+        self.layers = causal_lm.base_model.get_submodule(family.layers)
+        self.value_parts = (family.attention, family.values, family.fused_qkv)
+        self.num_heads = getattr(config, family.heads)
+        self.num_kv_heads = getattr(config, family.kv_heads, None) or self.num_heads
+        self.hidden_size = getattr(config, family.hidden)
+        self.max_positions = getattr(config, family.positions)
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
         self.num_layers = len(self.layers)
         self.value_size = self.num_kv_heads * self.head_dim
@@ -70,10 +64,8 @@ class Backbone(InjectionPoints, nn.Module):
 
     def value_projection(self, layer: int) -> tuple[nn.Module, str, int]:
         """(parent module, attribute name, offset of the values in its output) for `layer`."""
-        block = self.layers[layer]
-        if hasattr(block, "attn"):  # GPT-2: c_attn outputs [q; k; v]
-            return block.attn, "c_attn", 2 * self.hidden_size
-        return block.self_attn, "v_proj", 0
+        attention, values, fused_qkv = self.value_parts
+        return self.layers[layer].get_submodule(attention), values, 2 * self.hidden_size if fused_qkv else 0
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, H] (GPT-2 adds its position embeddings inside the model)."""

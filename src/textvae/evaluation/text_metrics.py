@@ -212,6 +212,7 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
         if group_size < 2 or len(samples) % group_size:
             raise ValueError(f"groups of {group_size} texts cannot cover {len(samples)} samples (need >= 2 per group)")
         groups = [samples[i : i + group_size] for i in range(0, len(samples), group_size)]
+    _check_inputs(chosen, samples, references, groups)
     results: dict = {}
     for name in chosen:
         if name == "bleu":
@@ -238,3 +239,21 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
 
             results[name] = bertscore(samples, references)
     return results
+
+
+def _check_inputs(chosen: list[str], samples: list[str], references: list[str], groups: list[list[str]]) -> None:
+    """Refuse what some requested metric cannot score before any is computed (MAUVE alone takes
+    minutes): a ValueError naming the metric."""
+    paired = [name for name in chosen if name in PAIRED]
+    if paired and (len(samples) != len(references) or not samples):
+        raise ValueError(f"{', '.join(paired)} pair sample i with reference i: {len(samples)} samples, "
+                         f"{len(references)} references")
+    if not references and any(name in ("bleu", "ngram_jsd", "mauve") for name in chosen):
+        raise ValueError("bleu, ngram_jsd and mauve need at least one reference")
+    within = [name for name in chosen if name in ("self_bleu", "jaccard")]
+    if within and min(len(group) for group in groups) < 2:
+        raise ValueError(f"{', '.join(within)} compare samples with each other: need at least two")
+    if any(name in ("mauve", "bertscore") for name in chosen):
+        from textvae.evaluation.embedding_metrics import require_encoder
+
+        require_encoder()

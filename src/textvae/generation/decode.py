@@ -71,7 +71,7 @@ def _sample_or_greedy(model, ids, mask, latent, config, generator) -> list[list[
     finished = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     outputs = []
     for _ in range(config.max_new_tokens):
-        tokens = choose_tokens(logits, config, generator)
+        tokens = choose_tokens(_finite(logits), config, generator)
         tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
         outputs.append(tokens)
         finished |= tokens == eos
@@ -80,6 +80,15 @@ def _sample_or_greedy(model, ids, mask, latent, config, generator) -> list[list[
         logits = model.decode_next(state, tokens)
     generated = torch.stack(outputs, dim=1).tolist()
     return [_until_eos(row, eos) for row in generated]
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """The model's next-token scores [N, V], refused when any is NaN or infinite (damaged
+    weights, or a diverged run): no token can be chosen from them."""
+    if not bool(torch.isfinite(logits).all()):
+        raise TextVAEError("the model's next-token scores are not finite (NaN or inf): its weights are damaged or "
+                           "its training diverged")
+    return logits
 
 
 def choose_tokens(logits: torch.Tensor, config: DecodingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -115,7 +124,7 @@ def _beam_search(model, ids, mask, latent, config) -> list[list[int]]:
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(prompts)]
     done = [False] * prompts
     for step in range(config.max_new_tokens):
-        log_probs = logits.log_softmax(dim=-1).view(prompts, beams, -1)
+        log_probs = _finite(logits).log_softmax(dim=-1).view(prompts, beams, -1)
         vocab = log_probs.shape[-1]
         candidates = (scores[:, :, None] + log_probs).view(prompts, -1)
         top_scores, top_index = candidates.topk(2 * beams, dim=-1)

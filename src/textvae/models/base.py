@@ -164,6 +164,15 @@ class TextVAE(nn.Module):
         prior reads them). None for the LM."""
         return None
 
+    def decoding_state(self, latent: Any) -> Any:
+        """What decoding carries per row after the prompt pass (`DecodeState.latent`): by
+        default the latent itself; a model may precompute what every step reuses."""
+        return latent
+
+    def step_injection(self, state: Any) -> Injection:
+        """The injection of one decoding step from `decoding_state`'s value."""
+        return self.injection(state)
+
     @torch.no_grad()
     def decode_start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, latent: Any) -> tuple[torch.Tensor, DecodeState]:
         """Run left-padded prompts [N, T]; returns next-token logits [N, V] and the state."""
@@ -174,7 +183,7 @@ class TextVAE(nn.Module):
             mask = torch.cat([prompt_mask.new_ones(prompt_mask.shape[0], 1), prompt_mask], dim=1)
         positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
         out = self.backbone(prompt_ids, mask, position_ids=positions, cache=cache, injection=injection.without_memory())
-        state = DecodeState(out.cache, mask, positions[:, -1] + 1, latent)
+        state = DecodeState(out.cache, mask, positions[:, -1] + 1, self.decoding_state(latent))
         return self.backbone.logits(out.hidden[:, -1]).float(), state
 
     @torch.no_grad()
@@ -186,7 +195,7 @@ class TextVAE(nn.Module):
             state.attention_mask,
             position_ids=state.next_position[:, None],
             cache=state.cache,
-            injection=self.injection(state.latent).without_memory(),  # memory: already in the cache
+            injection=self.step_injection(state.latent).without_memory(),  # memory: already in the cache
         )
         state.next_position = state.next_position + 1
         return self.backbone.logits(out.hidden[:, -1]).float()

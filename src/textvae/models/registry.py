@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 from pathlib import Path
@@ -19,11 +20,12 @@ from textvae.backbone.load import build_preset, is_preset, load_pretrained_base,
 from textvae.config import Config, build_dataclass, load_yaml, save_yaml
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
+from textvae.files import usual_mode
 from textvae.models.base import TextVAE
 from textvae.models.della import Della
 from textvae.models.lm import LanguageModel
 from textvae.models.single import Embed, Memory, NoRecurrence, Optimus, Softmax
-from textvae.models.temporal import ContextConditioned, Independent, TraceP, TraceR
+from textvae.models.trace import ContextConditioned, Independent, TraceP, TraceR
 
 MODELS: dict[str, type[TextVAE]] = {
     cls.name: cls
@@ -35,6 +37,23 @@ def model_class(name: str) -> type[TextVAE]:
     if name not in MODELS:
         raise TextVAEError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     return MODELS[name]
+
+
+# Options whose default has changed, with the value runs saved before the change were trained
+# under: their config.yaml stored only the options set by hand (it stores the whole section now).
+FORMER_DEFAULTS: dict[str, dict] = {
+    name: {"norm_over": "mean", "norm_shift": "zero"} for name in ("trace-r", "trace-p")  # until 2026-11-30
+}
+
+
+def stored_model_section(model: dict) -> dict:
+    """The model section of a saved run, with the defaults it was trained under filled in."""
+    return {**FORMER_DEFAULTS.get(str(model.get("name", "lm")), {}), **model}
+
+
+def whole_model_section(config: Config) -> dict:
+    """The model section with every option of the model's config class, defaults included."""
+    return dataclasses.asdict(model_config(config))
 
 
 def model_config(config: Config):
@@ -114,7 +133,9 @@ def save_model(model: TextVAE, directory: str | Path, run_config: dict, weights:
     # Weights are stored de-quantised (a GGUF backbone is loaded as floats), so the rebuilt
     # model must not be told it is quantised.
     hf_config.pop("quantization_config", None)
-    meta = {"run": run_config, "hf_config": _plain(hf_config)}
+    # every model option written out (the model's own typed config), so a later change of a
+    # default cannot change how this run loads
+    meta = {"run": {**run_config, "model": dataclasses.asdict(model.config)}, "hf_config": _plain(hf_config)}
     if model.backbone.base_fingerprint is not None:
         meta["base_fingerprint"] = model.backbone.base_fingerprint
     _atomic(directory / "config.yaml", lambda path: save_yaml(meta, path))
@@ -128,8 +149,15 @@ def write_weights(model: TextVAE, path: Path) -> None:
     frozen (the base is rebuilt from its spec)."""
     if model.backbone.base_fingerprint is None:
         save_safetensors(model, str(path))
+        usual_mode(path)  # safetensors writes 0600
     else:
-        save_file({name: tensor.detach().contiguous() for name, tensor in _trained_tensors(model).items()}, str(path))
+        save_tensors({name: tensor.detach().contiguous() for name, tensor in _trained_tensors(model).items()}, path)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file` with the mode every other run file has (it writes 0600)."""
+    save_file(tensors, str(path))
+    usual_mode(path)
 
 
 def read_weights(model: TextVAE, path: Path, device: str | torch.device = "cpu") -> None:
@@ -188,6 +216,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", weight
     if not isinstance(meta.get("run"), dict) or not isinstance(meta.get("hf_config"), dict):
         raise TextVAEError(f"{directory / 'config.yaml'} is not a textvae run's config (it needs 'run' and 'hf_config')")
     config = Config.from_dict(meta["run"])
+    config.model = stored_model_section(config.model)
     cls = model_class(str(config.model.get("name", "lm")))
     typed = model_config(config)
     tokenizer = TextTokenizer.load(directory)
@@ -223,8 +252,14 @@ def _rebuilt_frozen_base(config: Config, cls, typed, tokenizer: TextTokenizer, s
 
 
 def _atomic(path: Path, write) -> None:
+    """`write(temporary)`, then rename: the file is whole or absent (a full disk leaves no
+    partial file, and a one-line error)."""
     temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
+    try:
+        write(temporary)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise TextVAEError(f"could not write {path} ({err.strerror or err})") from None
     os.replace(temporary, path)
 
 

@@ -13,6 +13,7 @@ unpickles: RNG states are byte tensors, Python's RNG state is JSON.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -23,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from textvae.errors import TextVAEError
-from textvae.models.registry import read_weights, write_weights
+from textvae.models.registry import read_weights, save_tensors, write_weights
 
 LATEST = "latest"
 KEEP = 2  # complete checkpoints kept on disk
@@ -62,7 +63,7 @@ def save_rng(folder: Path, rank: int) -> None:
         tensors["cuda"] = torch.cuda.get_rng_state()
     version, state, gauss = random.getstate()
     numpy_state = np.random.get_state()
-    save_file(tensors, str(folder / f"rng-rank{rank}.safetensors"))
+    save_tensors(tensors, folder / f"rng-rank{rank}.safetensors")
     (folder / f"rng-rank{rank}.json").write_text(
         json.dumps(
             {
@@ -101,7 +102,7 @@ def write_checkpoint(
     write_weights(model, folder / "model.safetensors")
     _fault_point("checkpoint-write")  # weights written, optimizer not yet
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(folder / "optimizer.safetensors"))
+    save_tensors(tensors, folder / "optimizer.safetensors")
     (folder / "state.json").write_text(json.dumps({**state, "param_groups": groups}, indent=1))
     return folder
 
@@ -175,14 +176,19 @@ _FAULT_COUNTS: dict[str, int] = {}
 
 
 def _fault_point(name: str) -> None:
-    """Tests kill the process here with TEXTVAE_FAULT=name (or name:N, at the N-th time the
-    point is reached): a write cut short."""
-    wanted, _, nth = os.environ.get("TEXTVAE_FAULT", "").partition(":")
+    """Tests inject a fault here with TEXTVAE_FAULT=name[:N[:enospc]]: at the N-th time the
+    point is reached (default the first) the process is killed (a write cut short) or, with
+    `enospc`, the write fails as on a full disk."""
+    wanted, _, rest = os.environ.get("TEXTVAE_FAULT", "").partition(":")
     if wanted != name:
         return
+    nth, _, kind = rest.partition(":")
     _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _FAULT_COUNTS[name] != int(nth or 1):
+        return
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], list]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -349,15 +350,22 @@ class Trainer:
         epoch, batch_in_epoch = (self.epoch + 1, 0) if started_next_epoch else (self.epoch, self.batch_in_epoch)
         state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.env.world_size}
         folder = checkpoint.writing_folder(self.run_dir, self.step)
-        if self.env.main:
-            folder = checkpoint.write_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state)
-        if self.env.world_size > 1:
-            dist.barrier()  # the folder exists before other ranks write their RNG state into it
-        checkpoint.save_rng(folder, self.env.rank)
-        if self.env.world_size > 1:
-            dist.barrier()
-        if self.env.main:
-            checkpoint.publish(self.run_dir, folder)
+        try:
+            if self.env.main:
+                folder = checkpoint.write_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state)
+            if self.env.world_size > 1:
+                dist.barrier()  # the folder exists before other ranks write their RNG state into it
+            checkpoint.save_rng(folder, self.env.rank)
+            if self.env.world_size > 1:
+                dist.barrier()
+            if self.env.main:
+                checkpoint.publish(self.run_dir, folder)
+        except OSError as err:  # e.g. a full disk: the previous checkpoint stays the one `latest` names
+            shutil.rmtree(folder, ignore_errors=True)
+            previous = checkpoint.checkpoints_newest_first(self.run_dir)
+            kept = f"the last complete checkpoint is {previous[0]}" if previous else "no earlier checkpoint exists"
+            raise TextVAEError(f"could not write the checkpoint of step {self.step} ({err.strerror or err}); "
+                               f"{kept}, and --resume continues from it") from None
 
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint (saying which were damaged)."""

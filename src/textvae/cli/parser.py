@@ -1,26 +1,13 @@
-"""`textvae` command line: argument parsing, then calls into the Python API (`api.py`) and
-the run lifecycle (`runs.py`).
-
-Bad input ends with one line on stderr (`textvae: error: ...`) and exit status 2.
-"""
+"""The `textvae` command line's arguments: one subcommand per verb (cli/__init__.py runs them)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from pathlib import Path
 
 from textvae.errors import TextVAEError
-from textvae.runs import read_lines, warn_if_busy, write_text
-from textvae.threads import configure_threads
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub unless asked (hf:NAME)
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         raise TextVAEError(f"{message} (see `{self.prog} --help`)")
 
@@ -37,8 +24,8 @@ def _add_decoding_widths(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="textvae", description="Transformer VAEs for text: train, evaluate, generate.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="textvae", description="Transformer VAEs for text: train, evaluate, generate.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     train = commands.add_parser("train", help="train a model", description="Train a model and save it to RUN_DIR.")
     train.add_argument("--model", help="lm | embed | memory | softmax | optimus | norec | della | trace-r | trace-p | ind | cgd "
@@ -73,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                           help="bf16 autocast for the networks (densities stay float32); auto = where native")
     evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--iw-batch", type=int, default=20, metavar="N",
+                          help="importance samples scored at a time: memory grows with batch size x N, not with "
+                               "--iw-samples (lower it for long texts or a large vocabulary)")
     evaluate.add_argument("--generate", type=int, default=0, metavar="N",
                           help="also sample N texts (latents from the prior) and score them against the split; "
                                ".jsonl: texts for each of the first N sources (see --samples-per-source), each "
@@ -169,186 +159,3 @@ def build_parser() -> argparse.ArgumentParser:
                              help="CPU threads to compute with (default: OMP_NUM_THREADS, else the physical cores); "
                                   "a warning is printed when the machine's cores are already busy")
     return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command != "report":
-            args.threads = configure_threads(args.threads)
-        handler = {
-            "train": _train,
-            "evaluate": _evaluate,
-            "generate": _generate,
-            "interpolate": _interpolate,
-            "analogy": _analogy,
-            "steer": _steer,
-            "plot-latent": _plot_latent,
-            "score": _score,
-            "report": _make_report,
-        }[args.command]
-        return handler(args) or 0
-    except TextVAEError as err:
-        print(f"textvae: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("textvae: interrupted", file=sys.stderr)
-        return 130
-
-
-# --- train ----------------------------------------------------------------------------
-def _train(args) -> int:
-    from textvae.config import load_yaml
-    from textvae.runs import assemble_config, train_run
-
-    raw = load_yaml(args.config) if args.config else {}
-    flags = {"model.name": args.model, "data.path": args.data, "backbone.spec": args.backbone,
-             "train.epochs": args.epochs, "train.max_steps": args.max_steps}
-    assignments = [f"{key}={value}" for key, value in flags.items() if value is not None] + args.set
-    config = assemble_config(raw, assignments, args.task)
-    validation = train_run(config, args.out, resume=args.resume, overwrite=args.overwrite, threads=args.threads)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(validation))
-    return 0
-
-
-# --- evaluate ---------------------------------------------------------------------------
-def _evaluate(args) -> int:
-    from textvae.api import evaluate
-
-    metrics = None if not args.metrics else [name.strip() for name in args.metrics.split(",") if name.strip()]
-    warn = lambda: warn_if_busy(args.threads)  # noqa: E731 - after the input checks, as the work begins
-    metrics = evaluate(
-        args.run_dir, args.split, args.data, args.iw_samples, args.au_delta, args.seed, args.precision,
-        args.batch_size, args.generate, args.decoding, args.samples_per_source, metrics, args.samples_out,
-        args.mauve_features, examples=args.examples, verbose=True, on_start=warn, top_k=args.top_k, top_p=args.top_p,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-    )
-    _report(metrics, args.json)
-    if not args.data:  # the run's own record, read by `textvae report`
-        write_text(Path(args.run_dir) / f"eval_{args.split}.json", json.dumps(metrics, indent=1) + "\n")
-    return 0
-
-
-# --- generate, interpolate and the latent tools ------------------------------------------
-def _generate(args) -> int:
-    from textvae.api import load
-    from textvae.evaluation.generated import note_truncated
-
-    if args.num < 1:
-        raise TextVAEError("--num must be >= 1")
-    if args.prompts and args.reconstruct:
-        raise TextVAEError("use either --prompts or --reconstruct")
-    vae = load(args.run_dir)
-    options = {"top_k": args.top_k, "top_p": args.top_p, "num_beams": args.num_beams,
-               "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
-    if args.reconstruct:
-        lines = read_lines(args.reconstruct, "texts")
-        texts = vae.reconstruct(lines, args.decoding or "greedy", args.latent == "mean", args.seed, **options)
-    else:
-        sources = None
-        if args.prompts:
-            sources = read_lines(args.prompts, "prompts")
-            note_truncated(vae.model, sources, vae.config.data.max_source_length)
-        texts = vae.sample(args.num, args.decoding, sources, args.seed, **options)
-    _write_lines(texts, args.out)
-    return 0
-
-
-def _interpolate(args) -> int:
-    from textvae.api import load
-
-    vae = load(args.run_dir)
-    path = vae.interpolate(args.sentence_a, args.sentence_b, args.steps, args.decoding, args.seed,
-                           max_new_tokens=args.max_new_tokens)
-    for weight, text in path:
-        print(f"{weight:.2f}  {' '.join(text.splitlines())}")
-    return 0
-
-
-def _analogy(args) -> int:
-    from textvae.api import load
-
-    vae = load(args.run_dir)
-    print(" ".join(vae.analogy(args.text_a, args.text_b, args.text_c, args.decoding, args.seed).splitlines()))
-    return 0
-
-
-def _steer(args) -> int:
-    from textvae.api import load
-
-    source, target = read_lines(args.from_texts, "texts"), read_lines(args.to_texts, "texts")
-    texts = read_lines(args.texts, "texts")
-    vae = load(args.run_dir)
-    steered = vae.steer(texts, vae.attribute_vector(source, target), args.alpha, args.decoding, args.seed)
-    _write_lines(steered, args.out)
-    return 0
-
-
-def _plot_latent(args) -> int:
-    from textvae.api import load
-    from textvae.evaluation.latent_plot import plot_latent
-
-    texts = read_lines(args.texts, "texts")
-    labels = read_lines(args.labels, "labels") if args.labels else None
-    written = plot_latent(load(args.run_dir), texts, args.out, labels, args.method, args.seed)
-    print(f"wrote {written}", file=sys.stderr)
-    return 0
-
-
-# --- score ------------------------------------------------------------------------------
-def _score(args) -> int:
-    from textvae.evaluation.text_metrics import score
-
-    samples = read_lines(args.generated, "generated texts")
-    references = read_lines(args.refs, "references")
-    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
-    try:
-        results = score(samples, references, metrics, args.mauve_features)
-    except ValueError as err:
-        raise TextVAEError(str(err)) from None
-    _report(results, args.json)
-    return 0
-
-
-# --- report -----------------------------------------------------------------------------
-def _make_report(args) -> int:
-    from textvae.evaluation.report import build_report, interpolation_listing, read_run
-
-    if args.steps < 2:
-        raise TextVAEError("--steps must be >= 2 (the two end points are included)")
-    for run_dir in args.run_dirs:
-        if not Path(run_dir).is_dir():
-            raise TextVAEError(f"run directory not found: {run_dir}")
-    records = [read_run(run_dir, args.split) for run_dir in args.run_dirs]
-    listing = None
-    if args.interpolate:
-        from textvae.api import interpolation_path
-
-        paths = {record.name: interpolation_path(record.directory, *args.interpolate, args.steps) for record in records}
-        listing = interpolation_listing(*args.interpolate, {name: path for name, path in paths.items() if path is not None})
-    sys.stdout.write(build_report(records, Path(args.out), args.split, listing))
-    return 0
-
-
-# --- helpers ----------------------------------------------------------------------------
-def _report(metrics: dict, json_path: str | None) -> None:
-    """Print metrics as a table; also write them as flat JSON when asked."""
-    from textvae.evaluation.report import format_metrics
-
-    print(format_metrics(metrics))
-    if json_path:
-        write_text(Path(json_path), json.dumps(metrics, indent=1) + "\n")
-
-
-def _write_lines(texts: list[str], out: str | None) -> None:
-    """One text per line, to `out` (whole or absent) or stdout."""
-    output = "".join(" ".join(text.splitlines()) + "\n" for text in texts)
-    if out:
-        write_text(Path(out), output)
-    else:
-        sys.stdout.write(output)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

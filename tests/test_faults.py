@@ -1,0 +1,220 @@
+"""Faults and surprises a real user runs into, each ending in one line or a documented
+behaviour (docs/reliability.md): mixed split formats, a conditional run on plain text,
+non-finite next-token scores, metric inputs checked before the slow metrics run, evaluation
+records of different settings kept apart, the offline `hf:NAME` message, one file mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from textvae.cli import main
+from textvae.errors import TextVAEError
+
+FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", "train.warmup_steps=1",
+        "--set", "train.precision=fp32", "--set", "data.vocab_size=300"]
+
+
+def _one_line_error(capsys) -> str:
+    """The error line ending stderr (info lines such as a split's counts may come before it)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("textvae: error: ")]
+    assert errors == lines[-1:] and "Traceback" not in "\n".join(lines), lines
+    return errors[0]
+
+
+@pytest.fixture
+def trained_della(tiny_txt, tmp_path):
+    run = tmp_path / "della"
+    assert main(["train", "--model", "della", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "2", *FAST]) == 0
+    return run
+
+
+@pytest.mark.parametrize("mixed", ["valid.jsonl", "test.jsonl"])
+def test_a_folder_mixing_txt_and_jsonl_splits_is_refused(mixed, tiny_txt, tmp_path, capsys):
+    (tiny_txt / mixed.replace(".jsonl", ".txt")).unlink()
+    (tiny_txt / mixed).write_text(json.dumps({"source": "a b", "target": "c d"}) + "\n", encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1", *FAST]) == 2
+    error = _one_line_error(capsys)
+    assert "mixes formats" in error and mixed in error
+    assert not run.exists()
+
+
+def test_a_conditional_run_refuses_plain_text_evaluation_data(tiny_jsonl, tiny_txt, tmp_path, capsys):
+    run = tmp_path / "cvae"
+    assert main(["train", "--model", "della", "--data", str(tiny_jsonl), "--out", str(run), "--max-steps", "1", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(tiny_txt), "--iw-samples", "1"]) == 2
+    assert "this run is conditional" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "top-p", "beam"])
+def test_non_finite_next_token_scores_stop_decoding_in_one_line(decoding, trained_della, capsys):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(trained_della / "model.safetensors")
+    head = next(name for name in weights if name.endswith("ln_f.weight"))
+    weights[head] = torch.full_like(weights[head], float("nan"))
+    save_file(weights, trained_della / "model.safetensors")
+    capsys.readouterr()
+    assert main(["generate", str(trained_della), "--num", "2", "--decoding", decoding]) == 2
+    assert "not finite" in _one_line_error(capsys)
+
+
+def test_score_checks_every_metric_before_computing_any(tmp_path, monkeypatch, capsys):
+    from textvae.evaluation import embedding_metrics
+
+    def slow_metric(*args, **kwargs):
+        raise AssertionError("MAUVE ran before the BERTScore inputs were checked")
+
+    monkeypatch.setattr(embedding_metrics, "mauve", slow_metric)
+    (tmp_path / "samples.txt").write_text("a b c\nd e f\ng h i\n", encoding="utf-8")
+    (tmp_path / "refs.txt").write_text("a b c\nd e f\n", encoding="utf-8")
+    code = main(["score", str(tmp_path / "samples.txt"), "--refs", str(tmp_path / "refs.txt"), "--metrics", "mauve,bertscore"])
+    assert code == 2
+    assert "3 samples, 2 references" in _one_line_error(capsys)
+
+
+def test_score_refuses_self_comparisons_of_a_single_sample_before_any_metric(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a b c\n", encoding="utf-8")
+    assert main(["score", str(tmp_path / "one.txt"), "--refs", str(tmp_path / "one.txt"), "--metrics", "bleu,self_bleu"]) == 2
+    assert "need at least two" in _one_line_error(capsys)
+
+
+def test_a_quicker_evaluation_never_replaces_a_more_thorough_record(trained_della, capsys):
+    assert main(["evaluate", str(trained_della), "--iw-samples", "3"]) == 0
+    thorough = json.loads((trained_della / "eval_test.json").read_text())
+    assert thorough["settings"]["iw_samples"] == 3 and thorough["settings"]["precision"] == "fp32"
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_della), "--iw-samples", "1", "--examples", "5"]) == 0
+    assert "kept the run's more thorough eval_test.json" in capsys.readouterr().err
+    assert json.loads((trained_della / "eval_test.json").read_text()) == thorough
+    quick = json.loads((trained_della / "eval_test-k1-n5.json").read_text())
+    assert quick["settings"] == {"iw_samples": 1, "au_delta": 0.01, "seed": 0, "precision": "fp32", "examples_limit": 5,
+                                 "iw_batch": 20}
+    assert main(["evaluate", str(trained_della), "--iw-samples", "4"]) == 0  # as thorough or more: replaces
+    assert json.loads((trained_della / "eval_test.json").read_text())["settings"]["iw_samples"] == 4
+
+
+def test_report_shows_the_importance_samples_of_each_record(trained_della, tmp_path, capsys):
+    assert main(["evaluate", str(trained_della), "--iw-samples", "2"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(trained_della), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| run"))
+    row = next(line for line in table.splitlines() if line.startswith("| della"))
+    cells = dict(zip(header.split("|"), row.split("|")))
+    assert cells[" k "].strip() == "2" and cells[" examples "].strip() == "24"
+
+
+def test_an_offline_hub_name_says_how_to_allow_a_download(monkeypatch):
+    from textvae.backbone.load import load_pretrained_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TextVAEError, match="HF_HUB_OFFLINE=0 to allow one"):
+        load_pretrained_base("hf:textvae-tests/no-such-model", None, "eager")
+
+
+def test_every_run_file_gets_the_mode_the_umask_gives(tiny_txt, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        run = tmp_path / "run"
+        assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "2",
+                     "--set", "train.checkpoint_every=1", *FAST]) == 0
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(run).as_posix(): stat.S_IMODE(path.stat().st_mode) for path in run.rglob("*")}
+    assert any(name.endswith("optimizer.safetensors") for name in modes)  # checkpoints were written
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (0o755 if (run / name).is_dir() else 0o644) and not (run / name).is_symlink()}
+    assert not wrong
+
+
+def test_a_run_stores_every_model_option_so_a_later_default_cannot_change_it(tiny_txt, tmp_path):
+    import yaml
+
+    run = tmp_path / "trace"
+    assert main(["train", "--model", "trace-r", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1", *FAST]) == 0
+    model = yaml.safe_load((run / "config.yaml").read_text())["run"]["model"]
+    assert model["norm_over"] == "both" and model["norm_shift"] == "learned" and model["ln_gamma"] == 3.0
+    assert model["latent_size"] == 32 and model["segment_length"] == 10
+
+
+def test_a_trace_run_saved_before_the_default_changed_loads_with_the_old_normalisation(tiny_txt, tmp_path):
+    import yaml
+
+    from textvae.models.registry import load_model
+
+    run = tmp_path / "trace"
+    assert main(["train", "--model", "trace-r", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1",
+                 "--set", "model.norm_over=mean", "--set", "model.norm_shift=zero", *FAST]) == 0
+    meta = yaml.safe_load((run / "config.yaml").read_text())
+    meta["run"]["model"] = {"name": "trace-r", "conditional": False}  # as runs were saved before: only what was set
+    (run / "config.yaml").write_text(yaml.safe_dump(meta))
+    model, _ = load_model(run)  # strict loading: a learned shift would be a missing tensor
+    assert model.residual_norm.over == "mean" and model.residual_norm.shift is None
+    # and --resume compares the run's options with the defaults it was made under
+    assert main(["train", "--model", "trace-r", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1",
+                 "--set", "model.norm_over=mean", "--set", "model.norm_shift=zero", *FAST, "--resume"]) == 0
+
+
+def test_a_full_disk_during_a_checkpoint_write_stops_in_one_line_and_keeps_the_previous_one(tiny_txt, tmp_path,
+                                                                                             monkeypatch, capsys):
+    from textvae.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_FAULT_COUNTS", {})
+    monkeypatch.setenv("TEXTVAE_FAULT", "checkpoint-write:2:enospc")  # the second checkpoint's write fails
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "3", "--set", "train.checkpoint_every=1", *FAST]
+    assert main(args) == 2
+    error = _one_line_error(capsys)
+    assert "could not write the checkpoint of step 2" in error and "No space left on device" in error
+    assert "step-000001" in error
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000001"
+    assert not [path for path in checkpoints.iterdir() if path.suffix == ".writing"]
+    monkeypatch.delenv("TEXTVAE_FAULT")
+    assert main([*args, "--resume"]) == 0  # space again: the run continues from step 1 and finishes
+    assert (run / "model.safetensors").is_file()
+
+
+def test_a_full_disk_while_saving_the_model_leaves_no_partial_file(tiny_txt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from textvae.models import registry
+
+    def full_disk(model, path):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(registry, "write_weights", full_disk)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1", *FAST]) == 2
+    assert "model.safetensors (No space left on device)" in _one_line_error(capsys)
+    assert not (run / "model.safetensors").exists() and not (run / "model.safetensors.tmp").exists()
+
+
+def test_importance_samples_scored_a_few_at_a_time_give_the_same_estimate(trained_della):
+    from textvae.data.batching import collate
+    from textvae.evaluation.likelihood import log_marginals
+    from textvae.runs import encode_split, load_run
+    from textvae.data.corpus import read_split
+
+    model, config = load_run(trained_della, "cpu")
+    encoded = encode_split(read_split(trained_della.parent / "txt", "test"), model, config, "test", False)
+    batch = collate(encoded[:4], model.tokenizer.pad_id)
+    torch.manual_seed(0)
+    chunked = log_marginals(model, batch, 6, chunk=2)[0]
+    torch.manual_seed(0)
+    weights = torch.cat([model.importance_weights(batch, 2).total for _ in range(3)], dim=1)  # the same draws
+    assert torch.allclose(chunked, torch.logsumexp(weights, dim=1) - torch.log(torch.tensor(6.0)), atol=1e-5)
+
+
+def test_a_zero_importance_batch_is_refused(trained_della, capsys):
+    assert main(["evaluate", str(trained_della), "--iw-batch", "0"]) == 2
+    assert "--iw-batch" in _one_line_error(capsys)

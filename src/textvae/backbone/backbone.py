@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 from textvae.backbone import masks
 from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter
 from textvae.backbone.families import family_of
-from textvae.backbone.inject import NO_INJECTION, Injection, InjectionPoints, memory_cache
+from textvae.backbone.inject import Injection, InjectionPoints, memory_cache
 
 
 @dataclass
@@ -85,17 +85,9 @@ class Backbone(InjectionPoints, nn.Module):
         """An empty KV cache, or one holding a memory position per layer."""
         return memory_cache(memory, self.config)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        injection: Injection = NO_INJECTION,
-        cache: DynamicCache | None = None,
-        output_hidden_states: bool = False,
-    ) -> BackboneOutput:
-        """Run the body. With `cache`, `attention_mask` covers cached and new positions and
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+            injection: Injection, cache: DynamicCache | None, output_hidden_states: bool) -> BackboneOutput:
+        """`forward`: run the body. With `cache`, `attention_mask` covers cached and new positions and
         `position_ids` must be given; with memory (no cache) a memory column is prepended."""
         inputs_embeds = self.add_offset(self.embed(input_ids), injection.embed_offset)
         if position_ids is None:

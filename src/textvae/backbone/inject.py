@@ -78,7 +78,14 @@ class ValueFusion(nn.Module):
 class InjectionPoints:
     """What every backbone does at its injection points: offsets at the edges, a memory
     column, and the wrapped value projections' latents set around one forward call.
-    Needs `config`, `new_cache(memory)`, `value_projection(layer)` and `num_layers`."""
+    Needs `config`, `new_cache(memory)`, `value_projection(layer)`, `num_layers` and `run` (the
+    forward pass itself)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                injection: Injection = NO_INJECTION, cache=None, output_hidden_states: bool = False):
+        """Run the decoder over `input_ids` [B, T] with `injection`; returns a `BackboneOutput`
+        (hidden [B, T, H]). The one signature every backbone kind implements (`run`)."""
+        return self.run(input_ids, attention_mask, position_ids, injection, cache, output_hidden_states)
 
     @property
     def attn_implementation(self) -> str:

@@ -184,17 +184,9 @@ class Seq2SeqBackbone(InjectionPoints, nn.Module):
         a memory position per decoder layer."""
         return SourceCache(memory_cache(memory, self.config), DynamicCache(config=self.config))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        *,
-        position_ids: torch.Tensor | None = None,
-        injection: Injection = NO_INJECTION,
-        cache: SourceCache | None = None,
-        output_hidden_states: bool = False,
-    ) -> BackboneOutput:
-        """Run layout rows [B, T] (see the module docstring); hidden states [B, T, H] at layout
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+            injection: Injection, cache: SourceCache | None, output_hidden_states: bool) -> BackboneOutput:
+        """`forward`: run layout rows [B, T] (see the module docstring); hidden states [B, T, H] at layout
         positions. With a `cache` that already holds the sources (a decoding step),
         `input_ids` are new decoder tokens only and `attention_mask` is not read (decoder
         tokens are never padding in decoding)."""

@@ -218,3 +218,39 @@ def test_importance_samples_scored_a_few_at_a_time_give_the_same_estimate(traine
 def test_a_zero_importance_batch_is_refused(trained_della, capsys):
     assert main(["evaluate", str(trained_della), "--iw-batch", "0"]) == 2
     assert "--iw-batch" in _one_line_error(capsys)
+
+
+def test_an_evaluation_cut_short_resumes_with_the_numbers_of_an_uninterrupted_one(trained_della, monkeypatch, capsys):
+    import textvae
+    from textvae.evaluation import likelihood
+
+    whole = textvae.evaluate(trained_della, iw_samples=3, batch_size=8)  # 24 test sentences: 3 batches
+    real, calls = likelihood.log_marginals, []
+
+    def cut_short_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(likelihood, "log_marginals", cut_short_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        textvae.evaluate(trained_della, iw_samples=3, batch_size=8)
+    progress = trained_della / ".eval_test.progress.safetensors"
+    assert progress.is_file()
+    calls.clear()
+    monkeypatch.setattr(likelihood, "log_marginals", lambda *a, **k: calls.append(1) or real(*a, **k))
+    other_seed = textvae.evaluate(trained_della, iw_samples=3, batch_size=8, seed=1, verbose=True)
+    assert "resuming" not in capsys.readouterr().err and len(calls) == 3  # other settings: nothing reused
+    assert other_seed["nll"] != whole["nll"]
+
+    with pytest.raises(KeyboardInterrupt):  # cut short again at the third batch
+        monkeypatch.setattr(likelihood, "log_marginals", cut_short_at_the_third_batch)
+        calls.clear()
+        textvae.evaluate(trained_della, iw_samples=3, batch_size=8)
+    calls.clear()
+    monkeypatch.setattr(likelihood, "log_marginals", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = textvae.evaluate(trained_della, iw_samples=3, batch_size=8, verbose=True)
+    assert "resuming: 2 batches" in capsys.readouterr().err and len(calls) == 1
+    assert resumed == whole  # every number, exactly
+    assert not progress.exists()

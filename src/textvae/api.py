@@ -16,6 +16,8 @@ so `Posterior.present` [N, G] says which a text has).
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,13 +191,13 @@ class TrainedVAE:
         """Per text: `log_likelihood`, the importance-weighted estimate of log p(x) with k
         posterior samples (exact for a plain LM), in nats; `tokens`, the scored tokens."""
         from textvae.data.batching import counted_tokens
-        from textvae.evaluation.likelihood import log_marginals
+        from textvae.evaluation.likelihood import batch_seed, log_marginals
 
         if k < 1:
             raise TextVAEError("k (importance samples) must be >= 1")
-        torch.manual_seed(seed)
         values, tokens = [], []
-        for batch in self._batches(texts, sources):
+        for index, batch in enumerate(self._batches(texts, sources)):
+            torch.manual_seed(batch_seed(seed, index, 0))  # as `evaluate` draws them
             with self._autocast(bf16):
                 values += log_marginals(self.model, batch, k)[0].double().tolist()
             tokens += counted_tokens(batch, self.model.tokenizer.sep_id).tolist()
@@ -314,7 +316,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     `on_start`: called once the inputs are checked, as the work begins."""
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
-    from textvae.evaluation.likelihood import evaluate_likelihood
+    from textvae.evaluation.likelihood import Progress, evaluate_likelihood
     from textvae.runs import encode_split, load_run, write_text
     from textvae.training.environment import resolve_bf16
 
@@ -341,7 +343,16 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         generation = decoding_config(config, decoding or default_decoding(config, "top-k"), decoding_options)
     if on_start is not None:
         on_start()
-    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch)
+    # an evaluation cut short resumes from what it had done (the same numbers as one run)
+    key = json.dumps({"data": str(resolve_data_dir(data or config.data.path).resolve()), "split": split,
+                      "examples": examples, "iw_samples": iw_samples, "iw_batch": iw_batch, "seed": seed,
+                      "bf16": bf16, "batch_size": batch_size, "weights": _file_identity(Path(run_dir) / "model.safetensors")})
+    progress = Progress(Path(run_dir) / f".eval_{split}.progress.safetensors", key)
+    if progress.batches_done and verbose:
+        print(f"resuming: {progress.batches_done} batches of importance samples already done ({progress.path})",
+              file=sys.stderr)
+    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress)
+    progress.path.unlink(missing_ok=True)
     # the settings that change the numbers, so that records made with different ones stay apart
     results["settings"] = {"iw_samples": iw_samples if model.has_latent else None, "au_delta": au_delta,
                            "seed": seed, "precision": "bf16" if bf16 else "fp32", "examples_limit": examples,
@@ -350,6 +361,12 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         results.update(generate_and_score(model, config, split_data, generate, generation, seed, samples_per_source,
                                           metrics, samples_out, mauve_features, write_text))
     return results
+
+
+def _file_identity(path: Path) -> str:
+    """Size and modification time of a file: a retrained run's weights change them."""
+    status = path.stat()
+    return f"{status.st_size}:{status.st_mtime_ns}"
 
 
 def interpolation_path(run_dir: str | Path, text_a: str, text_b: str, steps: int) -> list[tuple[float, str]] | str | None:

@@ -25,11 +25,16 @@
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
+from textvae.files import usual_mode
 from textvae.models.base import TextVAE
 
 
@@ -103,6 +108,45 @@ def active_units(means: torch.Tensor, delta: float) -> torch.Tensor:
     return means.double().var(dim=0, unbiased=True) > delta
 
 
+def batch_seed(seed: int, batch: int, part: int) -> int:
+    """The seed of one evaluation batch's draws (`part` 0: importance samples, 1: the one-sample
+    ELBO pass): each batch's numbers depend on nothing before it, so an evaluation resumed
+    from its progress file gives the numbers of an uninterrupted one."""
+    return ((seed * 1_000_003 + batch) * 2 + part) % 2**63
+
+
+class Progress:
+    """The importance-weighted estimates of the batches done so far, kept in a safetensors file
+    under a `key` naming everything that changes them (an evaluation cut short resumes from it;
+    a file with another key is ignored and replaced)."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self.done = path, key, {}
+        if path.is_file():
+            try:
+                with safe_open(str(path), "pt") as stored:
+                    if (stored.metadata() or {}).get("key") == key:
+                        self.done = {name: stored.get_tensor(name) for name in stored.keys()}
+            except (SafetensorError, OSError):
+                self.done = {}  # damaged: start again
+
+    def get(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if f"log_px.{batch}" not in self.done:
+            return None
+        return self.done[f"log_px.{batch}"], self.done[f"log_px_mean.{batch}"]
+
+    def put(self, batch: int, log_px: torch.Tensor, log_px_mean: torch.Tensor) -> None:
+        self.done |= {f"log_px.{batch}": log_px.double().cpu(), f"log_px_mean.{batch}": log_px_mean.double().cpu()}
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        save_file(self.done, str(temporary), metadata={"key": self.key})
+        usual_mode(temporary)
+        os.replace(temporary, self.path)
+
+    @property
+    def batches_done(self) -> int:
+        return len(self.done) // 2
+
+
 @torch.no_grad()
 def evaluate_likelihood(
     model: TextVAE,
@@ -113,26 +157,34 @@ def evaluate_likelihood(
     bf16: bool = False,
     seed: int = 0,
     iw_batch: int = 20,
+    progress: Progress | None = None,
 ) -> dict:
     """`ppl`, `nll`, and for latent models `elbo`, `rec`, `kl`, `mi`, `au` (plus per-group KL
     and AU when the model has several latent groups), each mean with its standard error over
     examples (`*_stderr`), the papers' conventions (`*_layer_mean`, `mi_minibatch`), `tokens`,
     `examples`. The decoder scores `iw_batch` importance samples of every example at a time:
-    memory grows with batch_size x iw_batch, not with k."""
+    memory grows with batch_size x iw_batch, not with k. With `progress`, each batch's
+    importance-weighted estimates are kept as they are made and read back instead of redone."""
     model.eval()
-    torch.manual_seed(seed)  # posterior samples: the same run evaluates to the same numbers
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     per_example: dict[str, list[torch.Tensor]] = {key: [] for key in ("log_px", "log_px_mean", "rec", "kl", "groups", "tokens")}
     kl_groups, posteriors = [], []
     segment_kl, segment_count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    for rows in eval_batches([len(item.ids) for item in data], batch_size):
+    for index, rows in enumerate(eval_batches([len(item.ids) for item in data], batch_size)):
         batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
         with autocast:
-            log_px, log_px_mean = log_marginals(model, batch, iw_samples, iw_batch)
+            stored = None if progress is None else progress.get(index)
+            if stored is None:
+                torch.manual_seed(batch_seed(seed, index, 0))
+                stored = log_marginals(model, batch, iw_samples, iw_batch)
+                if progress is not None:
+                    progress.put(index, *stored)
+            log_px, log_px_mean = stored
             per_example["log_px"].append(log_px.double().cpu())
             per_example["log_px_mean"].append(log_px_mean.double().cpu())
             if model.has_latent:
+                torch.manual_seed(batch_seed(seed, index, 1))
                 out = model(batch)
                 per_example["rec"].append(out.rec.double().cpu())
                 per_example["kl"].append(out.kl.double().cpu())
@@ -155,6 +207,7 @@ def evaluate_likelihood(
         rec, kl, groups = values["rec"], values["kl"], values["groups"]
         active = active_units(torch.cat([q.activity_means for q in posteriors]), au_delta)
         metrics.update(**_mean("elbo", rec + kl), **_mean("rec", rec), **_mean("kl", kl))
+        torch.manual_seed(seed)
         metrics.update(mi=mutual_information(posteriors), au=int(active.sum()))
         sizes = model.latent_group_sizes
         if len(sizes) > 1:

@@ -2,6 +2,7 @@
 
 
 import pytest
+import torch
 
 from conftest import demo_lines
 from textvae.data.batching import LengthBucketSampler, collate, encode_examples, eval_batches
@@ -118,3 +119,41 @@ def test_train_examples_is_a_fixed_subset_in_corpus_order(tiny_txt):
     positions = [split.examples.index(e) for e in first]
     assert positions == sorted(positions) and positions != list(range(50))  # in order, not the first 50
     assert split.subset(10_000) == split.examples
+
+
+def test_word_dropout_replaces_only_target_tokens_of_the_decoder_input(tiny_tokenizer):
+    examples = [Example(line, "a source text") for line in demo_lines("train", 64)]
+    encoded, _ = encode_examples(examples, tiny_tokenizer, 48, 16, "truncate")
+    batch = collate(encoded, tiny_tokenizer.pad_id)
+    torch.manual_seed(0)
+    dropped = batch.with_word_dropout(0.3, tiny_tokenizer.pad_id)
+    changed = dropped.decoder_inputs != batch.input_ids
+    assert torch.equal(dropped.input_ids, batch.input_ids)  # targets and encoder passes read the text
+    assert not (changed & ~batch.target_mask).any()  # BOS, source, [SEP] and padding untouched
+    assert (dropped.decoder_inputs[changed] == tiny_tokenizer.pad_id).all()
+    rate = changed.sum() / batch.target_mask.sum()
+    assert 0.25 < float(rate) < 0.35
+    assert torch.equal(dropped.select([1, 0]).decoder_inputs, dropped.decoder_inputs[[1, 0]])
+    assert batch.decoder_inputs is batch.input_ids  # without dropout the decoder reads the text
+
+
+def test_word_dropout_rate_is_validated():
+    from textvae.config import Config, apply_overrides
+
+    with pytest.raises(TextVAEError, match="word_dropout"):
+        Config.from_dict(apply_overrides({}, ["train.word_dropout=1.0"])).validate()
+
+
+def test_a_model_reads_the_dropped_decoder_inputs_and_scores_the_real_targets(tiny_tokenizer):
+    from conftest import tiny_lm
+
+    model = tiny_lm(tiny_tokenizer)
+    encoded, _ = encode_examples([Example(line) for line in demo_lines("train", 8)], tiny_tokenizer, 32, 16, "truncate")
+    batch = collate(encoded, tiny_tokenizer.pad_id)
+    with torch.no_grad():
+        plain = model(batch).rec
+        same = model(collate(encoded, tiny_tokenizer.pad_id).with_word_dropout(0.0, tiny_tokenizer.pad_id)).rec
+        torch.manual_seed(0)
+        dropped = model(batch.with_word_dropout(0.5, tiny_tokenizer.pad_id)).rec
+    assert torch.equal(plain, same)
+    assert (dropped != plain).all()  # every row lost some context; the targets are the text's own

@@ -115,6 +115,7 @@ class TrainConfig:
     bucket_batches: int = 50  # batches sorted together by length (length bucketing)
     device: str = "auto"  # auto | cpu | cuda
     max_bad_steps: int = 10  # consecutive steps skipped for a non-finite loss or gradient before the run stops
+    word_dropout: float = 0.0  # training: fraction of the decoder's input target tokens replaced (Bowman et al.)
 
     def validate(self) -> None:
         _check_choice("train.decay", self.decay, ("linear", "cosine", "constant"))
@@ -127,6 +128,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise TextVAEError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.word_dropout < 1:
+            raise TextVAEError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise TextVAEError("train.lr must be > 0, train.weight_decay and train.grad_clip >= 0")
         if self.batch_size % self.grad_accum:

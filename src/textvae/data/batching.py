@@ -94,16 +94,35 @@ class Batch:
     input_ids: torch.Tensor  # long
     attention_mask: torch.Tensor  # long, 1 on real tokens
     target_mask: torch.Tensor  # bool, True on scored target tokens
+    # what the decoder reads where it differs from input_ids (word dropout in training);
+    # targets, and every encoder pass, always read input_ids
+    decoder_input_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.target_mask)))
+        moved = [None if t is None else t.to(device, non_blocking=True)
+                 for t in (self.input_ids, self.attention_mask, self.target_mask, self.decoder_input_ids)]
+        return Batch(*moved)
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def decoder_inputs(self) -> torch.Tensor:
+        """[B, T] the token ids the decoder reads."""
+        return self.input_ids if self.decoder_input_ids is None else self.decoder_input_ids
+
     def select(self, rows: slice | list[int]) -> "Batch":
-        return Batch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows])
+        decoder = None if self.decoder_input_ids is None else self.decoder_input_ids[rows]
+        return Batch(self.input_ids[rows], self.attention_mask[rows], self.target_mask[rows], decoder)
+
+    def with_word_dropout(self, rate: float, replacement: int) -> "Batch":
+        """The decoder reads `replacement` instead of each target token with probability `rate`
+        (Bowman et al., 2016: a decoder that cannot trust its context leans on the latent);
+        drawn from torch's global generator, so runs and resumes stay reproducible."""
+        dropped = self.target_mask & (torch.rand(self.input_ids.shape, device=self.input_ids.device) < rate)
+        return Batch(self.input_ids, self.attention_mask, self.target_mask,
+                     self.input_ids.masked_fill(dropped, replacement))
 
 
 def counted_tokens(batch: Batch, sep_id: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ class LanguageModel(TextVAE):
     latent_groups = None
 
     def forward(self, batch: Batch, beta: float = 1.0) -> Output:
-        hidden = self.backbone(batch.input_ids, batch.attention_mask).hidden
+        hidden = self.backbone(batch.decoder_inputs, batch.attention_mask).hidden
         rec = self.target_nll(hidden, batch)
         return Output(loss=rec.mean(), rec=rec, kl=torch.zeros_like(rec))
 

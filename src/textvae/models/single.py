@@ -113,7 +113,7 @@ class SingleLatentVAE(TextVAE):
 
     def decoder_nll(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) of each example's targets: z [B, P] -> [B]."""
-        hidden = self.backbone(batch.input_ids, batch.attention_mask, injection=self.injection(z)).hidden
+        hidden = self.backbone(batch.decoder_inputs, batch.attention_mask, injection=self.injection(z)).hidden
         return self.target_nll(hidden, batch)
 
     def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -141,7 +141,7 @@ class SingleLatentVAE(TextVAE):
         rows = torch.arange(batch.size, device=z.device).repeat_interleave(k)
         repeated = batch.select(rows)
         if self.injection_points == ("softmax",):  # z only shifts the head: run the body once
-            hidden = self.backbone(batch.input_ids, batch.attention_mask).hidden[rows]
+            hidden = self.backbone(batch.decoder_inputs, batch.attention_mask).hidden[rows]
             shifted = hidden + self.latent_to_head(z.flatten(0, 1))[:, None]
             log_px_z = -self.target_nll(shifted, repeated).view(batch.size, k)
         else:

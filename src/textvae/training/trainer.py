@@ -228,6 +228,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for index, rows in enumerate(micro_batches):
             batch = collate([self.train_data[i] for i in rows], self.pad_id).to(self.env.device)
+            if self.train_config.word_dropout:
+                batch = batch.with_word_dropout(self.train_config.word_dropout, self.pad_id)
             last = index == len(micro_batches) - 1
             sync = nullcontext() if last or self.env.world_size == 1 else self.wrapped.no_sync()
             with sync:

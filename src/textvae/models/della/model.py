@@ -109,7 +109,7 @@ class Della(TextVAE):
 
     def decoder_nll(self, batch: Batch, z: torch.Tensor) -> torch.Tensor:
         """-log p(x | z) of each example's targets: z [B, nP] -> [B]."""
-        hidden = self.backbone(batch.input_ids, batch.attention_mask, injection=self.injection(z)).hidden
+        hidden = self.backbone(batch.decoder_inputs, batch.attention_mask, injection=self.injection(z)).hidden
         return self.target_nll(hidden, batch)
 
     def sample_prior_latent(self, prompts: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -114,7 +114,7 @@ class SegmentLatentVAE(TextVAE):
         vectors = self.latent_to_embedding(z)  # [B, L, H]
         offsets = vectors.gather(1, slot.clamp(0, vectors.shape[1] - 1)[..., None].expand(-1, -1, vectors.shape[-1]))
         offsets = offsets * (slot >= 0)[..., None].to(offsets.dtype)
-        hidden = self.backbone(batch.input_ids, batch.attention_mask, injection=Injection(embed_offset=offsets)).hidden
+        hidden = self.backbone(batch.decoder_inputs, batch.attention_mask, injection=Injection(embed_offset=offsets)).hidden
         return self.target_nll(hidden, batch)
 
     # --- objective and bound -------------------------------------------------------------

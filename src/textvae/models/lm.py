@@ -17,6 +17,9 @@ from textvae.models.base import ImportanceWeights, Output, TextVAE
 class LMConfig:
     name: str = "lm"
 
+    def validate(self) -> None:
+        """Nothing to check: the plain LM has no options."""
+
 
 class LanguageModel(TextVAE):
     name = "lm"

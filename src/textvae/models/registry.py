@@ -60,8 +60,7 @@ def model_config(config: Config):
     """The model section of `config` as the chosen model's typed config dataclass."""
     cls = model_class(str(config.model.get("name", "lm")))
     typed = build_dataclass(cls.config_class, config.model, "model")
-    if hasattr(typed, "validate"):
-        typed.validate()
+    typed.validate()  # every model's config class declares one
     return typed
 
 

@@ -329,7 +329,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     if examples is not None and examples < 1:
         raise TextVAEError("--examples must be >= 1")
     model, config = load_run(run_dir, device)
-    split_data = read_split(resolve_data_dir(data or config.data.path), split)
+    data_dir = resolve_data_dir(data or config.data.path)
+    split_data = read_split(data_dir, split)
     scored = dataclasses.replace(split_data, examples=split_data.examples[:examples])  # [:None]: all
     encoded = encode_split(scored, model, config, split, verbose)
     if not encoded:
@@ -344,7 +345,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     if on_start is not None:
         on_start()
     # an evaluation cut short resumes from what it had done (the same numbers as one run)
-    key = json.dumps({"data": str(resolve_data_dir(data or config.data.path).resolve()), "split": split,
+    key = json.dumps({"data": str(data_dir.resolve()), "split": split,
                       "examples": examples, "iw_samples": iw_samples, "iw_batch": iw_batch, "seed": seed,
                       "bf16": bf16, "batch_size": batch_size, "weights": _file_identity(Path(run_dir) / "model.safetensors")})
     progress = Progress(Path(run_dir) / f".eval_{split}.progress.safetensors", key)

@@ -227,12 +227,12 @@ def _check_resume(out: Path, config: Config) -> None:
         raise TextVAEError(f"nothing to resume: {out} holds no run")
     from textvae.models.registry import stored_model_section, whole_model_section
 
-    # through Config: options added since the run was made take their defaults on both sides
-    stored = Config.from_dict(load_yaml(stored_path).get("run") or {})
-    stored.model = stored_model_section(stored.model)
-    stored.model = whole_model_section(stored)
-    current = config.to_dict()
-    stored = stored.to_dict()
+    # through Config: options added since the run was made take their defaults on both sides,
+    # and model options whose default changed take the one the run was made under
+    stored_config = Config.from_dict(load_yaml(stored_path).get("run") or {})
+    stored_config.model = stored_model_section(stored_config.model)
+    stored_config.model = whole_model_section(stored_config)
+    stored, current = stored_config.to_dict(), config.to_dict()
     changed = [
         f"{section}.{key}"
         for section in current

@@ -27,7 +27,6 @@ from torch import nn
 from textvae.backbone.families import family_of
 from textvae.errors import TextVAEError
 
-# The projections LoRA adapts by default, by Hugging Face model type (module name suffixes).
 # Input-side modules besides the token embeddings, frozen with them (GPT-2, BART).
 INPUT_MODULES = ("wpe", "embed_positions", "layernorm_embedding")
 DECODER, ENCODER = "decoder", "encoder"

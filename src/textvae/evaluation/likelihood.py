@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
-from textvae.files import usual_mode
 from textvae.models.base import TextVAE
+from textvae.models.registry import save_tensors
 
 
 @torch.no_grad()
@@ -138,8 +137,7 @@ class Progress:
     def put(self, batch: int, log_px: torch.Tensor, log_px_mean: torch.Tensor) -> None:
         self.done |= {f"log_px.{batch}": log_px.double().cpu(), f"log_px_mean.{batch}": log_px_mean.double().cpu()}
         temporary = self.path.with_name(self.path.name + ".tmp")
-        save_file(self.done, str(temporary), metadata={"key": self.key})
-        usual_mode(temporary)
+        save_tensors(self.done, temporary, metadata={"key": self.key})
         os.replace(temporary, self.path)
 
     @property

@@ -153,9 +153,9 @@ def write_weights(model: TextVAE, path: Path) -> None:
         save_tensors({name: tensor.detach().contiguous() for name, tensor in _trained_tensors(model).items()}, path)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' `save_file` with the mode every other run file has (it writes 0600)."""
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=metadata)
     usual_mode(path)
 
 

@@ -365,9 +365,9 @@ class Trainer:
         except OSError as err:  # e.g. a full disk: the previous checkpoint stays the one `latest` names
             shutil.rmtree(folder, ignore_errors=True)
             previous = checkpoint.checkpoints_newest_first(self.run_dir)
-            kept = f"the last complete checkpoint is {previous[0]}" if previous else "no earlier checkpoint exists"
-            raise TextVAEError(f"could not write the checkpoint of step {self.step} ({err.strerror or err}); "
-                               f"{kept}, and --resume continues from it") from None
+            kept = (f"the last complete checkpoint is {previous[0]}, and --resume continues from it" if previous
+                    else "no earlier checkpoint exists")
+            raise TextVAEError(f"could not write the checkpoint of step {self.step} ({err.strerror or err}); {kept}") from None
 
     def _resume(self) -> None:
         """Continue from the newest intact checkpoint (saying which were damaged)."""

@@ -12,11 +12,13 @@ bf16 matmul peak measured in the same run.
 Peak memory: each (model, mode) again in a child process of its own (building it and taking
 `--memory-steps` steps), its peak resident set size from getrusage.
 
-Evaluation (`--eval`): `evaluate_likelihood` with k importance samples on `--eval-texts` texts
-against its floor, k plain decoder forward passes over the same texts (the backbone alone).
+Evaluation (`--eval`, or `--eval-only`): `evaluate_likelihood` with k importance samples on
+`--eval-texts` texts against its floor, k plain decoder forward passes over the same texts (the
+backbone alone, weights held in bf16 as evaluation holds them), and the same passes under plain
+autocast, which casts every weight again at each use.
 
     python benchmarks/pretrained_step_cost.py [--backbone smollm2] [--steps 5] [--batch 8 --length 64]
-        [--models lm memory della trace-r] [--modes full lora lora-freeze] [--eval] [--no-memory | --memory-only]
+        [--models lm memory della trace-r] [--modes full lora lora-freeze] [--eval | --eval-only] [--no-memory | --memory-only]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from textvae.data.corpus import BUNDLED
 from textvae.data.batching import Encoded, collate
 from textvae.evaluation.likelihood import evaluate_likelihood
 from textvae.models.registry import create_model
-from textvae.training.environment import Environment
+from textvae.training.environment import Environment, bf16_inference
 from textvae.training.trainer import Trainer
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -124,8 +126,9 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: the best there is
 
 
-def evaluation_cost(name: str, backbone: str, texts: int, k: int, length: int, attn: str) -> tuple[float, float]:
-    """(seconds of evaluate_likelihood with k samples, seconds of k bare decoder passes)."""
+def evaluation_cost(name: str, backbone: str, texts: int, k: int, length: int, attn: str) -> tuple[float, float, float]:
+    """Seconds of evaluate_likelihood with k samples, of k bare decoder passes with the weights
+    held in bf16, and of the same passes under plain autocast."""
     trainer = build(name, "full", backbone, texts, length, attn=attn)
     model, data = trainer.model.eval(), trainer.train_data
     start = time.perf_counter()
@@ -133,12 +136,19 @@ def evaluation_cost(name: str, backbone: str, texts: int, k: int, length: int, a
     ours = time.perf_counter() - start
     batch = collate(data, model.tokenizer.pad_id)
     repeated = batch.select(torch.arange(texts).repeat_interleave(min(k, 20)))
-    start = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+
+    def passes() -> float:
+        start = time.perf_counter()
         for _ in range(0, k, 20):  # k passes in the chunks evaluation uses
             hidden = model.backbone(repeated.input_ids, repeated.attention_mask).hidden
             model.target_nll(hidden, repeated)
-    return ours, time.perf_counter() - start
+        return time.perf_counter() - start
+
+    with bf16_inference(model):
+        floor = passes()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        recast = passes()
+    return ours, floor, recast
 
 
 def main() -> None:
@@ -154,6 +164,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory column (no step timing)")
     parser.add_argument("--eval", action="store_true", help="also time evaluation against its floor")
+    parser.add_argument("--eval-only", action="store_true", help="only the evaluation timing")
     parser.add_argument("--eval-texts", type=int, default=16)
     parser.add_argument("--eval-k", type=int, default=100)
     parser.add_argument("--eval-backbones", nargs="+", default=["gpt2-tiny", "smollm2"])
@@ -163,6 +174,8 @@ def main() -> None:
     print(f"bf16 matmul peak (2048^3): {peak:.0f} GFLOP/s")
     keys = [(name, mode, attn) for attn in args.attn for name in args.models for mode in args.modes
             if not (name == "lm" and mode == "lora-freeze")]
+    if args.eval_only:
+        return evaluation_table(args)
     if args.memory_only:
         print("| model | mode | attention | peak RSS GiB |\n|---|---|---|---|")
         for name, mode, attn in keys:
@@ -189,15 +202,18 @@ def main() -> None:
               f"{seconds[key] / reference:.2f} | {achieved} | {memory} |", flush=True)
     if args.eval:
         del trainers
-        print(f"\nEvaluation, k = {args.eval_k}, {args.eval_texts} texts of {args.length} tokens, bf16")
-        print(f"attention: {args.attn[-1]}")
-        print("| backbone | model | evaluate s | k decoder passes s | ratio |")
-        print("|---|---|---|---|---|")
-        for backbone in args.eval_backbones:
-            for name in [m for m in args.models if m != "lm"]:
-                ours, floor = evaluation_cost(name, backbone, args.eval_texts, args.eval_k, args.length, args.attn[-1])
-                print(f"| {backbone} | {name} | {ours:.1f} | {floor:.1f} | {ours / floor:.2f} |", flush=True)
+        evaluation_table(args)
 
+
+def evaluation_table(args) -> None:
+    print(f"\nEvaluation, k = {args.eval_k}, {args.eval_texts} texts of {args.length} tokens, bf16")
+    print(f"attention: {args.attn[-1]}")
+    print("| backbone | model | evaluate s | k decoder passes s | ratio | the passes under plain autocast s |")
+    print("|---|---|---|---|---|---|")
+    for backbone in args.eval_backbones:
+        for name in [m for m in args.models if m != "lm"]:
+            ours, floor, recast = evaluation_cost(name, backbone, args.eval_texts, args.eval_k, args.length, args.attn[-1])
+            print(f"| {backbone} | {name} | {ours:.1f} | {floor:.1f} | {ours / floor:.2f} | {recast:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -190,7 +190,7 @@ def test_too_many_frozen_layers_or_unknown_targets_are_refused():
 
 
 def test_frozen_linear_weights_held_in_bf16_change_no_number_of_a_bf16_step(tmp_path):
-    from textvae.training.trainer import restore_weights
+    from textvae.training.environment import restore_weights
 
     config = _config(backbone={"adapter": "lora", "lora_rank": 2})
     config.train = TrainConfig(batch_size=8, warmup_steps=0, max_steps=1, precision="bf16", checkpoint_every=100)
@@ -209,6 +209,31 @@ def test_frozen_linear_weights_held_in_bf16_change_no_number_of_a_bf16_step(tmp_
         weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     assert losses[0] == losses[1]
     assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_a_bf16_evaluation_casts_each_weight_once_and_changes_no_number():
+    """`bf16_inference` holds every linear weight in bf16 for the pass (autocast would cast
+    them at every use in a no-grad pass): the importance weights are those of plain autocast,
+    bit for bit, and the weights are float32 again afterwards, also after an error."""
+    from textvae.evaluation.likelihood import log_marginals
+    from textvae.training.environment import bf16_inference
+
+    torch.manual_seed(0)
+    model = create_model(_config(backbone={"adapter": "lora", "lora_rank": 2}), demo_lines("train", 200)).eval()
+    batch = _batch(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = log_marginals(model, batch, 6, 3)
+    torch.manual_seed(1)
+    with bf16_inference(model):
+        held = [p.dtype for p in model.parameters()]
+        got = log_marginals(model, batch, 6, 3)
+    assert held.count(torch.bfloat16) > 10
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    with pytest.raises(RuntimeError, match="inside"), bf16_inference(model):
+        raise RuntimeError("inside")
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_training_returns_the_frozen_weights_in_float32(tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,13 +191,14 @@ class TrainedVAE:
         posterior samples (exact for a plain LM), in nats; `tokens`, the scored tokens."""
         from textvae.data.batching import counted_tokens
         from textvae.evaluation.likelihood import batch_seed, log_marginals
+        from textvae.training.environment import bf16_inference
 
         if k < 1:
             raise TextVAEError("k (importance samples) must be >= 1")
         values, tokens = [], []
         for index, batch in enumerate(self._batches(texts, sources)):
             torch.manual_seed(batch_seed(seed, index, 0))  # as `evaluate` draws them
-            with self._autocast(bf16):
+            with bf16_inference(self.model, bf16):
                 values += log_marginals(self.model, batch, k)[0].double().tolist()
             tokens += counted_tokens(batch, self.model.tokenizer.sep_id).tolist()
         return {"log_likelihood": values, "tokens": tokens}
@@ -268,9 +268,6 @@ class TrainedVAE:
 
     def _decoding(self, strategy: str, options: dict):
         return decoding_config(self.config, strategy, options)
-
-    def _autocast(self, bf16: bool):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def load(run_dir: str | Path, device: str | None = None, batch_size: int = 32) -> TrainedVAE:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
 from textvae.models.base import TextVAE
 from textvae.models.registry import save_tensors
+from textvae.training.environment import bf16_inference
 
 
 @torch.no_grad()
@@ -165,13 +165,12 @@ def evaluate_likelihood(
     importance-weighted estimates are kept as they are made and read back instead of redone."""
     model.eval()
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     per_example: dict[str, list[torch.Tensor]] = {key: [] for key in ("log_px", "log_px_mean", "rec", "kl", "groups", "tokens")}
     kl_groups, posteriors = [], []
     segment_kl, segment_count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    for index, rows in enumerate(eval_batches([len(item.ids) for item in data], batch_size)):
-        batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
-        with autocast:
+    with bf16_inference(model, bf16):
+        for index, rows in enumerate(eval_batches([len(item.ids) for item in data], batch_size)):
+            batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
             stored = None if progress is None else progress.get(index)
             if stored is None:
                 torch.manual_seed(batch_seed(seed, index, 0))
@@ -197,7 +196,7 @@ def evaluate_likelihood(
                     groups = torch.ones(batch.size)
                 per_example["groups"].append(groups.double().cpu())
                 posteriors.append(model.posterior(batch))
-        per_example["tokens"].append(counted_tokens(batch, model.tokenizer.sep_id).double().cpu())
+            per_example["tokens"].append(counted_tokens(batch, model.tokenizer.sep_id).double().cpu())
     values = {key: torch.cat(parts) for key, parts in per_example.items() if parts}
     tokens, examples = values["tokens"], len(data)
     metrics = {**_perplexity("", -values["log_px"], tokens), **_mean("nll", -values["log_px"])}

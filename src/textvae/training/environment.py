@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import random
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers.pytorch_utils import Conv1D
 
 from textvae.config import TrainConfig
 from textvae.errors import TextVAEError
@@ -64,6 +65,50 @@ def resolve_bf16(precision: str, device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def linear_weights_to_bf16(model: torch.nn.Module, trainable_too: bool = False) -> dict[torch.nn.Parameter, torch.Tensor]:
+    """Store the frozen (with `trainable_too`, all) weights and biases of linear layers
+    (nn.Linear, GPT-2's Conv1D) in bf16; returns their float32 data to restore. Autocast caches
+    its bf16 copies only of leaves that require grad while grad is on, so a frozen base (and, in
+    a no-grad pass, every weight) would be cast again at every use: a quarter of a SmolLM2
+    evaluation's time. The products are the same either way. Weights shared with an embedding
+    (a tied LM head) stay: the embedding lookup is not autocast."""
+    embedded = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    originals = {}
+    for module in model.modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        for parameter in (module.weight, module.bias):
+            if (parameter is not None and (trainable_too or not parameter.requires_grad) and id(parameter) not in embedded
+                    and parameter.dtype == torch.float32 and parameter not in originals):
+                originals[parameter] = parameter.data
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return originals
+
+
+def restore_weights(originals: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    """Put back the float32 data that `linear_weights_to_bf16` replaced."""
+    for parameter, data in originals.items():
+        parameter.data = data
+    originals.clear()
+
+
+@contextmanager
+def bf16_inference(model: torch.nn.Module, enabled: bool = True):
+    """A no-grad pass of `model` under bf16 autocast with every linear weight cast once, not
+    at each use (restored afterwards, also after an error). Disabled: a no-grad fp32 pass."""
+    if not enabled:
+        with torch.no_grad():
+            yield
+        return
+    device = next(model.parameters()).device
+    originals = linear_weights_to_bf16(model, trainable_too=True)
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        restore_weights(originals)
 
 
 def seed_everything(seed: int) -> None:

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from transformers.pytorch_utils import Conv1D
 from tqdm.auto import tqdm
 
 from textvae.config import TrainConfig
@@ -30,7 +29,7 @@ from textvae.data.batching import Encoded, LengthBucketSampler, collate, counted
 from textvae.errors import TextVAEError
 from textvae.models.base import TextVAE
 from textvae.training import checkpoint
-from textvae.training.environment import Environment
+from textvae.training.environment import Environment, linear_weights_to_bf16, restore_weights
 
 
 def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
@@ -56,25 +55,6 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def frozen_weights_to_bf16(model: torch.nn.Module) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """Store the frozen weights and biases of linear layers (nn.Linear, GPT-2's Conv1D) in bf16;
-    returns their float32 data to restore. Autocast caches its bf16 copies only of leaves that
-    require grad, so a frozen base would be cast again at every use (most of a LoRA step's
-    copies); the products are the same either way. Weights shared with an embedding (a tied LM
-    head) stay: the embedding lookup is not autocast."""
-    embedded = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
-    originals = {}
-    for module in model.modules():
-        if not isinstance(module, (torch.nn.Linear, Conv1D)):
-            continue
-        for parameter in (module.weight, module.bias):
-            if (parameter is not None and not parameter.requires_grad and id(parameter) not in embedded
-                    and parameter.dtype == torch.float32 and parameter not in originals):
-                originals[parameter] = parameter.data
-                parameter.data = parameter.data.to(torch.bfloat16)
-    return originals
-
-
 def _exp_or_inf(value: float) -> float:
     """exp that overflows to inf (a KL of thousands of nats early in annealing) instead of raising."""
     return math.exp(value) if value < 709.0 else math.inf
@@ -83,13 +63,6 @@ def _exp_or_inf(value: float) -> float:
 def _finite_or_null(record: dict) -> dict:
     """metrics.jsonl stays valid JSON: a NaN or infinite value is written as null."""
     return {key: None if isinstance(value, float) and not math.isfinite(value) else value for key, value in record.items()}
-
-
-def restore_weights(originals: dict[torch.nn.Parameter, torch.Tensor]) -> None:
-    """Put back the float32 data that `frozen_weights_to_bf16` replaced."""
-    for parameter, data in originals.items():
-        parameter.data = data
-    originals.clear()
 
 
 StepCallback = Callable[["Trainer", int], None]
@@ -135,7 +108,7 @@ class Trainer:
             else self.model
         )
         # frozen weights held in bf16 while this trainer runs under bf16 autocast (restored by train())
-        self.fp32_frozen_weights = frozen_weights_to_bf16(self.model) if env.bf16 else {}
+        self.fp32_frozen_weights = linear_weights_to_bf16(self.model) if env.bf16 else {}
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0

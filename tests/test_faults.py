@@ -101,6 +101,25 @@ def test_a_quicker_evaluation_never_replaces_a_more_thorough_record(trained_dell
     assert json.loads((trained_della / "eval_test.json").read_text())["settings"]["iw_samples"] == 4
 
 
+def test_a_language_model_record_is_replaced_by_one_over_as_many_examples(tiny_txt, tmp_path, capsys):
+    """An LM's likelihood is exact: only the number of examples makes one record more thorough,
+    also against a record made before settings were stored (which counted as k = 100)."""
+    run = tmp_path / "lm"
+    assert main(["train", "--model", "lm", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "2", *FAST]) == 0
+    assert main(["evaluate", str(run)]) == 0
+    record = json.loads((run / "eval_test.json").read_text())
+    assert record["settings"]["iw_samples"] is None
+    old = {key: value for key, value in record.items() if key != "settings"} | {"ppl": 1.0}
+    (run / "eval_test.json").write_text(json.dumps(old))
+    assert main(["evaluate", str(run)]) == 0
+    assert json.loads((run / "eval_test.json").read_text()) == record
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--examples", "3"]) == 0
+    assert "kept the run's more thorough eval_test.json" in capsys.readouterr().err
+    assert json.loads((run / "eval_test.json").read_text()) == record
+    assert json.loads((run / "eval_test-n3.json").read_text())["examples"] == 3
+
+
 def test_report_shows_the_importance_samples_of_each_record(trained_della, tmp_path, capsys):
     assert main(["evaluate", str(trained_della), "--iw-samples", "2"]) == 0
     capsys.readouterr()

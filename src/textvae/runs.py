@@ -184,18 +184,32 @@ def record_evaluation(run_dir: Path, split: str, metrics: dict) -> Path:
             kept = json.loads(record.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             kept = None  # a damaged record is replaced
-        if isinstance(kept, dict) and _thoroughness(metrics) < _thoroughness(kept):
-            settings = metrics.get("settings") or {}
-            record = run_dir / f"eval_{split}-k{settings.get('iw_samples')}-n{metrics.get('examples')}.json"
+        if isinstance(kept, dict) and _less_thorough(metrics, kept):
+            k = (metrics.get("settings") or {}).get("iw_samples")
+            record = run_dir / f"eval_{split}{'' if k is None else f'-k{k}'}-n{metrics.get('examples')}.json"
     write_text(record, json.dumps(metrics, indent=1) + "\n")
     return record
 
 
-def _thoroughness(metrics: dict) -> tuple[int, int]:
-    """(importance samples, examples) of an evaluation record, compared as a pair: a record made
-    before settings were recorded counts as the default k = 100."""
-    k = (metrics.get("settings") or {}).get("iw_samples", 100) or 0
-    return k, int(metrics.get("examples") or 0)
+def _less_thorough(new: dict, kept: dict) -> bool:
+    """Whether evaluation record `new` is less thorough than `kept`: fewer importance samples,
+    or as many on fewer examples. A language model's likelihood is exact (no samples), so its
+    records differ only in examples; a latent model's record made before settings were
+    recorded counts as the default k = 100."""
+    new_k, kept_k = _importance_samples(new), _importance_samples(kept)
+    if new_k is None or kept_k is None:
+        return _examples(new) < _examples(kept)
+    return (new_k, _examples(new)) < (kept_k, _examples(kept))
+
+
+def _importance_samples(metrics: dict) -> int | None:
+    if "kl" not in metrics:
+        return None  # no latent: exact
+    return (metrics.get("settings") or {}).get("iw_samples") or 100
+
+
+def _examples(metrics: dict) -> int:
+    return int(metrics.get("examples") or 0)
 
 
 def write_text(path: Path, text: str) -> None:

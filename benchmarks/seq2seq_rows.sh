@@ -1,8 +1,9 @@
 #!/bin/bash
 # The conditional rows of docs/results.md: DATASET-MODEL with DATASET in quora (paraphrase) and
 # cnndm (summarisation, small), MODEL in lm (plain seq2seq), embed, memory, softmax, della;
-# and wp (WritingPrompts stories on the pretrained SmolLM2: lm, della, trace-r; needs a GPU);
-# every row of a dataset shares configs/DATASET.yaml (one backbone, budget, seed 0; cyclical KL).
+# wp (WritingPrompts stories on the pretrained SmolLM2: lm, della, trace-r) and quorasmol (Quora
+# on SmolLM2, decoder-only with the question as prefix: lm, della);
+# every row of a dataset shares its config (configs/DATASET.yaml) (one backbone, budget, seed 0; cyclical KL).
 # Each row trains to runs/DATASET-MODEL and evaluates the test split: IW-PPL (k = 100, bf16),
 # KL, MI, AU, and 4 outputs per source decoded with the task's beam search, scored with
 # BLEU against the reference, Rouge, BERTScore, Dist and per-source Self-BLEU / Jaccard.
@@ -20,11 +21,12 @@ for row in "$@"; do
     quora) limit=48 sources=454 ;;   # every test source
     cnndm) limit=160 sources=46 ;;
     wp) limit=256 sources=29 config=configs/writingprompts.yaml ;;
+    quorasmol) limit=48 sources=454 config=configs/quora-smollm2.yaml ;;
     *) echo "unknown dataset in row $row" >&2; exit 2 ;;
   esac
   run=runs/$row
   extra=()  # row-specific flags; the PTB-era DELLA rows used raw per-layer states (no `state_norm`)
-  [ "$model" = della ] && [ "$dataset" != wp ] && extra=(--set model.state_norm=false)
+  [ "$model" = della ] && [ "$dataset" != wp ] && [ "$dataset" != quorasmol ] && extra=(--set model.state_norm=false)
   [ "$model" = trace-r ] && extra=(--set model.segment=sentence)  # the TRACE paper's WP segments
   if [ ! -f "$run/model.safetensors" ]; then
     start=$(date +%s)

@@ -125,11 +125,12 @@ def test_score_command_writes_every_metric(tmp_path, capsys):
 
     (tmp_path / "g.txt").write_text("the dog runs\nthe cat sleeps on the mat\n")
     (tmp_path / "r.txt").write_text("the dog runs\na cat sleeps\n")
-    cheap = "bleu,ngram_jsd,self_bleu,dist_1,dist_2,dist_3,dist_4,jaccard,rouge_1,rouge_2,rouge_l"
+    cheap = "bleu,ngram_jsd,self_bleu,dist_1,dist_2,dist_3,dist_4,jaccard,length,rouge_1,rouge_2,rouge_l"
     args = ["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", cheap]
     assert main([*args, "--json", str(tmp_path / "s.json")]) == 0
     results = json.loads((tmp_path / "s.json").read_text())
-    assert list(results) == cheap.split(",")
+    assert list(results) == cheap.replace("length", "length,length_refs").split(",")
+    assert (results["length"], results["length_refs"]) == (4.5, 3.0)  # (3 + 6) / 2 and (3 + 3) / 2 words
     assert results["rouge_1"] == pytest.approx((1.0 + 2 * (2 / 6 * 2 / 3) / (2 / 6 + 2 / 3)) / 2)
     assert results["dist_1"] == pytest.approx(7 / 9)  # 9 words, 7 distinct (the x3)
     assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", "cnd"]) == 2

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help=".jsonl: M texts per source (latents drawn anew); with M >= 2 Self-BLEU and Jaccard "
                                "compare the texts of each source")
     evaluate.add_argument("--metrics", help="text metrics of --generate (default: bleu, ngram_jsd, self_bleu, dist_1..4, "
-                                            "jaccard, mauve; .jsonl: bleu_ref, rouge_1/2/l, bertscore, dist_1..4, and "
+                                            "jaccard, length, mauve; .jsonl: bleu_ref, rouge_1/2/l, bertscore, dist_1..4, length, and "
                                             "self_bleu, jaccard per source when M >= 2)")
     evaluate.add_argument("--samples-out", metavar="FILE", help="write the --generate texts here")
     evaluate.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Text metrics of generated texts against references (docs/metrics.md).")
     score.add_argument("generated", metavar="GENERATED.txt")
     score.add_argument("--refs", required=True, metavar="REFERENCES.txt")
-    score.add_argument("--metrics", help="comma-separated: bleu, ngram_jsd, self_bleu, dist_1..dist_4, jaccard, mauve (the default set), "
+    score.add_argument("--metrics", help="comma-separated: bleu, ngram_jsd, self_bleu, dist_1..dist_4, jaccard, length, mauve (the default set), "
                                          "bleu_ref, rouge_1, rouge_2, rouge_l, bertscore (line i against reference line i)")
     score.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
     score.add_argument("--json", metavar="FILE")

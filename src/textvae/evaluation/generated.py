@@ -7,8 +7,8 @@ from pathlib import Path
 from textvae.errors import TextVAEError
 from textvae.generation.decode import DecodingConfig, generate_texts, source_prompts
 
-PLAIN_METRICS_NOTE = "bleu, ngram_jsd, self_bleu, dist_1..4, jaccard, mauve"
-SOURCE_METRICS = ["bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore", "dist_1", "dist_2", "dist_3", "dist_4"]
+PLAIN_METRICS_NOTE = "bleu, ngram_jsd, self_bleu, dist_1..4, jaccard, length, mauve"
+SOURCE_METRICS = ["bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore", "dist_1", "dist_2", "dist_3", "dist_4", "length"]
 
 
 def generate_and_score(model, config, split, count: int, decoding: DecodingConfig, seed: int = 0,

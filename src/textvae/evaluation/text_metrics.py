@@ -192,7 +192,7 @@ def rouge(samples: list[str], references: list[str]) -> dict[str, float]:
     return {key: value / len(samples) for key, value in totals.items()}
 
 
-UNPAIRED = ("bleu", "ngram_jsd", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "mauve")
+UNPAIRED = ("bleu", "ngram_jsd", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "length", "mauve")
 PAIRED = ("bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore")  # sample i against reference i
 
 
@@ -227,6 +227,10 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
             results[name] = distinct(samples, int(name[-1]))
         elif name == "jaccard":
             results[name] = sum(jaccard(group) for group in groups) / len(groups)
+        elif name == "length":  # the papers' Len: words per text, the references' beside it
+            results[name] = sum(len(tokenize(text)) for text in samples) / len(samples) if samples else 0.0
+            if references:
+                results["length_refs"] = sum(len(tokenize(text)) for text in references) / len(references)
         elif name == "mauve":
             from textvae.evaluation.embedding_metrics import features_name, mauve
 

@@ -17,10 +17,11 @@ TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
 for row in "$@"; do
   dataset=${row%%-*} model=${row#*-}
   config=configs/$dataset.yaml
+  iw_batch=20  # importance samples scored at a time
   case "$dataset" in
     quora) limit=48 sources=454 ;;   # every test source
     cnndm) limit=160 sources=46 ;;
-    wp) limit=256 sources=29 config=configs/writingprompts.yaml ;;
+    wp) limit=256 sources=29 config=configs/writingprompts.yaml iw_batch=5 ;;  # 384-token texts: bounded memory
     quorasmol) limit=48 sources=454 config=configs/quora-smollm2.yaml ;;
     *) echo "unknown dataset in row $row" >&2; exit 2 ;;
   esac
@@ -39,7 +40,7 @@ for row in "$@"; do
   fi
   if [ ! -f "$run/eval_test.json" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --precision bf16 --generate "$sources" --samples-per-source 4 \
+    "$TEXTVAE" evaluate "$run" --precision bf16 --iw-batch "$iw_batch" --generate "$sources" --samples-per-source 4 \
       --max-new-tokens "$limit" --samples-out "$run/samples_test.txt" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi

@@ -5,7 +5,8 @@
 # (lm-full). Each row trains to runs/smollm2-ROW, is evaluated on the first EXAMPLES (1,000)
 # test sentences with k = 100 importance samples (runs/smollm2-ROW-test.json), then samples
 # 1,000 texts with top-k 50 scored against the whole test split (runs/smollm2-ROW-diversity.json,
-# texts in runs/smollm2-ROW-samples.txt). Finished parts are skipped; an interrupted training
+# texts in runs/smollm2-ROW-samples.txt; a copy in the run as generated_test.json, for
+# `textvae report runs/smollm2-*`). Finished parts are skipped; an interrupted training
 # run resumes from its last checkpoint. Wall times go to runs/smollm2-ROW.log.
 #
 #   OMP_NUM_THREADS=1 bash benchmarks/smollm2_rows.sh della lm-full ...
@@ -48,4 +49,5 @@ for row in "$@"; do
     "$TEXTVAE" score "$run-samples.txt" --refs ../shared/data/ptb/test.txt --json "$run-diversity.json" >> "$run.log" 2>&1
     echo "generate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
+  cp "$run-diversity.json" "$run/generated_test.json"  # where `textvae report` reads it
 done

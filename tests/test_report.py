@@ -22,6 +22,8 @@ def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tm
     assert main(["evaluate", str(runs["della"]), "--iw-samples", "2"]) == 0  # records eval_test.json in the run
     della = json.loads((runs["della"] / "eval_test.json").read_text())
     assert len(della["kl_groups"]) == 4  # gpt2-tiny: a latent per layer
+    # samples scored apart: their metrics join the row; evaluate's own keys win
+    (runs["della"] / "generated_test.json").write_text(json.dumps({"self_bleu": 0.25, "ppl": 1.0}))
     capsys.readouterr()
 
     out = tmp_path / "report"
@@ -34,6 +36,8 @@ def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tm
     ppl_column = rows["run"].split(" | ").index("ppl")
     assert rows["della"].split(" | ")[ppl_column] == f"{della['ppl']:.2f} ± {della['ppl_stderr']:.2f}"  # with its standard error
     assert rows["lm"].split(" | ")[ppl_column] == "-"  # not evaluated: said, not invented
+    header, della_cells = ([cell.strip() for cell in rows[name].strip("|").split("|")] for name in ("run", "della"))
+    assert della_cells[header.index("self_bleu")] == "0.250"
     assert "Not evaluated on `test` yet: lm" in markdown
     for picture in ("curves.png", "kl_groups.png"):
         assert (out / picture).read_bytes().startswith(PNG) and f"]({picture})" in markdown

@@ -1,7 +1,7 @@
 """`textvae report`: compare trained runs in one markdown file with plots.
 
 Reads what training and evaluation left in each run directory (config.yaml, metrics.jsonl,
-eval_SPLIT.json) and writes report.md with a metrics table, training curves of the
+eval_SPLIT.json, and generated_SPLIT.json when the run's samples were scored apart) and writes report.md with a metrics table, training curves of the
 reconstruction loss and the KL (DELLA's Figure 5), the KL of each latent layer or segment, and
 optionally an interpolation listing (the decodings come from the caller: generation is a
 sibling layer).
@@ -31,7 +31,7 @@ class RunRecord:
     steps: int | None
     has_latent: bool
     curve: list[dict] = field(default_factory=list)  # train records: step, rec, kl, beta
-    metrics: dict = field(default_factory=dict)  # eval_SPLIT.json, empty if not evaluated
+    metrics: dict = field(default_factory=dict)  # eval_SPLIT.json (+ generated_SPLIT.json), empty if not evaluated
 
 
 def read_run(directory: str | Path, split: str = "test") -> RunRecord:
@@ -52,6 +52,9 @@ def read_run(directory: str | Path, split: str = "test") -> RunRecord:
     metrics = {}
     if (directory / f"eval_{split}.json").is_file():
         metrics = _json((directory / f"eval_{split}.json").read_text(encoding="utf-8"), directory / f"eval_{split}.json")
+    generated = directory / f"generated_{split}.json"  # `textvae score` of the run's samples, made apart
+    if generated.is_file():
+        metrics = _json(generated.read_text(encoding="utf-8"), generated) | metrics  # evaluate's own keys win
     schedule = (run.get("kl") or {}).get("schedule", "constant")
     model = (run.get("model") or {}).get("name", "lm")
     has_latent = model_class(model).has_latent
@@ -182,7 +185,8 @@ def build_report(records: list[RunRecord], out: Path, split: str = "test", inter
     """Write out/report.md (+ curves.png, kl_groups.png) and return the markdown;
     `interpolation` is an `interpolation_listing` to append."""
     out.mkdir(parents=True, exist_ok=True)
-    parts = ["# textvae report", "", f"Metrics of the `{split}` split (`textvae evaluate`, eval_{split}.json in each run).", "",
+    parts = ["# textvae report", "", f"Metrics of the `{split}` split (`textvae evaluate`, eval_{split}.json in each run; "
+             f"generation metrics scored apart from generated_{split}.json).", "",
              metrics_table(records), ""]
     missing = [record.name for record in records if not record.metrics]
     if missing:

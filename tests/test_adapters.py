@@ -236,6 +236,34 @@ def test_a_bf16_evaluation_casts_each_weight_once_and_changes_no_number():
     assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_added_lr_trains_what_the_model_adds_at_its_own_rate(tmp_path):
+    """`train.added_lr`: DELLA's fusions (wrapped into the backbone), chain and heads get groups
+    of their own at added_lr / lr times the schedule's rate; LoRA pairs stay at lr. Without it,
+    the optimizer has the two groups checkpoints made before it hold."""
+    config = _config(backbone={"adapter": "lora", "lora_rank": 2})
+    torch.manual_seed(0)
+    model = create_model(config, demo_lines("train", 200))
+    added = {id(p) for p in model.added_parameters()}
+    names = {n for n, p in model.named_parameters() if id(p) in added}
+    assert any(".fusion." in n for n in names) and any(n.startswith("latents.") for n in names)
+    assert not any(".lora_" in n for n in names) and not (names & _base_names(model))
+    encoded, _ = encode_examples([Example(t) for t in demo_lines("train", 8)], model.tokenizer, 32, 16, "truncate")
+    plain = TrainConfig(batch_size=8, warmup_steps=0, max_steps=1, precision="fp32", checkpoint_every=100, lr=1e-3)
+    assert len(Trainer(model, plain, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=False)).optimizer.param_groups) == 2
+    faster = TrainConfig(**{**plain.__dict__, "added_lr": 1e-2})
+    trainer = Trainer(model, faster, encoded, encoded, tmp_path / "run", Environment(torch.device("cpu"), bf16=False))
+    lora = next(p for n, p in model.named_parameters() if ".lora_B." in n)  # B (zero at the start) gets the first gradient
+    fusion = next(p for n, p in model.named_parameters() if ".fusion.gates.weight" in n)
+    before = lora.detach().clone(), fusion.detach().clone()
+    trainer.train()
+    # Adam's first step moves each weight with a gradient by its rate (|m / sqrt(v)| = 1)
+    assert float((lora.detach() - before[0]).abs().max()) == pytest.approx(1e-3, rel=0.02)
+    assert float((fusion.detach() - before[1]).abs().max()) == pytest.approx(1e-2, rel=0.02)
+    assert sorted(group["lr"] for group in trainer.optimizer.param_groups) == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+    with pytest.raises(TextVAEError, match="train.added_lr must be > 0"):
+        TrainConfig(added_lr=0.0).validate()
+
+
 def test_training_returns_the_frozen_weights_in_float32(tmp_path):
     config = _config(name="lm", backbone={"adapter": "lora", "lora_rank": 2})
     config.train = TrainConfig(batch_size=8, warmup_steps=0, max_steps=1, precision="bf16", checkpoint_every=100)

@@ -101,6 +101,7 @@ class TrainConfig:
     batch_size: int = 32  # examples per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
+    added_lr: float | None = None  # peak learning rate of what a model adds to its backbone (heads, fusions); None: lr
     weight_decay: float = 0.01
     warmup_steps: int = 100
     decay: str = "linear"  # linear | cosine | constant (after warm-up)
@@ -132,6 +133,8 @@ class TrainConfig:
             raise TextVAEError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise TextVAEError("train.lr must be > 0, train.weight_decay and train.grad_clip >= 0")
+        if self.added_lr is not None and self.added_lr <= 0:
+            raise TextVAEError(f"train.added_lr must be > 0 (or null: train.lr), got {self.added_lr}")
         if self.batch_size % self.grad_accum:
             raise TextVAEError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"

@@ -127,6 +127,12 @@ class InjectionPoints:
                 if wrapper is not None:
                     wrapper.latent = None
 
+    def injected_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the latent fusions wrapped into this backbone's layers: what a model
+        added, not the backbone's own (its base weights, adapters and new token rows)."""
+        wrappers = [self.fusion_wrapper(layer) for layer in range(self.num_layers)]
+        return [parameter for wrapper in wrappers if wrapper is not None for parameter in wrapper.fusion.parameters()]
+
     def fusion_wrapper(self, layer: int) -> ValueFusion | None:
         parent, name, _ = self.value_projection(layer)
         module = getattr(parent, name)

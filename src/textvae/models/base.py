@@ -92,6 +92,14 @@ class TextVAE(nn.Module):
         self.tokenizer = tokenizer
         self.config = config
 
+    def added_parameters(self) -> list[nn.Parameter]:
+        """What this model adds to its backbone (posterior and prior heads, fusions, memory
+        maps, TRACE's heads): every parameter but the backbone's own (base, adapters, new token
+        rows). `train.added_lr` trains these at their own learning rate."""
+        own = {id(parameter) for parameter in self.backbone.parameters()}
+        own -= {id(parameter) for parameter in self.backbone.injected_parameters()}
+        return [parameter for parameter in self.parameters() if id(parameter) not in own]
+
     # --- training and scoring -------------------------------------------------------
     def forward(self, batch: Batch, beta: float = 1.0) -> Output:
         raise NotImplementedError

@@ -45,13 +45,20 @@ def learning_rate(train: TrainConfig, step: int, total_steps: int) -> float:
     return train.lr * (1.0 - progress)
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and other 1-D parameters."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: TextVAE, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and other 1-D parameters. With `train.added_lr`,
+    what the model adds to its backbone has groups of its own whose `lr_scale` (added_lr / lr)
+    multiplies the schedule's rate: fresh heads and fusions can learn faster than a pretrained
+    base under LoRA."""
+    added = {id(parameter) for parameter in model.added_parameters()} if train.added_lr is not None else set()
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    parts = [(1.0, [p for p in trained if id(p) not in added])]  # two groups, always: as checkpoints hold them
+    if added:
+        parts.append((train.added_lr / train.lr, [p for p in trained if id(p) in added]))
+    groups = []
+    for scale, part in parts:
+        groups += [{"params": [p for p in part if p.dim() >= 2], "weight_decay": train.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in part if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -150,7 +157,7 @@ class Trainer:
                 beta = self.beta_schedule(self.step, self.steps_per_epoch)
                 lr = learning_rate(self.train_config, self.step, self.total_steps)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints made before added_lr lack it
                 sums, grad_norm = self._optimizer_step(global_batch, beta)
                 interval = {key: interval.get(key, 0.0) + value for key, value in sums.items()}
                 grad_norms.append(grad_norm)

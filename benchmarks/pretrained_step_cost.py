@@ -15,7 +15,8 @@ Peak memory: each (model, mode) again in a child process of its own (building it
 Evaluation (`--eval`, or `--eval-only`): `evaluate_likelihood` with k importance samples on
 `--eval-texts` texts against its floor, k plain decoder forward passes over the same texts (the
 backbone alone, weights held in bf16 as evaluation holds them), and the same passes under plain
-autocast, which casts every weight again at each use.
+autocast, which casts a frozen weight again at each use (`--eval-mode lora`: the SmolLM2 rows'
+mode; under full fine-tuning autocast caches the casts of weights that require grad).
 
     python benchmarks/pretrained_step_cost.py [--backbone smollm2] [--steps 5] [--batch 8 --length 64]
         [--models lm memory della trace-r] [--modes full lora lora-freeze] [--eval | --eval-only] [--no-memory | --memory-only]
@@ -126,10 +127,10 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # not Linux: the best there is
 
 
-def evaluation_cost(name: str, backbone: str, texts: int, k: int, length: int, attn: str) -> tuple[float, float, float]:
+def evaluation_cost(name: str, mode: str, backbone: str, texts: int, k: int, length: int, attn: str) -> tuple[float, float, float]:
     """Seconds of evaluate_likelihood with k samples, of k bare decoder passes with the weights
     held in bf16, and of the same passes under plain autocast."""
-    trainer = build(name, "full", backbone, texts, length, attn=attn)
+    trainer = build(name, mode, backbone, texts, length, attn=attn)
     model, data = trainer.model.eval(), trainer.train_data
     start = time.perf_counter()
     evaluate_likelihood(model, data, batch_size=texts, iw_samples=k, bf16=True)
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory column (no step timing)")
     parser.add_argument("--eval", action="store_true", help="also time evaluation against its floor")
     parser.add_argument("--eval-only", action="store_true", help="only the evaluation timing")
+    parser.add_argument("--eval-mode", default="full", choices=list(MODES), help="backbone training mode of the evaluated models")
     parser.add_argument("--eval-texts", type=int, default=16)
     parser.add_argument("--eval-k", type=int, default=100)
     parser.add_argument("--eval-backbones", nargs="+", default=["gpt2-tiny", "smollm2"])
@@ -206,13 +208,13 @@ def main() -> None:
 
 
 def evaluation_table(args) -> None:
-    print(f"\nEvaluation, k = {args.eval_k}, {args.eval_texts} texts of {args.length} tokens, bf16")
+    print(f"\nEvaluation, k = {args.eval_k}, {args.eval_texts} texts of {args.length} tokens, bf16, mode {args.eval_mode}")
     print(f"attention: {args.attn[-1]}")
     print("| backbone | model | evaluate s | k decoder passes s | ratio | the passes under plain autocast s |")
     print("|---|---|---|---|---|---|")
     for backbone in args.eval_backbones:
         for name in [m for m in args.models if m != "lm"]:
-            ours, floor, recast = evaluation_cost(name, backbone, args.eval_texts, args.eval_k, args.length, args.attn[-1])
+            ours, floor, recast = evaluation_cost(name, args.eval_mode, backbone, args.eval_texts, args.eval_k, args.length, args.attn[-1])
             print(f"| {backbone} | {name} | {ours:.1f} | {floor:.1f} | {ours / floor:.2f} | {recast:.1f} |", flush=True)
 
 if __name__ == "__main__":

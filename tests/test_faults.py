@@ -12,6 +12,7 @@ import stat
 import pytest
 import torch
 
+import textvae
 from textvae.cli import main
 from textvae.errors import TextVAEError
 
@@ -118,6 +119,20 @@ def test_a_language_model_record_is_replaced_by_one_over_as_many_examples(tiny_t
     assert "kept the run's more thorough eval_test.json" in capsys.readouterr().err
     assert json.loads((run / "eval_test.json").read_text()) == record
     assert json.loads((run / "eval_test-n3.json").read_text())["examples"] == 3
+
+
+def test_per_example_numbers_are_written_in_the_split_order_and_average_to_the_metrics(trained_della, tmp_path):
+    out = tmp_path / "examples.jsonl"
+    assert main(["evaluate", str(trained_della), "--iw-samples", "2", "--per-example", str(out), "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(metrics["examples"]))
+    for key in ("nll", "elbo", "kl"):
+        assert sum(line[key] for line in lines) / len(lines) == pytest.approx(metrics[key], rel=1e-9)
+    assert sum(line["tokens"] for line in lines) == metrics["tokens"]
+    texts = (trained_della.parent / "txt" / "test.txt").read_text().splitlines()
+    # in the split's order (batches run longest first): each text's own token count
+    assert [line["tokens"] for line in lines] == textvae.load(trained_della).log_likelihood(texts, k=1)["tokens"]
 
 
 def test_report_shows_the_importance_samples_of_each_record(trained_della, tmp_path, capsys):

@@ -302,7 +302,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
              generate: int = 0, decoding: str | None = None, samples_per_source: int = 1,
              metrics: list[str] | None = None, samples_out: str | Path | None = None, mauve_features: str = "minilm",
              examples: int | None = None, device: str | None = None, verbose: bool = False, on_start=None,
-             iw_batch: int = 20, **decoding_options) -> dict:
+             iw_batch: int = 20, per_example: str | Path | None = None, **decoding_options) -> dict:
     """Metrics of a trained run on a split, as `textvae evaluate` reports them
     (docs/metrics.md): ppl, nll, elbo, rec, kl, mi, au with `*_stderr`, and the papers'
     conventions (`evaluation/likelihood.py`); with `generate` = N, also text metrics of N
@@ -310,6 +310,9 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     paraphrase runs, else top-k 50; `decoding_options`: top_k, top_p, num_beams, max_new_tokens).
     `examples`: only the split's first N examples (a fixed subset, the same for every run).
     `iw_batch`: importance samples scored at a time (memory ~ batch_size x iw_batch).
+    `per_example`: also write each example's numbers there, one JSON line per example in the
+    order of the split's evaluated examples (after `data.overlong` drops) (`index`, `nll`, `tokens`, and `elbo`, `rec`, `kl` for latent models), for
+    paired comparisons of runs evaluated on the same texts.
     `on_start`: called once the inputs are checked, as the work begins."""
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
@@ -349,7 +352,12 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     if progress.batches_done and verbose:
         print(f"resuming: {progress.batches_done} batches of importance samples already done ({progress.path})",
               file=sys.stderr)
-    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress)
+    values: dict = {}
+    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress, values)
+    if per_example is not None:
+        lines = [json.dumps({"index": index, **{key: float(column[index]) for key, column in values.items()}})
+                 for index in range(len(encoded))]
+        write_text(Path(per_example), "".join(line + "\n" for line in lines))
     progress.path.unlink(missing_ok=True)
     # the settings that change the numbers, so that records made with different ones stay apart
     results["settings"] = {"iw_samples": iw_samples if model.has_latent else None, "au_delta": au_delta,

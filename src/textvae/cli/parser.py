@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "self_bleu, jaccard per source when M >= 2)")
     evaluate.add_argument("--samples-out", metavar="FILE", help="write the --generate texts here")
     evaluate.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
+    evaluate.add_argument("--per-example", metavar="FILE", help="also write each example's nll, tokens (and elbo, rec, kl) "
+                          "here, one JSON line per example in the split's order: for paired comparisons of runs")
     evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here as flat JSON (the run keeps its own "
                           "copy in RUN_DIR/eval_SPLIT.json unless --data is given)")
 

@@ -156,16 +156,19 @@ def evaluate_likelihood(
     seed: int = 0,
     iw_batch: int = 20,
     progress: Progress | None = None,
+    per_example_out: dict | None = None,
 ) -> dict:
     """`ppl`, `nll`, and for latent models `elbo`, `rec`, `kl`, `mi`, `au` (plus per-group KL
     and AU when the model has several latent groups), each mean with its standard error over
     examples (`*_stderr`), the papers' conventions (`*_layer_mean`, `mi_minibatch`), `tokens`,
     `examples`. The decoder scores `iw_batch` importance samples of every example at a time:
     memory grows with batch_size x iw_batch, not with k. With `progress`, each batch's
-    importance-weighted estimates are kept as they are made and read back instead of redone."""
+    importance-weighted estimates are kept as they are made and read back instead of redone.
+    `per_example_out`, when given, is filled with each example's `nll`, `tokens` (and `elbo`,
+    `rec`, `kl`) [N] in the order of `data`: for paired comparisons of runs on the same texts."""
     model.eval()
     device = next(model.parameters()).device
-    per_example: dict[str, list[torch.Tensor]] = {key: [] for key in ("log_px", "log_px_mean", "rec", "kl", "groups", "tokens")}
+    per_example: dict[str, list[torch.Tensor]] = {key: [] for key in ("log_px", "log_px_mean", "rec", "kl", "groups", "tokens", "index")}
     kl_groups, posteriors = [], []
     segment_kl, segment_count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
     with bf16_inference(model, bf16):
@@ -197,6 +200,7 @@ def evaluate_likelihood(
                 per_example["groups"].append(groups.double().cpu())
                 posteriors.append(model.posterior(batch))
             per_example["tokens"].append(counted_tokens(batch, model.tokenizer.sep_id).double().cpu())
+            per_example["index"].append(torch.tensor(rows))
     values = {key: torch.cat(parts) for key, parts in per_example.items() if parts}
     tokens, examples = values["tokens"], len(data)
     metrics = {**_perplexity("", -values["log_px"], tokens), **_mean("nll", -values["log_px"])}
@@ -218,6 +222,11 @@ def evaluate_likelihood(
         metrics.update(**_perplexity("_layer_mean", -values["log_px_mean"], tokens))
         metrics.update(mi_minibatch=minibatch_mutual_information(posteriors), mi_minibatch_size=batch_size)
     metrics.update(tokens=int(tokens.sum()), examples=examples)
+    if per_example_out is not None:
+        order = torch.argsort(values["index"])  # batches run longest first
+        per_example_out["nll"], per_example_out["tokens"] = -values["log_px"][order], tokens[order]
+        if model.has_latent:
+            per_example_out.update(elbo=(values["rec"] + values["kl"])[order], rec=values["rec"][order], kl=values["kl"][order])
     return metrics
 
 

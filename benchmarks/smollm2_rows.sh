@@ -3,7 +3,8 @@
 # row (configs/ptb-smollm2.yaml: 10,000 training sentences, one epoch, one cyclical-annealing
 # period, LoRA r 8 over the frozen base, bf16, batch 8); `lm` is also run with full fine-tuning
 # (lm-full). Each row trains to runs/smollm2-ROW, is evaluated on the first EXAMPLES (1,000)
-# test sentences with k = 100 importance samples (runs/smollm2-ROW-test.json), then samples
+# test sentences with k = 100 importance samples (runs/smollm2-ROW-test.json; each sentence's
+# numbers in runs/smollm2-ROW-test-examples.jsonl for paired comparisons), then samples
 # 1,000 texts with top-k 50 scored against the whole test split (runs/smollm2-ROW-diversity.json,
 # texts in runs/smollm2-ROW-samples.txt; a copy in the run as generated_test.json, for
 # `textvae report runs/smollm2-*`). Finished parts are skipped; an interrupted training
@@ -38,9 +39,10 @@ for row in "$@"; do
     fi
     echo "train_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
-  if [ ! -f "$run-test.json" ]; then
+  if [ ! -f "$run-test.json" ] || [ ! -f "$run-test-examples.jsonl" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --precision bf16 --json "$run-test.json" >> "$run.log" 2>&1
+    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --precision bf16 --json "$run-test.json" \
+      --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
   if [ ! -f "$run-diversity.json" ]; then

@@ -310,9 +310,9 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     paraphrase runs, else top-k 50; `decoding_options`: top_k, top_p, num_beams, max_new_tokens).
     `examples`: only the split's first N examples (a fixed subset, the same for every run).
     `iw_batch`: importance samples scored at a time (memory ~ batch_size x iw_batch).
-    `per_example`: also write each example's numbers there, one JSON line per example in the
-    order of the split's evaluated examples (after `data.overlong` drops) (`index`, `nll`, `tokens`, and `elbo`, `rec`, `kl` for latent models), for
-    paired comparisons of runs evaluated on the same texts.
+    `per_example`: also write each example's numbers there, one JSON line per example (`index`,
+    `nll`, `tokens`, and `elbo`, `rec`, `kl` for latent models) in the order of the split's
+    evaluated examples (after `data.overlong` drops): paired comparisons of runs on the same texts.
     `on_start`: called once the inputs are checked, as the work begins."""
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score

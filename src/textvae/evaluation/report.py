@@ -1,10 +1,10 @@
 """`textvae report`: compare trained runs in one markdown file with plots.
 
 Reads what training and evaluation left in each run directory (config.yaml, metrics.jsonl,
-eval_SPLIT.json, and generated_SPLIT.json when the run's samples were scored apart) and writes report.md with a metrics table, training curves of the
-reconstruction loss and the KL (DELLA's Figure 5), the KL of each latent layer or segment, and
-optionally an interpolation listing (the decodings come from the caller: generation is a
-sibling layer).
+eval_SPLIT.json, and generated_SPLIT.json when the run's samples were scored apart) and writes
+report.md with a metrics table, training curves of the reconstruction loss and the KL (DELLA's
+Figure 5), the KL of each latent layer or segment, and optionally an interpolation listing
+(the decodings come from the caller: generation is a sibling layer).
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 The Python API (docs/api.md): `textvae.load(run_dir)` -> `TrainedVAE` (encode, decode,
 sample, reconstruct, interpolate, steer, analogy, log_likelihood, score, save),
-`textvae.train(...)`, `textvae.evaluate(...)`, `textvae.plot_latent(...)`. Imported lazily,
+`textvae.train(...)`, `textvae.evaluate(...)`, `textvae.compare(...)`,
+`textvae.plot_latent(...)`. Imported lazily,
 so that the CLI starts without torch.
 """
 
 from textvae.errors import TextVAEError
 
-__all__ = ["Posterior", "TextVAEError", "TrainedVAE", "evaluate", "load", "plot_latent", "train"]
+__all__ = ["Posterior", "TextVAEError", "TrainedVAE", "compare", "evaluate", "load", "plot_latent", "train"]
 
 
 def __getattr__(name: str):
@@ -20,4 +21,8 @@ def __getattr__(name: str):
         from textvae.evaluation.latent_plot import plot_latent
 
         return plot_latent
+    if name == "compare":
+        from textvae.evaluation.paired import compare
+
+        return compare
     raise AttributeError(f"module 'textvae' has no attribute {name!r}")

@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command != "report":
+        if args.command not in ("report", "compare"):
             args.threads = configure_threads(args.threads)
         handler = {
             "train": _train,
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             "plot-latent": _plot_latent,
             "score": _score,
             "report": _make_report,
+            "compare": _compare,
         }[args.command]
         return handler(args) or 0
     except TextVAEError as err:
@@ -160,6 +161,14 @@ def _score(args) -> int:
     except ValueError as err:
         raise TextVAEError(str(err)) from None
     _report(results, args.json)
+    return 0
+
+
+# --- compare ----------------------------------------------------------------------------
+def _compare(args) -> int:
+    from textvae.evaluation.paired import compare
+
+    _report(compare(args.a, args.b), args.json)
     return 0
 
 

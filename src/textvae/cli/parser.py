@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                                          "bleu_ref, rouge_1, rouge_2, rouge_l, bertscore (line i against reference line i)")
     score.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
     score.add_argument("--json", metavar="FILE")
+    compare = commands.add_parser("compare", help="paired difference of two runs' per-example scores",
+                                  description="Mean difference A - B of nll (and elbo, rec, kl) over the same examples, "
+                                              "with its paired standard error, from two files written by "
+                                              "textvae evaluate --per-example (docs/metrics.md).")
+    compare.add_argument("a", metavar="A.jsonl")
+    compare.add_argument("b", metavar="B.jsonl")
+    compare.add_argument("--json", metavar="FILE")
     report = commands.add_parser("report", help="compare runs: markdown table and plots",
                                  description="Write OUT/report.md comparing the runs, with training curves (curves.png), "
                                              "KL per latent layer or segment (kl_groups.png) and optionally an interpolation.")

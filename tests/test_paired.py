@@ -1,0 +1,98 @@
+"""`textvae compare`: the paired difference of two runs' per-example scores."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from textvae.cli import main
+from textvae.errors import TextVAEError
+from textvae.evaluation.paired import paired_comparison
+
+
+def records(nll, tokens, **other):
+    return [{"index": i, "nll": n, "tokens": t, **{k: v[i] for k, v in other.items()}}
+            for i, (n, t) in enumerate(zip(nll, tokens))]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_the_mean_difference_and_its_paired_error_match_scipy():
+    a = records([10.0, 20.0, 30.0, 40.0], [5, 10, 15, 20], kl=[1.0, 2.0, 3.0, 4.0])
+    b = records([9.0, 18.0, 29.0, 37.0], [5, 10, 15, 20], kl=[0.5, 0.5, 0.5, 0.5])
+    result = paired_comparison(a, b)
+    assert result["examples"] == 4
+    assert result["nll_a"] == 25.0 and result["nll_b"] == 23.25
+    assert result["nll_diff"] == pytest.approx(1.75)
+    assert result["nll_diff_stderr"] == pytest.approx(stats.sem([1.0, 2.0, 1.0, 3.0]))
+    assert result["kl_diff"] == pytest.approx(2.0) and result["kl_diff_stderr"] == pytest.approx(stats.sem([0.5, 1.5, 2.5, 3.5]))
+    assert "elbo_diff" not in result  # only keys both files hold
+    assert result["nll_per_token_diff"] == pytest.approx(7 / 50)
+
+
+def test_the_order_of_the_records_does_not_matter():
+    rng = random.Random(0)
+    a = records([rng.gauss(50, 10) for _ in range(30)], [rng.randint(5, 40) for _ in range(30)])
+    b = [dict(row, nll=row["nll"] - rng.gauss(1, 0.5)) for row in a]
+    shuffled = b[:]
+    rng.shuffle(shuffled)
+    assert paired_comparison(a, shuffled) == pytest.approx(paired_comparison(a, b))
+
+
+def test_the_per_token_error_agrees_with_a_bootstrap():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 60, size=400)
+    base = tokens * 4.0 + rng.normal(0, 8, size=400)
+    shift = 0.3 * tokens + rng.normal(0, 2, size=400)
+    a = records(list(base + shift), list(tokens))
+    b = records(list(base), list(tokens))
+    result = paired_comparison(a, b)
+    differences = shift
+    boot = [differences[i].sum() / tokens[i].sum() for i in rng.integers(0, 400, size=(4000, 400))]
+    assert result["nll_per_token_diff"] == pytest.approx(differences.sum() / tokens.sum())
+    assert result["nll_per_token_diff_stderr"] == pytest.approx(np.std(boot), rel=0.1)
+
+
+def test_files_over_other_examples_or_tokens_are_refused():
+    a = records([1.0, 2.0, 3.0], [4, 5, 6])
+    with pytest.raises(TextVAEError, match="different examples"):
+        paired_comparison(a, a[:2])
+    with pytest.raises(TextVAEError, match="different tokens"):
+        paired_comparison(a, records([1.0, 2.0, 3.0], [4, 5, 7]))
+
+
+def test_the_command_prints_and_writes_the_comparison(tmp_path, capsys):
+    a = write(tmp_path / "a.jsonl", records([3.0, 5.0, 4.0], [2, 3, 2]))
+    b = write(tmp_path / "b.jsonl", records([2.0, 5.0, 2.0], [2, 3, 2]))
+    assert main(["compare", a, b, "--json", str(tmp_path / "out.json")]) == 0
+    assert "nll_diff" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["nll_diff"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "file not found"),
+    ("not json\n", "is not a JSON line"),
+    ('{"index": 0, "nll": 1.0}\n{"index": 1, "nll": 2.0}\n', "lacks index, nll or tokens"),
+    ('{"index": 0, "nll": 1.0, "tokens": 3}\n', "at least 2"),
+])
+def test_bad_files_end_with_one_line_and_status_2(tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    if content is not None:
+        bad.write_text(content)
+    good = write(tmp_path / "good.jsonl", records([1.0, 2.0], [3, 4]))
+    assert main(["compare", str(bad), good]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_the_api_reads_the_same_files(tmp_path):
+    import textvae
+
+    a = write(tmp_path / "a.jsonl", records([3.0, 5.0, 4.0], [2, 3, 2]))
+    b = write(tmp_path / "b.jsonl", records([2.0, 5.0, 2.0], [2, 3, 2]))
+    assert textvae.compare(a, b)["nll_diff_stderr"] == pytest.approx(stats.sem([1.0, 0.0, 2.0]))

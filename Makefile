@@ -1,5 +1,5 @@
-# Quick start:  make demo   (set up .venv, train the default model on the demo corpus,
-#                            print test metrics and samples)
+# Quick start:  make demo   (set up .venv, fine-tune DELLA on SmolLM2 on the demo corpus,
+#                            print metrics, reconstructions, interpolation, steering, samples)
 #               make test   (set up .venv if needed, run the test suite)
 #               make test-fast  (the suite without the tests marked slow: about a minute)
 PYTHON ?= python3
@@ -24,11 +24,18 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/textvae train --data demo --out $(DEMO_RUN) --overwrite --config configs/demo.yaml
-	$(BIN)/textvae evaluate $(DEMO_RUN) --split test --json $(DEMO_RUN)/test_metrics.json
-	@echo "--- samples from the prior (top-p 0.9) ---"
-	$(BIN)/textvae generate $(DEMO_RUN) --num 8 --decoding top-p --seed 1
+	@echo "--- test metrics: true bounds on the first 100 test sentences, k = 20 (a bigger k tightens them) ---"
+	$(BIN)/textvae evaluate $(DEMO_RUN) --split test --examples 100 --iw-samples 20 --json $(DEMO_RUN)/test_metrics.json
+	$(BIN)/textvae generate $(DEMO_RUN) --reconstruct examples/reconstruct.txt --out $(DEMO_RUN)/reconstructions.txt
+	@echo "--- held-out sentences and their reconstructions (posterior mean, greedy) ---"
+	@paste -d '|' examples/reconstruct.txt $(DEMO_RUN)/reconstructions.txt | sed 's/|/   ->   /'
 	@echo "--- interpolation between two posterior means (greedy) ---"
-	$(BIN)/textvae interpolate $(DEMO_RUN) "a man is playing a guitar on stage ." "two dogs are running through the snow ." --steps 5
+	$(BIN)/textvae interpolate $(DEMO_RUN) "a small boy is climbing a tree ." "three boys are riding their bikes ." --steps 5
+	$(BIN)/textvae steer $(DEMO_RUN) --from examples/sitting.txt --to examples/running.txt --texts examples/steer.txt --alpha 1.0 --out $(DEMO_RUN)/steered.txt
+	@echo "--- steering: + (mean posterior of running.txt - of sitting.txt), alpha 1 ---"
+	@paste -d '|' examples/steer.txt $(DEMO_RUN)/steered.txt | sed 's/|/   ->   /'
+	@echo "--- samples from the prior (top-p 0.9) ---"
+	$(BIN)/textvae generate $(DEMO_RUN) --num 5 --decoding top-p --seed 1
 
 test: setup
 	$(BIN)/python -m pytest -q

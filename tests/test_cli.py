@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,14 @@ def test_a_damaged_run_gives_one_line(damage, tiny_txt, tmp_path, capsys):
     assert main(["evaluate", str(run), "--iw-samples", "1"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and error.startswith("textvae: error: ") and str(run) in error
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid_and_finds_its_data(path, monkeypatch):
+    from textvae.config import load_yaml
+    from textvae.data.corpus import resolve_data_dir
+    from textvae.runs import assemble_config
+
+    config = assemble_config(load_yaml(path), [])  # raises TextVAEError on an unknown or invalid option
+    monkeypatch.chdir(path.parents[1])  # relative data paths start at the repository root
+    assert any(resolve_data_dir(config.data.path).glob("train.*"))

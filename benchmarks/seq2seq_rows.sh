@@ -6,7 +6,8 @@
 # every row of a dataset shares its config (configs/DATASET.yaml) (one backbone, budget, seed 0; cyclical KL).
 # Each row trains to runs/DATASET-MODEL and evaluates the test split: IW-PPL (k = 100, bf16),
 # KL, MI, AU, and 4 outputs per source decoded with the task's beam search, scored with
-# BLEU against the reference, Rouge, BERTScore, Dist and per-source Self-BLEU / Jaccard.
+# BLEU against the reference, Rouge, BERTScore, Dist and per-source Self-BLEU / Jaccard;
+# each example's numbers go to runs/ROW-test-examples.jsonl (for `textvae compare`).
 # Finished parts are skipped; an interrupted training run resumes from its last checkpoint.
 #
 #   bash benchmarks/seq2seq_rows.sh quora-lm quora-della cnndm-della ...
@@ -41,7 +42,8 @@ for row in "$@"; do
   if [ ! -f "$run/eval_test.json" ]; then
     start=$(date +%s)
     "$TEXTVAE" evaluate "$run" --precision bf16 --iw-batch "$iw_batch" --generate "$sources" --samples-per-source 4 \
-      --max-new-tokens "$limit" --samples-out "$run/samples_test.txt" >> "$run.log" 2>&1
+      --max-new-tokens "$limit" --samples-out "$run/samples_test.txt" \
+      --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
 done

@@ -13,7 +13,7 @@ __all__ = ["Posterior", "TextVAEError", "TrainedVAE", "compare", "evaluate", "lo
 
 
 def __getattr__(name: str):
-    if name in ("Posterior", "TrainedVAE", "evaluate", "load", "train"):
+    if name in ("Posterior", "TrainedVAE", "compare", "evaluate", "load", "train"):
         from textvae import api
 
         return getattr(api, name)
@@ -21,8 +21,4 @@ def __getattr__(name: str):
         from textvae.evaluation.latent_plot import plot_latent
 
         return plot_latent
-    if name == "compare":
-        from textvae.evaluation.paired import compare
-
-        return compare
     raise AttributeError(f"module 'textvae' has no attribute {name!r}")

@@ -369,6 +369,16 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     return results
 
 
+def compare(a: str | Path, b: str | Path) -> dict:
+    """The paired difference of two files written by `evaluate(..., per_example=PATH)` (or
+    `textvae evaluate --per-example`), as `textvae compare A B` prints it: `KEY_a`, `KEY_b`,
+    `KEY_diff`, `KEY_diff_stderr` for nll/elbo/rec/kl, `nll_per_token_diff` (evaluation/paired.py)."""
+    from textvae.evaluation.paired import paired_comparison, parse_per_example
+    from textvae.runs import read_lines
+
+    return paired_comparison(*(parse_per_example(read_lines(path, "per-example records"), str(path)) for path in (a, b)))
+
+
 def _file_identity(path: Path) -> str:
     """Size and modification time of a file: a retrained run's weights change them."""
     status = path.stat()

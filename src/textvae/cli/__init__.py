@@ -166,7 +166,7 @@ def _score(args) -> int:
 
 # --- compare ----------------------------------------------------------------------------
 def _compare(args) -> int:
-    from textvae.evaluation.paired import compare
+    from textvae.api import compare
 
     _report(compare(args.a, args.b), args.json)
     return 0

@@ -203,11 +203,11 @@ def evaluate_likelihood(
             per_example["index"].append(torch.tensor(rows))
     values = {key: torch.cat(parts) for key, parts in per_example.items() if parts}
     tokens, examples = values["tokens"], len(data)
-    metrics = {**_perplexity("", -values["log_px"], tokens), **_mean("nll", -values["log_px"])}
+    metrics = {**perplexity_with_stderr("", -values["log_px"], tokens), **mean_with_stderr("nll", -values["log_px"])}
     if model.has_latent:
         rec, kl, groups = values["rec"], values["kl"], values["groups"]
         active = active_units(torch.cat([q.activity_means for q in posteriors]), au_delta)
-        metrics.update(**_mean("elbo", rec + kl), **_mean("rec", rec), **_mean("kl", kl))
+        metrics.update(**mean_with_stderr("elbo", rec + kl), **mean_with_stderr("rec", rec), **mean_with_stderr("kl", kl))
         torch.manual_seed(seed)
         metrics.update(mi=mutual_information(posteriors), au=int(active.sum()))
         sizes = model.latent_group_sizes
@@ -218,8 +218,8 @@ def evaluate_likelihood(
         if len(segment_count):
             metrics["kl_segments"] = (segment_kl / segment_count).tolist()
         # the papers' conventions, beside the true quantities (docs/metrics.md)
-        metrics.update(**_mean("kl_layer_mean", kl / groups), **_mean("elbo_layer_mean", rec + kl / groups))
-        metrics.update(**_perplexity("_layer_mean", -values["log_px_mean"], tokens))
+        metrics.update(**mean_with_stderr("kl_layer_mean", kl / groups), **mean_with_stderr("elbo_layer_mean", rec + kl / groups))
+        metrics.update(**perplexity_with_stderr("_layer_mean", -values["log_px_mean"], tokens))
         metrics.update(mi_minibatch=minibatch_mutual_information(posteriors), mi_minibatch_size=batch_size)
     metrics.update(tokens=int(tokens.sum()), examples=examples)
     if per_example_out is not None:
@@ -230,13 +230,13 @@ def evaluate_likelihood(
     return metrics
 
 
-def _mean(name: str, values: torch.Tensor) -> dict[str, float]:
+def mean_with_stderr(name: str, values: torch.Tensor) -> dict[str, float]:
     """The mean of per-example `values` [N] and its standard error (0 for one example)."""
     stderr = float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else 0.0
     return {name: float(values.mean()), f"{name}_stderr": stderr}
 
 
-def _perplexity(suffix: str, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+def perplexity_with_stderr(suffix: str, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
     """ppl = exp(sum nll / sum tokens) over examples [N], and its standard error by the delta
     method for a ratio of sums: se(ppl) = ppl * sd(nll_i - r t_i) / (mean(t) sqrt(N))."""
     rate = float(nll.sum() / tokens.sum())

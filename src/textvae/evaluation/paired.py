@@ -4,49 +4,38 @@ Two rows scored on the same examples share most of their noise (a long sentence 
 both), so the standard error of the mean of per-example differences is usually far smaller
 than either row's own error. For every per-example key both files hold (`nll`, `elbo`, `rec`,
 `kl`): the two means, the mean difference A - B with its standard error over examples, and
-the difference in nats per token (a ratio of sums, its error by the delta method, as `ppl`'s).
+the difference in nats per token (the log of the perplexity ratio, its error by the delta
+method, as `ppl`'s).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+
+import torch
 
 from textvae.errors import TextVAEError
+from textvae.evaluation.likelihood import mean_with_stderr, perplexity_with_stderr
 
 KEYS = ("nll", "elbo", "rec", "kl")
 
 
-def read_per_example(path: str | Path) -> list[dict]:
-    """The records of a per-example JSONL file, checked for `index`, `nll` and `tokens`."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TextVAEError(f"file not found: {path}") from None
-    except UnicodeDecodeError:
-        raise TextVAEError(f"{path} is not valid UTF-8") from None
+def parse_per_example(lines: list[str], source: str) -> list[dict]:
+    """The records of a per-example JSONL file's non-blank `lines`, checked for `index`, `nll`
+    and `tokens` (`source`: the file, for the messages)."""
     records = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise TextVAEError(f"{path}:{number} is not a JSON line (write it with textvae evaluate --per-example)") from None
+            raise TextVAEError(f"{source}: record {number} is not a JSON line (write it with textvae evaluate --per-example)") from None
         if not isinstance(record, dict) or not {"index", "nll", "tokens"} <= set(record):
-            raise TextVAEError(f"{path}:{number} lacks index, nll or tokens (write it with textvae evaluate --per-example)")
+            raise TextVAEError(f"{source}: record {number} lacks index, nll or tokens (write it with textvae evaluate --per-example)")
         records.append(record)
     if len(records) < 2:
-        raise TextVAEError(f"{path} holds {len(records)} example(s); a comparison needs at least 2")
+        raise TextVAEError(f"{source} holds {len(records)} example(s); a comparison needs at least 2")
     return records
-
-
-def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    variance = sum((value - mean) ** 2 for value in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
 
 
 def paired_comparison(a: list[dict], b: list[dict]) -> dict:
@@ -65,20 +54,14 @@ def paired_comparison(a: list[dict], b: list[dict]) -> dict:
     for key in KEYS:
         if not all(key in x and key in y for x, y in pairs):
             continue
-        result[f"{key}_a"] = _mean_and_stderr([x[key] for x, _ in pairs])[0]
-        result[f"{key}_b"] = _mean_and_stderr([y[key] for _, y in pairs])[0]
-        result[f"{key}_diff"], result[f"{key}_diff_stderr"] = _mean_and_stderr([x[key] - y[key] for x, y in pairs])
-    # nats per token: r = sum(d) / sum(t); delta method as for ppl (docs/metrics.md)
-    differences = [x["nll"] - y["nll"] for x, y in pairs]
-    tokens = [x["tokens"] for x, _ in pairs]
-    rate = sum(differences) / sum(tokens)
-    _, residual_stderr = _mean_and_stderr([d - rate * t for d, t in zip(differences, tokens)])
-    result["nll_per_token_diff"] = rate
-    result["nll_per_token_diff_stderr"] = residual_stderr / (sum(tokens) / len(tokens))
+        first = torch.tensor([x[key] for x, _ in pairs], dtype=torch.float64)
+        second = torch.tensor([y[key] for _, y in pairs], dtype=torch.float64)
+        result[f"{key}_a"], result[f"{key}_b"] = float(first.mean()), float(second.mean())
+        result.update(mean_with_stderr(f"{key}_diff", first - second))
+    # nats per token = log(ppl_A / ppl_B), a ratio of sums: the delta method of `ppl`'s error
+    differences = torch.tensor([x["nll"] - y["nll"] for x, y in pairs], dtype=torch.float64)
+    tokens = torch.tensor([x["tokens"] for x, _ in pairs], dtype=torch.float64)
+    ratio = perplexity_with_stderr("", differences, tokens)
+    result["nll_per_token_diff"] = math.log(ratio["ppl"])
+    result["nll_per_token_diff_stderr"] = ratio["ppl_stderr"] / ratio["ppl"]
     return result
-
-
-def compare(a: str | Path, b: str | Path) -> dict:
-    """`paired_comparison` of two files written by `textvae evaluate --per-example` (or
-    `textvae.evaluate(..., per_example=PATH)`), as `textvae compare A B` prints it."""
-    return paired_comparison(read_per_example(a), read_per_example(b))

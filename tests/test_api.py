@@ -180,6 +180,19 @@ def test_score_gives_the_bound_parts_per_text(runs):
     assert min(parts["rec"]) > 0 and parts["tokens"] == [len(t) + 1 for t in vae.model.tokenizer.encode_batch(TEXTS)]
 
 
+@pytest.mark.parametrize("name", ("della", "trace-r"))
+def test_evaluate_scores_the_reconstructions_that_reconstruct_gives(name, runs, tmp_path, capsys):
+    from textvae.evaluation.text_metrics import reconstruction_scores
+
+    texts = demo_lines("test", 5)
+    expected = reconstruction_scores(texts, textvae.load(runs[name]).reconstruct(texts))
+    metrics = textvae.evaluate(runs[name], iw_samples=2, reconstruction=5)
+    assert {key: metrics[key] for key in expected} == expected and metrics["reconstruction_examples"] == 5
+    assert main(["evaluate", str(runs[name]), "--iw-samples", "2", "--reconstruction", "5",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+
 def test_a_plain_lm_scores_and_samples_but_has_no_latent(runs):
     vae = textvae.load(runs["lm"])
     exact = vae.log_likelihood(TEXTS, k=1)["log_likelihood"]
@@ -258,6 +271,7 @@ def test_bad_input_gives_one_line(runs, tmp_path, capsys):
     assert "one latent per segment" in _error(capsys, ["analogy", str(runs["trace-r"]), *TEXTS[:3]])
     assert "no latent" in _error(capsys, ["interpolate", str(runs["lm"]), "a", "b"])
     assert "--examples must be >= 1" in _error(capsys, ["evaluate", str(runs["lm"]), "--examples", "0"])
+    assert "needs a model with a latent" in _error(capsys, ["evaluate", str(runs["lm"]), "--reconstruction", "3"])
     vae = textvae.load(runs["della"])
     for call, message in ((lambda: vae.encode([]), "no texts"), (lambda: vae.encode("one string"), "list of strings"),
                           (lambda: vae.decode(torch.zeros(2, 3, 16)), "latents must be"),

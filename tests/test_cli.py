@@ -250,3 +250,20 @@ def test_every_shipped_config_is_valid_and_finds_its_data(path, monkeypatch):
     config = assemble_config(load_yaml(path), [])  # raises TextVAEError on an unknown or invalid option
     monkeypatch.chdir(path.parents[1])  # relative data paths start at the repository root
     assert any(resolve_data_dir(config.data.path).glob("train.*"))
+
+
+def test_the_demo_commands_in_the_makefile_parse_and_their_files_exist():
+    import shlex
+
+    from textvae.cli.parser import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0].splitlines()
+    commands = [shlex.split(line.strip().replace("$(BIN)/textvae", "").replace("$(DEMO_RUN)", "runs/demo"))
+                for line in lines if line.strip().startswith("$(BIN)/textvae")]
+    assert [args[0] for args in commands] == ["train", "evaluate", "generate", "interpolate", "steer", "generate"]
+    for args in commands:
+        parsed = vars(build_parser().parse_args(args))  # argparse exits on an unknown option
+        for option in ("config", "reconstruct", "from_texts", "to_texts", "texts"):
+            if isinstance(parsed.get(option), str):
+                assert (root / parsed[option]).is_file(), parsed[option]

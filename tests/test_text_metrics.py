@@ -92,6 +92,22 @@ def test_jaccard_of_word_sets_by_hand():
     assert jaccard(["", ""]) == 1.0
 
 
+def test_reconstruction_scores_by_hand_and_bleu_against_nltk():
+    from textvae.evaluation.text_metrics import reconstruction_scores
+
+    inputs = ["a dog runs on the mat .", "the cat sleeps", "a b", ""]
+    outputs = ["a dog runs on the mat .", "the cat runs", "b a", ""]
+    scores = reconstruction_scores(inputs, outputs)
+    assert scores["reconstruction_exact"] == 0.5  # the first and the empty pair; "b a" is not "a b"
+    # word sets: 1, {the,cat}/{the,cat,sleeps,runs} = 1/2, {a,b}/{a,b} = 1, two empty texts = 1
+    assert scores["reconstruction_jaccard"] == pytest.approx((1 + 0.5 + 1 + 1) / 4)
+    expected = corpus_bleu([[text.split()] for text in inputs], [text.split() for text in outputs],
+                           smoothing_function=SmoothingFunction().method1)
+    assert scores["reconstruction_bleu"] == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError):
+        reconstruction_scores(inputs, outputs[:2])
+
+
 def test_ngram_jsd_by_hand_and_against_scipy():
     from scipy.spatial.distance import jensenshannon
 

@@ -302,7 +302,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
              generate: int = 0, decoding: str | None = None, samples_per_source: int = 1,
              metrics: list[str] | None = None, samples_out: str | Path | None = None, mauve_features: str = "minilm",
              examples: int | None = None, device: str | None = None, verbose: bool = False, on_start=None,
-             iw_batch: int = 20, per_example: str | Path | None = None, **decoding_options) -> dict:
+             iw_batch: int = 20, per_example: str | Path | None = None, reconstruction: int = 0,
+             **decoding_options) -> dict:
     """Metrics of a trained run on a split, as `textvae evaluate` reports them
     (docs/metrics.md): ppl, nll, elbo, rec, kl, mi, au with `*_stderr`, and the papers'
     conventions (`evaluation/likelihood.py`); with `generate` = N, also text metrics of N
@@ -313,6 +314,9 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     `per_example`: also write each example's numbers there, one JSON line per example (`index`,
     `nll`, `tokens`, and `elbo`, `rec`, `kl` for latent models) in the order of the split's
     evaluated examples (after `data.overlong` drops): paired comparisons of runs on the same texts.
+    `reconstruction` = N: also decode the first N evaluated texts greedily from their posterior
+    means and score them against their inputs (`reconstruction_bleu`, `_exact`, `_jaccard`:
+    `evaluation/text_metrics.reconstruction_scores`).
     `on_start`: called once the inputs are checked, as the work begins."""
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
@@ -328,7 +332,11 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         raise TextVAEError(f"split must be train, valid or test, got {split!r}")
     if examples is not None and examples < 1:
         raise TextVAEError("--examples must be >= 1")
+    if reconstruction < 0:
+        raise TextVAEError("--reconstruction must be >= 0")
     model, config = load_run(run_dir, device)
+    if reconstruction and not model.has_latent:
+        raise TextVAEError("--reconstruction needs a model with a latent; this run is a plain language model")
     data_dir = resolve_data_dir(data or config.data.path)
     split_data = read_split(data_dir, split)
     scored = dataclasses.replace(split_data, examples=split_data.examples[:examples])  # [:None]: all
@@ -363,10 +371,22 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     results["settings"] = {"iw_samples": iw_samples if model.has_latent else None, "au_delta": au_delta,
                            "seed": seed, "precision": "bf16" if bf16 else "fp32", "examples_limit": examples,
                            "iw_batch": iw_batch if model.has_latent else None}
+    if reconstruction:
+        results.update(_reconstruction(TrainedVAE(model, config, batch_size=batch_size), scored.examples[:reconstruction]))
     if generate:
         results.update(generate_and_score(model, config, split_data, generate, generation, seed, samples_per_source,
                                           metrics, samples_out, mauve_features, write_text))
     return results
+
+
+def _reconstruction(vae: TrainedVAE, examples: list) -> dict:
+    """`reconstruction_scores` of the examples' greedy reconstructions from their posterior means."""
+    from textvae.evaluation.text_metrics import reconstruction_scores
+
+    texts = [example.target for example in examples]
+    sources = [example.source for example in examples] if examples[0].source is not None else None
+    return {**reconstruction_scores(texts, vae.reconstruct(texts, sources=sources)),
+            "reconstruction_examples": len(texts)}
 
 
 def compare(a: str | Path, b: str | Path) -> dict:

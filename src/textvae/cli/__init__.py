@@ -72,7 +72,7 @@ def _evaluate(args) -> int:
         args.run_dir, args.split, args.data, args.iw_samples, args.au_delta, args.seed, args.precision,
         args.batch_size, args.generate, args.decoding, args.samples_per_source, metrics, args.samples_out,
         args.mauve_features, examples=args.examples, verbose=True, on_start=warn, iw_batch=args.iw_batch,
-        per_example=args.per_example, top_k=args.top_k, top_p=args.top_p,
+        per_example=args.per_example, reconstruction=args.reconstruction, top_k=args.top_k, top_p=args.top_p,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
     )
     _report(metrics, args.json)

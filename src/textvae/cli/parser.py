@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also sample N texts (latents from the prior) and score them against the split; "
                                ".jsonl: texts for each of the first N sources (see --samples-per-source), each "
                                "against its source's target")
+    evaluate.add_argument("--reconstruction", type=int, default=0, metavar="N",
+                          help="also decode the first N evaluated texts greedily from their posterior means and "
+                               "score them against their inputs (BLEU, exact matches, word Jaccard)")
     evaluate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
                           help="decoding of --generate (default as in the papers: beam search for summarization and "
                                "paraphrase runs, else top-k 50)")

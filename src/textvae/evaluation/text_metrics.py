@@ -102,6 +102,20 @@ def paired_bleu(samples: list[str], references: list[str]) -> float:
     return _bleu(matched, totals, hypothesis_length, reference_length)
 
 
+def reconstruction_scores(inputs: list[str], reconstructions: list[str]) -> dict[str, float]:
+    """How closely each reconstruction i repeats its input i: `reconstruction_bleu` (corpus
+    BLEU-4 as `paired_bleu`, a fraction), `reconstruction_exact` (the fraction that repeat their
+    input word for word) and `reconstruction_jaccard` (mean |A & B| / |A | B| of the two texts'
+    word sets; two empty texts count as 1)."""
+    if len(inputs) != len(reconstructions) or not inputs:
+        raise ValueError(f"reconstructions pair with inputs: {len(reconstructions)} for {len(inputs)} inputs")
+    words = [(tokenize(a), tokenize(b)) for a, b in zip(inputs, reconstructions)]
+    overlaps = [len(set(a) & set(b)) / len(set(a) | set(b)) if a or b else 1.0 for a, b in words]
+    return {"reconstruction_bleu": paired_bleu(reconstructions, inputs),
+            "reconstruction_exact": sum(a == b for a, b in words) / len(words),
+            "reconstruction_jaccard": sum(overlaps) / len(overlaps)}
+
+
 def self_bleu(samples: list[str]) -> float:
     """Mean BLEU-4 of each sample against all the other samples (needs at least two)."""
     if len(samples) < 2:

@@ -19,7 +19,7 @@ def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tm
         runs[model] = tmp_path / model
         assert main(["train", "--model", model, "--data", str(tiny_txt), "--out", str(runs[model]),
                      "--max-steps", "8", *FAST]) == 0
-    assert main(["evaluate", str(runs["della"]), "--iw-samples", "2"]) == 0  # records eval_test.json in the run
+    assert main(["evaluate", str(runs["della"]), "--iw-samples", "2", "--reconstruction", "4"]) == 0  # records eval_test.json
     della = json.loads((runs["della"] / "eval_test.json").read_text())
     assert len(della["kl_groups"]) == 4  # gpt2-tiny: a latent per layer
     # samples scored apart: their metrics join the row; evaluate's own keys win
@@ -38,6 +38,7 @@ def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tm
     assert rows["lm"].split(" | ")[ppl_column] == "-"  # not evaluated: said, not invented
     header, della_cells = ([cell.strip() for cell in rows[name].strip("|").split("|")] for name in ("run", "della"))
     assert della_cells[header.index("self_bleu")] == "0.250"
+    assert della_cells[header.index("reconstruction_jaccard")] == f"{della['reconstruction_jaccard']:.3f}"
     assert "Not evaluated on `test` yet: lm" in markdown
     for picture in ("curves.png", "kl_groups.png"):
         assert (out / picture).read_bytes().startswith(PNG) and f"]({picture})" in markdown

@@ -18,8 +18,9 @@ from textvae.errors import TextVAEError
 
 # Table columns in this order, those that at least one run has.
 COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "ppl_layer_mean", "elbo_layer_mean",
-           "kl_layer_mean", "mi_minibatch", "bleu", "bleu_ref", "ngram_jsd", "mauve",
-           "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard", "length", "rouge_1", "rouge_2", "rouge_l", "bertscore")
+           "kl_layer_mean", "mi_minibatch", "reconstruction_bleu", "reconstruction_exact", "reconstruction_jaccard",
+           "bleu", "bleu_ref", "ngram_jsd", "mauve", "self_bleu", "dist_1", "dist_2", "dist_3", "dist_4", "jaccard",
+           "length", "rouge_1", "rouge_2", "rouge_l", "bertscore")
 
 
 @dataclass

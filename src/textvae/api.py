@@ -314,9 +314,10 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     `per_example`: also write each example's numbers there, one JSON line per example (`index`,
     `nll`, `tokens`, and `elbo`, `rec`, `kl` for latent models) in the order of the split's
     evaluated examples (after `data.overlong` drops): paired comparisons of runs on the same texts.
-    `reconstruction` = N: also decode the first N evaluated texts greedily from their posterior
-    means and score them against their inputs (`reconstruction_bleu`, `_exact`, `_jaccard`:
-    `evaluation/text_metrics.reconstruction_scores`).
+    `reconstruction` = N: also decode greedily, from their posterior means, the first N
+    examples of the evaluated subset that fit whole in `data.max_length` (a cut text cannot
+    come back whole) and score them against their inputs (`reconstruction_bleu`, `_exact`,
+    `_jaccard`, `_examples`: `evaluation/text_metrics.reconstruction_scores`).
     `on_start`: called once the inputs are checked, as the work begins."""
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
@@ -350,6 +351,10 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         if samples_per_source < 1:
             raise TextVAEError("--samples-per-source must be >= 1")
         generation = decoding_config(config, decoding or default_decoding(config, "top-k"), decoding_options)
+    if reconstruction:  # chosen before the long likelihood pass, so that a bad choice fails first
+        whole = _whole_examples(scored, model, config)[:reconstruction]
+        if not whole:
+            raise TextVAEError("--reconstruction: none of the evaluated examples fits whole in data.max_length")
     if on_start is not None:
         on_start()
     # an evaluation cut short resumes from what it had done (the same numbers as one run)
@@ -372,11 +377,26 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
                            "seed": seed, "precision": "bf16" if bf16 else "fp32", "examples_limit": examples,
                            "iw_batch": iw_batch if model.has_latent else None}
     if reconstruction:
-        results.update(_reconstruction(TrainedVAE(model, config, batch_size=batch_size), scored.examples[:reconstruction]))
+        results.update(_reconstruction(TrainedVAE(model, config, batch_size=batch_size), whole))
     if generate:
         results.update(generate_and_score(model, config, split_data, generate, generation, seed, samples_per_source,
                                           metrics, samples_out, mauve_features, write_text))
     return results
+
+
+def _whole_examples(split, model, config) -> list:
+    """The split's examples that the model reads whole: a non-empty text (and, on conditional
+    data, a non-empty source) whose layout fits in `data.max_length` untruncated."""
+    from textvae.data.batching import encode_examples
+
+    def whole(example) -> bool:
+        if not example.target.strip() or (split.conditional and not (example.source or "").strip()):
+            return False
+        data = config.data
+        kept, stats = encode_examples([example], model.tokenizer, data.max_length, data.max_source_length, "drop",
+                                      model.segmenter)
+        return bool(kept) and not stats.sources_truncated
+    return [example for example in split.examples if whole(example)]
 
 
 def _reconstruction(vae: TrainedVAE, examples: list) -> dict:

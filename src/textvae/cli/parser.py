@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                ".jsonl: texts for each of the first N sources (see --samples-per-source), each "
                                "against its source's target")
     evaluate.add_argument("--reconstruction", type=int, default=0, metavar="N",
-                          help="also decode the first N evaluated texts greedily from their posterior means and "
-                               "score them against their inputs (BLEU, exact matches, word Jaccard)")
+                          help="also decode the first N evaluated texts that fit whole in data.max_length greedily "
+                               "from their posterior means and score them against their inputs (BLEU, exact "
+                               "matches, word Jaccard)")
     evaluate.add_argument("--decoding", choices=("greedy", "sample", "top-k", "top-p", "beam"),
                           help="decoding of --generate (default as in the papers: beam search for summarization and "
                                "paraphrase runs, else top-k 50)")

@@ -352,7 +352,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
             raise TextVAEError("--samples-per-source must be >= 1")
         generation = decoding_config(config, decoding or default_decoding(config, "top-k"), decoding_options)
     if reconstruction:  # chosen before the long likelihood pass, so that a bad choice fails first
-        whole = _whole_examples(scored, model, config)[:reconstruction]
+        whole = _whole_examples(scored, model, config, reconstruction)
         if not whole:
             raise TextVAEError("--reconstruction: none of the evaluated examples fits whole in data.max_length")
     if on_start is not None:
@@ -384,19 +384,23 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     return results
 
 
-def _whole_examples(split, model, config) -> list:
-    """The split's examples that the model reads whole: a non-empty text (and, on conditional
-    data, a non-empty source) whose layout fits in `data.max_length` untruncated."""
+def _whole_examples(split, model, config, count: int) -> list:
+    """The first `count` of the split's examples that the model reads whole: a non-empty text
+    (and, on conditional data, a non-empty source) whose layout fits in `data.max_length`
+    untruncated."""
     from textvae.data.batching import encode_examples
 
-    def whole(example) -> bool:
+    data, chosen = config.data, []
+    for example in split.examples:
+        if len(chosen) == count:
+            break
         if not example.target.strip() or (split.conditional and not (example.source or "").strip()):
-            return False
-        data = config.data
+            continue
         kept, stats = encode_examples([example], model.tokenizer, data.max_length, data.max_source_length, "drop",
                                       model.segmenter)
-        return bool(kept) and not stats.sources_truncated
-    return [example for example in split.examples if whole(example)]
+        if kept and not stats.sources_truncated:
+            chosen.append(example)
+    return chosen
 
 
 def _reconstruction(vae: TrainedVAE, examples: list) -> dict:

@@ -9,17 +9,21 @@
 # texts in runs/smollm2-ROW-samples.txt; a copy in the run as generated_test.json, for
 # `textvae report runs/smollm2-*`). Finished parts are skipped; an interrupted training
 # run resumes from its last checkpoint. Wall times go to runs/smollm2-ROW.log.
+# ROW-const (embed, memory, softmax, della) trains without annealing (constant beta = 1: the
+# un-annealed rows of DELLA's Table 5). IW_SAMPLES sets k (default 100).
 #
 #   OMP_NUM_THREADS=1 bash benchmarks/smollm2_rows.sh della lm-full ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
 EXAMPLES=${EXAMPLES:-1000}
+IW_SAMPLES=${IW_SAMPLES:-100}
 
 row_args() {
   case "$1" in
     lm-full) echo "--model lm --set backbone.adapter=none" ;;  # full fine-tuning: the reference
     lm|embed|memory|softmax|optimus|norec|della) echo "--model $1" ;;
+    embed-const|memory-const|softmax-const|della-const) echo "--model ${1%-const} --set kl.schedule=constant" ;;
     ind|cgd|trace-r|trace-p) echo "--model $1 --set model.segment_length=10" ;;  # segments of 10 tokens, as the paper
     *) echo "unknown row $1" >&2; return 2 ;;
   esac
@@ -41,7 +45,7 @@ for row in "$@"; do
   fi
   if [ ! -f "$run-test.json" ] || [ ! -f "$run-test-examples.jsonl" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --precision bf16 --json "$run-test.json" \
+    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --iw-samples "$IW_SAMPLES" --precision bf16 --json "$run-test.json" \
       --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi

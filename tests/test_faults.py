@@ -96,10 +96,16 @@ def test_a_quicker_evaluation_never_replaces_a_more_thorough_record(trained_dell
     assert "kept the run's more thorough eval_test.json" in capsys.readouterr().err
     assert json.loads((trained_della / "eval_test.json").read_text()) == thorough
     quick = json.loads((trained_della / "eval_test-k1-n5.json").read_text())
+    # each record keeps its own examples' scores beside it (for `textvae report --reference`); no scratch file left
+    kept = [json.loads(line) for line in (trained_della / "eval_test.examples.jsonl").read_text().splitlines()]
+    assert len(kept) == thorough["examples"] and sum(r["nll"] for r in kept) / len(kept) == pytest.approx(thorough["nll"])
+    assert len((trained_della / "eval_test-k1-n5.examples.jsonl").read_text().splitlines()) == 5
+    assert not list(trained_della.glob(".eval_test.examples*"))
     assert quick["settings"] == {"iw_samples": 1, "au_delta": 0.01, "seed": 0, "precision": "fp32", "examples_limit": 5,
                                  "iw_batch": 20}
     assert main(["evaluate", str(trained_della), "--iw-samples", "4"]) == 0  # as thorough or more: replaces
     assert json.loads((trained_della / "eval_test.json").read_text())["settings"]["iw_samples"] == 4
+    assert (trained_della / "eval_test.examples.jsonl").read_text() != "\n".join(map(json.dumps, kept)) + "\n"
 
 
 def test_a_language_model_record_is_replaced_by_one_over_as_many_examples(tiny_txt, tmp_path, capsys):

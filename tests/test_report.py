@@ -60,3 +60,44 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert "eval_test.json is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def _scored_run(directory, model, nll, tokens):
+    """A run directory as training and `textvae evaluate` leave it, with per-example scores."""
+    directory.mkdir()
+    (directory / "config.yaml").write_text(f"run: {{model: {{name: {model}}}}}\n")
+    mean = sum(nll) / len(nll)
+    (directory / "eval_test.json").write_text(json.dumps({"nll": mean, "examples": len(nll)}))
+    lines = [json.dumps({"index": i, "nll": value, "tokens": count}) for i, (value, count) in enumerate(zip(nll, tokens))]
+    (directory / "eval_test.examples.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_report_gives_each_run_its_nll_against_a_reference_paired_over_the_same_examples(tmp_path, capsys):
+    tokens = [4, 6, 5, 5]
+    _scored_run(tmp_path / "lm", "lm", [10.0, 20.0, 14.0, 16.0], tokens)
+    _scored_run(tmp_path / "della", "della", [9.0, 19.5, 13.0, 14.5], tokens)  # differences -1, -0.5, -1, -1.5
+    _scored_run(tmp_path / "other", "embed", [9.0, 19.5, 13.0], tokens[:3])  # scored fewer examples
+    (tmp_path / "unscored").mkdir()
+    (tmp_path / "unscored" / "config.yaml").write_text("run: {model: {name: embed}}\n")
+    (tmp_path / "unscored" / "eval_test.json").write_text(json.dumps({"nll": 12.0, "examples": 4}))
+    runs = [str(tmp_path / name) for name in ("lm", "della", "other", "unscored")]
+    assert main(["report", *runs, "--reference", str(tmp_path / "lm"), "--out", str(tmp_path / "r")]) == 0
+    markdown = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): [cell.strip() for cell in line.strip("|").split("|")]
+            for line in markdown.splitlines() if line.startswith("| ")}
+    paired, per_token = rows["run"].index("nll - reference (paired)"), rows["run"].index("per token")
+    # mean of the differences -1.0; their sample standard deviation 0.408, over sqrt(4): 0.204
+    assert rows["della"][paired] == "-1.00 ± 0.20"
+    assert rows["della"][per_token].startswith("-0.2000 ± ")  # -4 nats over 20 tokens
+    assert rows["lm"][paired] == "-" and rows["other"][paired] == "-" and rows["unscored"][paired] == "-"
+    assert "Not paired: other (the two files score different examples" in markdown
+    assert "Not paired: unscored (no per-example scores kept with its evaluation)." in markdown
+
+
+def test_report_refuses_a_reference_without_per_example_scores(tmp_path, capsys):
+    _scored_run(tmp_path / "della", "della", [9.0, 19.5], [4, 6])
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.yaml").write_text("run: {model: {name: lm}}\n")
+    assert main(["report", str(tmp_path / "della"), "--reference", str(tmp_path / "lm"), "--out", str(tmp_path / "r")]) == 2
+    assert "keeps no per-example scores" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "report.md").exists()

@@ -172,10 +172,13 @@ def info(enabled: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def record_evaluation(run_dir: Path, split: str, metrics: dict) -> Path:
+def record_evaluation(run_dir: Path, split: str, metrics: dict, per_example: str | None = None) -> Path:
     """Keep `metrics` with the run. RUN_DIR/eval_SPLIT.json, the record `textvae report` reads,
     is replaced only by an evaluation at least as thorough (as many importance samples and
-    examples); any other is written beside it, named by its settings. Returns the file."""
+    examples); any other is written beside it, named by its settings. `per_example` (the JSONL
+    text of `evaluate --per-example`) goes beside the record as eval_SPLIT.examples.jsonl (for
+    `textvae report --reference`); a record without it drops an older one, which would belong
+    to another evaluation. Returns the record's file."""
     import json
 
     record = run_dir / f"eval_{split}.json"
@@ -187,8 +190,17 @@ def record_evaluation(run_dir: Path, split: str, metrics: dict) -> Path:
         if isinstance(kept, dict) and _less_thorough(metrics, kept):
             k = (metrics.get("settings") or {}).get("iw_samples")
             record = run_dir / f"eval_{split}{'' if k is None else f'-k{k}'}-n{metrics.get('examples')}.json"
+    examples = examples_record(record)
+    examples.unlink(missing_ok=True)  # never left beside a record of another evaluation
     write_text(record, json.dumps(metrics, indent=1) + "\n")
+    if per_example is not None:
+        write_text(examples, per_example)
     return record
+
+
+def examples_record(record: Path) -> Path:
+    """Where the per-example scores of evaluation record RUN_DIR/NAME.json are kept."""
+    return record.with_name(f"{record.stem}.examples.jsonl")
 
 
 def _less_thorough(new: dict, kept: dict) -> bool:

@@ -68,18 +68,25 @@ def _evaluate(args) -> int:
 
     metrics = None if not args.metrics else [name.strip() for name in args.metrics.split(",") if name.strip()]
     warn = lambda: warn_if_busy(args.threads)  # noqa: E731 - after the input checks, as the work begins
-    metrics = evaluate(
-        args.run_dir, args.split, args.data, args.iw_samples, args.au_delta, args.seed, args.precision,
-        args.batch_size, args.generate, args.decoding, args.samples_per_source, metrics, args.samples_out,
-        args.mauve_features, examples=args.examples, verbose=True, on_start=warn, iw_batch=args.iw_batch,
-        per_example=args.per_example, reconstruction=args.reconstruction, top_k=args.top_k, top_p=args.top_p,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-    )
-    _report(metrics, args.json)
-    if not args.data:  # the run's own record, read by `textvae report`
-        record = record_evaluation(Path(args.run_dir), args.split, metrics)
-        if record.name != f"eval_{args.split}.json":
-            print(f"kept the run's more thorough eval_{args.split}.json; this evaluation is in {record}", file=sys.stderr)
+    recording = not args.data  # the run's own record, read by `textvae report`, keeps each example's scores
+    scratch = Path(args.run_dir) / f".eval_{args.split}.examples.tmp" if recording and not args.per_example else None
+    per_example = args.per_example or scratch
+    try:
+        metrics = evaluate(
+            args.run_dir, args.split, args.data, args.iw_samples, args.au_delta, args.seed, args.precision,
+            args.batch_size, args.generate, args.decoding, args.samples_per_source, metrics, args.samples_out,
+            args.mauve_features, examples=args.examples, verbose=True, on_start=warn, iw_batch=args.iw_batch,
+            per_example=per_example, reconstruction=args.reconstruction, top_k=args.top_k, top_p=args.top_p,
+            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+        )
+        _report(metrics, args.json)
+        if recording:
+            record = record_evaluation(Path(args.run_dir), args.split, metrics, Path(per_example).read_text(encoding="utf-8"))
+            if record.name != f"eval_{args.split}.json":
+                print(f"kept the run's more thorough eval_{args.split}.json; this evaluation is in {record}", file=sys.stderr)
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
     return 0
 
 
@@ -178,17 +185,18 @@ def _make_report(args) -> int:
 
     if args.steps < 2:
         raise TextVAEError("--steps must be >= 2 (the two end points are included)")
-    for run_dir in args.run_dirs:
+    for run_dir in [*args.run_dirs, *([args.reference] if args.reference else [])]:
         if not Path(run_dir).is_dir():
             raise TextVAEError(f"run directory not found: {run_dir}")
     records = [read_run(run_dir, args.split) for run_dir in args.run_dirs]
+    reference = read_run(args.reference, args.split) if args.reference else None
     listing = None
     if args.interpolate:
         from textvae.api import interpolation_path
 
         paths = {record.name: interpolation_path(record.directory, *args.interpolate, args.steps) for record in records}
         listing = interpolation_listing(*args.interpolate, {name: path for name, path in paths.items() if path is not None})
-    sys.stdout.write(build_report(records, Path(args.out), args.split, listing))
+    sys.stdout.write(build_report(records, Path(args.out), args.split, listing, reference))
     return 0
 
 

@@ -1,10 +1,12 @@
 """`textvae report`: compare trained runs in one markdown file with plots.
 
 Reads what training and evaluation left in each run directory (config.yaml, metrics.jsonl,
-eval_SPLIT.json, and generated_SPLIT.json when the run's samples were scored apart) and writes
-report.md with a metrics table, training curves of the reconstruction loss and the KL (DELLA's
-Figure 5), the KL of each latent layer or segment, and optionally an interpolation listing
-(the decodings come from the caller: generation is a sibling layer).
+eval_SPLIT.json with its per-example scores eval_SPLIT.examples.jsonl, and generated_SPLIT.json
+when the run's samples were scored apart) and writes report.md with a metrics table (with a
+reference run, each run's NLL against it, paired over the same examples), training curves of
+the reconstruction loss and the KL (DELLA's Figure 5), the KL of each latent layer or segment,
+and optionally an interpolation listing (the decodings come from the caller: generation is a
+sibling layer).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from textvae.errors import TextVAEError
+from textvae.runs import examples_record
 
 # Table columns in this order, those that at least one run has.
 COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "ppl_layer_mean", "elbo_layer_mean",
@@ -33,6 +36,7 @@ class RunRecord:
     has_latent: bool
     curve: list[dict] = field(default_factory=list)  # train records: step, rec, kl, beta
     metrics: dict = field(default_factory=dict)  # eval_SPLIT.json (+ generated_SPLIT.json), empty if not evaluated
+    examples: Path | None = None  # eval_SPLIT.examples.jsonl: each example's scores, if kept
 
 
 def read_run(directory: str | Path, split: str = "test") -> RunRecord:
@@ -59,8 +63,10 @@ def read_run(directory: str | Path, split: str = "test") -> RunRecord:
     schedule = (run.get("kl") or {}).get("schedule", "constant")
     model = (run.get("model") or {}).get("name", "lm")
     has_latent = model_class(model).has_latent
+    examples = examples_record(directory / f"eval_{split}.json")
     return RunRecord(directory.name, directory, model, schedule if has_latent else "-",
-                     curve[-1]["step"] if curve else None, has_latent, curve, metrics)
+                     curve[-1]["step"] if curve else None, has_latent, curve, metrics,
+                     examples if metrics and examples.is_file() else None)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -95,18 +101,56 @@ def _json(text: str, path: Path) -> dict:
     return value
 
 
-def metrics_table(records: list[RunRecord]) -> str:
-    """A markdown table: one row per run, the metrics any of them has."""
+def metrics_table(records: list[RunRecord], paired: dict[str, dict | str] | None = None) -> str:
+    """A markdown table: one row per run, the metrics any of them has; with `paired` (from
+    `paired_against`), two more columns: the run's NLL minus the reference's, per example and
+    per token, with their paired standard errors."""
     columns = [key for key in COLUMNS if any(key in record.metrics for record in records)]
     header = ["run", "model", "KL schedule", "steps", "k", "examples", *columns]
+    if paired is not None:
+        header += ["nll - reference (paired)", "per token"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         k = (record.metrics.get("settings") or {}).get("iw_samples")  # importance samples (None: exact)
         cells = [record.name, record.model, record.schedule, str(record.steps or "-"),
                  str(k or "-"), str(record.metrics.get("examples", "-"))]
         cells += [_cell(record.metrics.get(key), record.metrics.get(f"{key}_stderr")) for key in columns]
+        if paired is not None:
+            comparison = paired.get(record.name)
+            if isinstance(comparison, dict):
+                cells += [f"{comparison['nll_diff']:+.2f} ± {comparison['nll_diff_stderr']:.2f}",
+                          f"{comparison['nll_per_token_diff']:+.4f} ± {comparison['nll_per_token_diff_stderr']:.4f}"]
+            else:
+                cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, dict | str]:
+    """Each run's `paired_comparison` with the reference run over the same examples (run minus
+    reference), or why there is none (a string); the reference itself is left out."""
+    from textvae.evaluation.paired import paired_comparison, parse_per_example
+
+    if reference.examples is None:
+        raise TextVAEError(f"the reference run {reference.directory} keeps no per-example scores beside its "
+                           "evaluation record (textvae evaluate writes them): evaluate it again")
+    base = _per_example(reference.examples, parse_per_example)
+    result: dict[str, dict | str] = {}
+    for record in records:
+        if record.directory.resolve() == reference.directory.resolve():
+            continue
+        if record.examples is None:
+            result[record.name] = "no per-example scores kept with its evaluation"
+            continue
+        try:
+            result[record.name] = paired_comparison(_per_example(record.examples, parse_per_example), base)
+        except TextVAEError as err:
+            result[record.name] = str(err)
+    return result
+
+
+def _per_example(path: Path, parse) -> list[dict]:
+    return parse([line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()], str(path))
 
 
 def _cell(value, stderr=None) -> str:
@@ -182,13 +226,25 @@ def interpolation_listing(sentence_a: str, sentence_b: str, paths: dict[str, lis
     return "\n".join(parts)
 
 
-def build_report(records: list[RunRecord], out: Path, split: str = "test", interpolation: str | None = None) -> str:
+def build_report(records: list[RunRecord], out: Path, split: str = "test", interpolation: str | None = None,
+                 reference: RunRecord | None = None) -> str:
     """Write out/report.md (+ curves.png, kl_groups.png) and return the markdown;
-    `interpolation` is an `interpolation_listing` to append."""
+    `interpolation` is an `interpolation_listing` to append; with a `reference` run, each run's
+    NLL against it, paired over the same examples."""
+    paired = None if reference is None else paired_against(reference, records)
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# textvae report", "", f"Metrics of the `{split}` split (`textvae evaluate`, eval_{split}.json in each run; "
              f"generation metrics scored apart from generated_{split}.json).", "",
-             metrics_table(records), ""]
+             metrics_table(records, paired), ""]
+    if reference is not None:
+        parts += [f"`nll - reference (paired)`: the run's NLL minus `{reference.name}`'s, in nats per example, "
+                  "averaged over the examples both scored, with the standard error of the paired differences "
+                  f"(eval_{split}.examples.jsonl; `textvae compare`); `per token`: the same in nats per token, "
+                  "the log of the perplexity ratio.", ""]
+        unpaired = {name: why for name, why in paired.items() if isinstance(why, str)
+                    and any(record.name == name and record.metrics for record in records)}
+        parts += [f"Not paired: {name} ({why})." for name, why in unpaired.items()]
+        parts += [""] if unpaired else []
     missing = [record.name for record in records if not record.metrics]
     if missing:
         parts += [f"Not evaluated on `{split}` yet: {', '.join(missing)} (run `textvae evaluate RUN_DIR --split {split}`).", ""]

@@ -19,10 +19,12 @@ for row in "$@"; do
   dataset=${row%%-*} model=${row#*-}
   config=configs/$dataset.yaml
   iw_batch=20  # importance samples scored at a time
+  batch=32  # texts per evaluation batch: the unit an interrupted evaluation resumes from
   case "$dataset" in
     quora) limit=48 sources=454 ;;   # every test source
     cnndm) limit=160 sources=46 ;;
-    wp) limit=256 sources=29 config=configs/writingprompts.yaml iw_batch=5 ;;  # 384-token texts: bounded memory
+    wp) limit=256 sources=29 config=configs/writingprompts.yaml iw_batch=5 batch=8 ;;  # 384-token texts: bounded
+      # memory; batches of 8 stories, so that a session's end loses at most one (wp-lm and wp-della ran in one of 32)
     quorasmol) limit=48 sources=454 config=configs/quora-smollm2.yaml ;;
     *) echo "unknown dataset in row $row" >&2; exit 2 ;;
   esac
@@ -41,7 +43,7 @@ for row in "$@"; do
   fi
   if [ ! -f "$run/eval_test.json" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --precision bf16 --iw-batch "$iw_batch" --generate "$sources" --samples-per-source 4 \
+    "$TEXTVAE" evaluate "$run" --precision bf16 --batch-size "$batch" --iw-batch "$iw_batch" --generate "$sources" --samples-per-source 4 \
       --max-new-tokens "$limit" --samples-out "$run/samples_test.txt" \
       --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"

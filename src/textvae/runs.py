@@ -181,6 +181,8 @@ def record_evaluation(run_dir: Path, split: str, metrics: dict, per_example: str
     to another evaluation. Returns the record's file."""
     import json
 
+    from textvae.evaluation.paired import examples_record
+
     record = run_dir / f"eval_{split}.json"
     if record.is_file():
         try:
@@ -196,11 +198,6 @@ def record_evaluation(run_dir: Path, split: str, metrics: dict, per_example: str
     if per_example is not None:
         write_text(examples, per_example)
     return record
-
-
-def examples_record(record: Path) -> Path:
-    """Where the per-example scores of evaluation record RUN_DIR/NAME.json are kept."""
-    return record.with_name(f"{record.stem}.examples.jsonl")
 
 
 def _less_thorough(new: dict, kept: dict) -> bool:

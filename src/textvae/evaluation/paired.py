@@ -5,13 +5,15 @@ both), so the standard error of the mean of per-example differences is usually f
 than either row's own error. For every per-example key both files hold (`nll`, `elbo`, `rec`,
 `kl`): the two means, the mean difference A - B with its standard error over examples, and
 the difference in nats per token (the log of the perplexity ratio, its error by the delta
-method, as `ppl`'s).
+method, as `ppl`'s). A run keeps the scores of its evaluation record beside it
+(`examples_record`), which `textvae report --reference` reads.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,16 @@ from textvae.errors import TextVAEError
 from textvae.evaluation.likelihood import mean_with_stderr, perplexity_with_stderr
 
 KEYS = ("nll", "elbo", "rec", "kl")
+
+
+def examples_record(record: Path) -> Path:
+    """Where the per-example scores of a run's evaluation record RUN_DIR/NAME.json are kept."""
+    return record.with_name(f"{record.stem}.examples.jsonl")
+
+
+def read_per_example(path: Path) -> list[dict]:
+    """The checked records of a per-example JSONL file (`parse_per_example`)."""
+    return parse_per_example([line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()], str(path))
 
 
 def parse_per_example(lines: list[str], source: str) -> list[dict]:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from textvae.errors import TextVAEError
-from textvae.runs import examples_record
 
 # Table columns in this order, those that at least one run has.
 COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "ppl_layer_mean", "elbo_layer_mean",
@@ -42,6 +41,7 @@ class RunRecord:
 def read_run(directory: str | Path, split: str = "test") -> RunRecord:
     """What a run directory records about its model, training and evaluation."""
     from textvae.config import load_yaml
+    from textvae.evaluation.paired import examples_record
     from textvae.models.registry import model_class
 
     directory = Path(directory)
@@ -129,12 +129,12 @@ def metrics_table(records: list[RunRecord], paired: dict[str, dict | str] | None
 def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, dict | str]:
     """Each run's `paired_comparison` with the reference run over the same examples (run minus
     reference), or why there is none (a string); the reference itself is left out."""
-    from textvae.evaluation.paired import paired_comparison, parse_per_example
+    from textvae.evaluation.paired import paired_comparison, read_per_example
 
     if reference.examples is None:
         raise TextVAEError(f"the reference run {reference.directory} keeps no per-example scores beside its "
                            "evaluation record (textvae evaluate writes them): evaluate it again")
-    base = _per_example(reference.examples, parse_per_example)
+    base = read_per_example(reference.examples)
     result: dict[str, dict | str] = {}
     for record in records:
         if record.directory.resolve() == reference.directory.resolve():
@@ -143,14 +143,10 @@ def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, 
             result[record.name] = "no per-example scores kept with its evaluation"
             continue
         try:
-            result[record.name] = paired_comparison(_per_example(record.examples, parse_per_example), base)
+            result[record.name] = paired_comparison(read_per_example(record.examples), base)
         except TextVAEError as err:
             result[record.name] = str(err)
     return result
-
-
-def _per_example(path: Path, parse) -> list[dict]:
-    return parse([line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()], str(path))
 
 
 def _cell(value, stderr=None) -> str:

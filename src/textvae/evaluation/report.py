@@ -150,12 +150,13 @@ def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, 
 
 
 def _cell(value, stderr=None) -> str:
-    """A table cell; a mean with its standard error as `mean ± stderr`."""
+    """A table cell; a mean with its standard error as `mean ± stderr`, both to the same places
+    (a small mean's error would otherwise print as 0.00)."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        text = f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
-        return text if stderr is None else f"{text} ± {stderr:.2f}"
+        places = 2 if abs(value) >= 10 else 3
+        return f"{value:.{places}f}" + ("" if stderr is None else f" ± {stderr:.{places}f}")
     return str(value)
 
 

@@ -1,20 +1,64 @@
-"""How much of a run's likelihood its decoder gets with no information in z: the mean NLL
-per example of the first N test examples with z = 0 (the prior mean; for DELLA every layer's
-z_l = 0), next to the exact NLL of runs without latents. Used in docs/results.md (quora) to
-show that the embed row's gain is the decoder's, not the latent's.
+"""How much of a run's likelihood its decoder gets with no information in z: the NLL of each of
+the first N test examples with one text-independent z for all of them, next to the exact NLL
+of runs without latents. Any fixed z turns a VAE's decoder into a plain language model, so its
+NLL is exact; a VAE whose IW bound beats the LM by what its decoder alone beats it by owes the
+gain to its decoder's capacity, not to what z carries. Used in docs/results.md (quora: the embed
+row's gain is the decoder's; SmolLM2 PTB: where DELLA's gain comes from).
+
+`--latent zero` sets z = 0; `--latent prior-mean` the prior's mean (for DELLA its chain run on
+means; for a conditional model given the source). Prints each run's mean NLL per example with
+its standard error (`--precision bf16`: the pass `textvae evaluate --precision bf16` makes) and,
+after the first run, its paired difference from the first run over the same examples;
+`--per-example DIR` keeps each example's NLL for `textvae compare`.
 
     python benchmarks/decoder_without_latent.py runs/quora-embed runs/quora-lm [--examples 200]
+    python benchmarks/decoder_without_latent.py runs/smollm2-lm runs/smollm2-della --examples 1000 --latent prior-mean
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+from pathlib import Path
 
 import torch
 
-from textvae.data.batching import collate, encode_examples
+from textvae.data.batching import collate, counted_tokens, encode_examples
 from textvae.data.corpus import read_split, resolve_data_dir
 from textvae.models.registry import load_model
+from textvae.training.environment import bf16_inference
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def example_nlls(run_dir: str, examples: int, batch_size: int, latent: str, bf16: bool) -> tuple[str, list[float], list[int]]:
+    """The run's NLL of each of the first `examples` test examples (exact for a model without
+    latents, -log p(x | z) with the fixed z otherwise) and each one's counted tokens."""
+    model, config = load_model(run_dir)
+    data = config.data
+    split = read_split(resolve_data_dir(data.path), "test")
+    encoded, _ = encode_examples(split.examples[:examples], model.tokenizer, data.max_length,
+                                 data.max_source_length, data.overlong)
+    nlls: list[float] = []
+    tokens: list[int] = []
+    with bf16_inference(model, bf16):
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], model.tokenizer.pad_id)
+            tokens += counted_tokens(batch, model.tokenizer.sep_id).tolist()
+            if not model.has_latent:
+                nlls += model(batch).rec.tolist()
+                continue
+            if latent == "zero":
+                z = torch.zeros(batch.size, sum(model.latent_group_sizes))
+            else:
+                z = model.prior(batch).mean.expand(batch.size, -1)
+            nlls += model.decoder_nll(batch, z).tolist()
+    what = "exact NLL" if not model.has_latent else f"decoder NLL at z = {latent.replace('-', ' ')}"
+    return what, nlls, tokens
 
 
 def main() -> None:
@@ -22,24 +66,26 @@ def main() -> None:
     parser.add_argument("run_dirs", nargs="+")
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--latent", choices=("zero", "prior-mean"), default="zero")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: as `textvae evaluate --precision bf16`")
+    parser.add_argument("--per-example", type=Path, metavar="DIR",
+                        help="write DIR/RUN.jsonl (index, nll, tokens), the format `textvae compare` pairs")
     args = parser.parse_args()
+    reference = None
     for run_dir in args.run_dirs:
-        model, config = load_model(run_dir)
-        data = config.data
-        split = read_split(resolve_data_dir(data.path), "test")
-        encoded, _ = encode_examples(split.examples[: args.examples], model.tokenizer, data.max_length,
-                                     data.max_source_length, data.overlong)
-        total = 0.0
-        with torch.no_grad():
-            for start in range(0, len(encoded), args.batch_size):
-                batch = collate(encoded[start : start + args.batch_size], model.tokenizer.pad_id)
-                if model.has_latent:
-                    z = torch.zeros(batch.size, sum(model.latent_group_sizes))
-                    total += model.decoder_nll(batch, z).sum().item()
-                else:
-                    total += model(batch).rec.sum().item()
-        what = "decoder NLL at z = 0" if model.has_latent else "exact NLL"
-        print(f"{run_dir}: {what} {total / len(encoded):.2f} nats per example over {len(encoded)} test examples")
+        what, nlls, tokens = example_nlls(run_dir, args.examples, args.batch_size, args.latent, args.precision == "bf16")
+        if args.per_example:
+            args.per_example.mkdir(parents=True, exist_ok=True)
+            lines = [json.dumps({"index": i, "nll": nll, "tokens": n}) for i, (nll, n) in enumerate(zip(nlls, tokens, strict=True))]
+            (args.per_example / f"{Path(run_dir).name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        mean, stderr = mean_and_stderr(nlls)
+        line = f"{run_dir}: {what} {mean:.2f} ± {stderr:.2f} nats per example over {len(nlls)} test examples"
+        if reference is None:
+            reference = (run_dir, nlls)
+        else:
+            diff, diff_stderr = mean_and_stderr([a - b for a, b in zip(nlls, reference[1], strict=True)])
+            line += f"; minus {reference[0]}'s: {diff:+.2f} ± {diff_stderr:.2f} (paired)"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def test_report_tabulates_evaluations_and_plots_curves_and_layer_kl(tiny_txt, tm
     assert rows["della"].split(" | ")[ppl_column] == f"{della['ppl']:.2f} ± {della['ppl_stderr']:.2f}"  # with its standard error
     assert rows["lm"].split(" | ")[ppl_column] == "-"  # not evaluated: said, not invented
     mean, error = rows["della"].split(" | ")[rows["run"].split(" | ").index("kl_layer_mean")].split(" ± ")
-    assert len(mean.split(".")[1]) == len(error.split(".")[1]) == (2 if abs(della["kl_layer_mean"]) >= 10 else 3)
+    assert len(mean.split(".")[1]) == len(error.split(".")[1])  # an error to its mean's places
+    assert float(error) != 0 and abs(float(error) - della["kl_layer_mean_stderr"]) <= 0.5 * 10 ** -len(error.split(".")[1])
     header, della_cells = ([cell.strip() for cell in rows[name].strip("|").split("|")] for name in ("run", "della"))
     assert della_cells[header.index("self_bleu")] == "0.250"
     assert della_cells[header.index("reconstruction_jaccard")] == f"{della['reconstruction_jaccard']:.3f}"

@@ -12,6 +12,7 @@ sibling layer).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,12 +151,14 @@ def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, 
 
 
 def _cell(value, stderr=None) -> str:
-    """A table cell; a mean with its standard error as `mean ± stderr`, both to the same places
-    (a small mean's error would otherwise print as 0.00)."""
+    """A table cell; a mean with its standard error as `mean ± stderr`, both to the same places,
+    enough to show the error's first digit (a small error would otherwise print as 0.00)."""
     if value is None:
         return "-"
     if isinstance(value, float):
         places = 2 if abs(value) >= 10 else 3
+        if stderr:
+            places = min(max(places, -math.floor(math.log10(abs(stderr)))), 8)
         return f"{value:.{places}f}" + ("" if stderr is None else f" ± {stderr:.{places}f}")
     return str(value)
 

@@ -9,6 +9,8 @@
 # texts in runs/smollm2-ROW-samples.txt; a copy in the run as generated_test.json, for
 # `textvae report runs/smollm2-*`). Finished parts are skipped; an interrupted training
 # run resumes from its last checkpoint. Wall times go to runs/smollm2-ROW.log.
+# Single-latent and DELLA rows are then scored with z fixed at the prior mean
+# (benchmarks/decoder_without_latent.py; each sentence's NLL in runs/fixed-z/smollm2-ROW.jsonl).
 # ROW-const (embed, memory, softmax, della) trains without annealing (constant beta = 1: the
 # un-annealed rows of DELLA's Table 5). IW_SAMPLES sets k (default 100).
 #
@@ -56,4 +58,11 @@ for row in "$@"; do
     echo "generate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
   cp "$run-diversity.json" "$run/generated_test.json"  # where `textvae report` reads it
+  case "$row" in  # the decoder with z fixed at the prior mean: what the latent adds (docs/results.md)
+    embed*|memory*|softmax*|optimus|della*)
+      if [ ! -f "runs/fixed-z/smollm2-$row.jsonl" ]; then
+        "$(dirname "$TEXTVAE")/python" benchmarks/decoder_without_latent.py "$run" --examples "$EXAMPLES" \
+          --latent prior-mean --precision bf16 --per-example runs/fixed-z >> "$run.log" 2>&1
+      fi ;;
+  esac
 done

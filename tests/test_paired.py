@@ -62,8 +62,21 @@ def test_files_over_other_examples_or_tokens_are_refused():
     a = records([1.0, 2.0, 3.0], [4, 5, 6])
     with pytest.raises(TextVAEError, match="different examples"):
         paired_comparison(a, a[:2])
-    with pytest.raises(TextVAEError, match="different tokens"):
+    with pytest.raises(TextVAEError, match="different tokens for 1 of 3 examples.*--same-tokens-only"):
         paired_comparison(a, records([1.0, 2.0, 3.0], [4, 5, 7]))
+    with pytest.raises(TextVAEError, match="fewer than 2 are scored alike"):
+        paired_comparison(a, records([1.0, 2.0, 3.0], [4, 6, 7]), same_tokens_only=True)
+
+
+def test_same_tokens_only_pairs_the_examples_scored_alike_and_counts_the_rest(tmp_path, capsys):
+    a = records([10.0, 20.0, 30.0, 40.0], [5, 10, 15, 20])
+    b = records([9.0, 18.0, 99.0, 37.0], [5, 10, 16, 20])  # the third text truncated differently
+    result = paired_comparison(a, b, same_tokens_only=True)
+    assert result["examples"] == 3 and result["examples_skipped"] == 1
+    assert result["nll_diff"] == pytest.approx(2.0) and result["nll_diff_stderr"] == pytest.approx(stats.sem([1.0, 2.0, 3.0]))
+    assert result["nll_per_token_diff"] == pytest.approx(6 / 35)
+    assert main(["compare", write(tmp_path / "a.jsonl", a), write(tmp_path / "b.jsonl", b), "--same-tokens-only"]) == 0
+    assert "examples_skipped" in capsys.readouterr().out
 
 
 def test_the_command_prints_and_writes_the_comparison(tmp_path, capsys):

@@ -80,10 +80,12 @@ def test_report_gives_each_run_its_nll_against_a_reference_paired_over_the_same_
     _scored_run(tmp_path / "lm", "lm", [10.0, 20.0, 14.0, 16.0], tokens)
     _scored_run(tmp_path / "della", "della", [9.0, 19.5, 13.0, 14.5], tokens)  # differences -1, -0.5, -1, -1.5
     _scored_run(tmp_path / "other", "embed", [9.0, 19.5, 13.0], tokens[:3])  # scored fewer examples
+    # a segment-wise run whose [SEP]s cut the second text shorter: paired over the other three
+    _scored_run(tmp_path / "trace", "trace-r", [12.0, 15.0, 15.0, 19.0], [4, 5, 5, 5])
     (tmp_path / "unscored").mkdir()
     (tmp_path / "unscored" / "config.yaml").write_text("run: {model: {name: embed}}\n")
     (tmp_path / "unscored" / "eval_test.json").write_text(json.dumps({"nll": 12.0, "examples": 4}))
-    runs = [str(tmp_path / name) for name in ("lm", "della", "other", "unscored")]
+    runs = [str(tmp_path / name) for name in ("lm", "della", "other", "unscored", "trace")]
     assert main(["report", *runs, "--reference", str(tmp_path / "lm"), "--out", str(tmp_path / "r")]) == 0
     markdown = capsys.readouterr().out
     rows = {line.split(" | ")[0].strip("| "): [cell.strip() for cell in line.strip("|").split("|")]
@@ -95,6 +97,8 @@ def test_report_gives_each_run_its_nll_against_a_reference_paired_over_the_same_
     assert rows["lm"][paired] == "-" and rows["other"][paired] == "-" and rows["unscored"][paired] == "-"
     assert "Not paired: other (the two files score different examples" in markdown
     assert "Not paired: unscored (no per-example scores kept with its evaluation)." in markdown
+    assert rows["trace"][paired] == "+2.00 ± 0.58"  # differences 2, 1, 3 over the texts scored alike
+    assert "trace is paired over 3 of 4 examples" in markdown
 
 
 def test_report_refuses_a_reference_without_per_example_scores(tmp_path, capsys):

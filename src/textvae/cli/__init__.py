@@ -175,7 +175,7 @@ def _score(args) -> int:
 def _compare(args) -> int:
     from textvae.api import compare
 
-    _report(compare(args.a, args.b), args.json)
+    _report(compare(args.a, args.b, args.same_tokens_only), args.json)
     return 0
 
 

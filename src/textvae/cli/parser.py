@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                                               "textvae evaluate --per-example (docs/metrics.md).")
     compare.add_argument("a", metavar="A.jsonl")
     compare.add_argument("b", metavar="B.jsonl")
+    compare.add_argument("--same-tokens-only", action="store_true",
+                         help="pair only the examples both files scored with the same token count (e.g. a "
+                              "segment-wise model, whose [SEP]s truncate more texts, against an LM); "
+                              "the others are counted in examples_skipped")
     compare.add_argument("--json", metavar="FILE")
     report = commands.add_parser("report", help="compare runs: markdown table and plots",
                                  description="Write OUT/report.md comparing the runs, with training curves (curves.png), "

@@ -50,19 +50,28 @@ def parse_per_example(lines: list[str], source: str) -> list[dict]:
     return records
 
 
-def paired_comparison(a: list[dict], b: list[dict]) -> dict:
+def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = False) -> dict:
     """Per key: `KEY_a`, `KEY_b` (means), `KEY_diff` (mean of a - b) and `KEY_diff_stderr`;
     for `nll` also `nll_per_token_diff` (sum of differences / sum of tokens) and its error.
-    The two lists must score the same examples: same indices and token counts, in any order."""
+    The two lists must score the same examples (same indices, in any order) with the same token
+    counts; `same_tokens_only` pairs just the examples whose counts agree (e.g. a segment-wise
+    model, whose [SEP]s make more texts truncated, against an LM) and counts the others in
+    `examples_skipped`."""
     by_index = {record["index"]: record for record in b}
     if len(a) != len(b) or set(by_index) != {record["index"] for record in a}:
         raise TextVAEError(f"the two files score different examples ({len(a)} and {len(b)} records, "
                            "or other indices): evaluate both runs on the same split and --examples")
     pairs = [(record, by_index[record["index"]]) for record in a]
-    if any(x["tokens"] != y["tokens"] for x, y in pairs):
-        raise TextVAEError("the two files count different tokens for the same example: "
-                           "runs with other tokenizers or data cannot be compared example by example")
-    result: dict = {"examples": len(pairs)}
+    alike = [(x, y) for x, y in pairs if x["tokens"] == y["tokens"]]
+    if len(alike) < len(pairs) and not (same_tokens_only and len(alike) >= 2):
+        raise TextVAEError(f"the two files count different tokens for {len(pairs) - len(alike)} of {len(pairs)} examples: "
+                           + ("fewer than 2 are scored alike" if same_tokens_only else
+                              "other tokenizers or data cannot be compared example by example; where only some "
+                              "texts were truncated differently, --same-tokens-only pairs the others"))
+    result: dict = {"examples": len(alike)}
+    if same_tokens_only:
+        result["examples_skipped"] = len(pairs) - len(alike)
+    pairs = alike
     for key in KEYS:
         if not all(key in x and key in y for x, y in pairs):
             continue

@@ -129,7 +129,8 @@ def metrics_table(records: list[RunRecord], paired: dict[str, dict | str] | None
 
 def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, dict | str]:
     """Each run's `paired_comparison` with the reference run over the same examples (run minus
-    reference), or why there is none (a string); the reference itself is left out."""
+    reference; only those both scored with the same token count, the others counted in
+    `examples_skipped`), or why there is none (a string); the reference itself is left out."""
     from textvae.evaluation.paired import paired_comparison, read_per_example
 
     if reference.examples is None:
@@ -144,7 +145,7 @@ def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, 
             result[record.name] = "no per-example scores kept with its evaluation"
             continue
         try:
-            result[record.name] = paired_comparison(read_per_example(record.examples), base)
+            result[record.name] = paired_comparison(read_per_example(record.examples), base, same_tokens_only=True)
         except TextVAEError as err:
             result[record.name] = str(err)
     return result
@@ -243,8 +244,12 @@ def build_report(records: list[RunRecord], out: Path, split: str = "test", inter
                   "the log of the perplexity ratio.", ""]
         unpaired = {name: why for name, why in paired.items() if isinstance(why, str)
                     and any(record.name == name and record.metrics for record in records)}
+        partial = {name: comparison for name, comparison in paired.items()
+                   if isinstance(comparison, dict) and comparison["examples_skipped"]}
         parts += [f"Not paired: {name} ({why})." for name, why in unpaired.items()]
-        parts += [""] if unpaired else []
+        parts += [f"{name} is paired over {c['examples']} of {c['examples'] + c['examples_skipped']} examples: the "
+                  f"others were scored with other token counts (e.g. truncated differently)." for name, c in partial.items()]
+        parts += [""] if unpaired or partial else []
     missing = [record.name for record in records if not record.metrics]
     if missing:
         parts += [f"Not evaluated on `{split}` yet: {', '.join(missing)} (run `textvae evaluate RUN_DIR --split {split}`).", ""]

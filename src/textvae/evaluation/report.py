@@ -158,7 +158,7 @@ def _cell(value, stderr=None) -> str:
         return "-"
     if isinstance(value, float):
         places = 2 if abs(value) >= 10 else 3
-        if stderr:
+        if stderr and math.isfinite(stderr):  # nan: one example, no error
             places = min(max(places, -math.floor(math.log10(abs(stderr)))), 8)
         return f"{value:.{places}f}" + ("" if stderr is None else f" ± {stderr:.{places}f}")
     return str(value)

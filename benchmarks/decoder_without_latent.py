@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from textvae.data.batching import collate, counted_tokens, encode_examples
 from textvae.data.corpus import read_split, resolve_data_dir
+from textvae.evaluation.likelihood import mean_with_stderr
 from textvae.models.registry import load_model
 from textvae.training.environment import bf16_inference
-
-
-def mean_and_stderr(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
 
 def example_nlls(run_dir: str, examples: int, batch_size: int, latent: str, bf16: bool) -> tuple[str, list[float], list[int]]:
@@ -78,13 +73,13 @@ def main() -> None:
             args.per_example.mkdir(parents=True, exist_ok=True)
             lines = [json.dumps({"index": i, "nll": nll, "tokens": n}) for i, (nll, n) in enumerate(zip(nlls, tokens, strict=True))]
             (args.per_example / f"{Path(run_dir).name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        mean, stderr = mean_and_stderr(nlls)
-        line = f"{run_dir}: {what} {mean:.2f} ± {stderr:.2f} nats per example over {len(nlls)} test examples"
+        nll = mean_with_stderr("nll", torch.tensor(nlls, dtype=torch.float64))
+        line = f"{run_dir}: {what} {nll['nll']:.2f} ± {nll['nll_stderr']:.2f} nats per example over {len(nlls)} test examples"
         if reference is None:
-            reference = (run_dir, nlls)
+            reference = (run_dir, torch.tensor(nlls, dtype=torch.float64))
         else:
-            diff, diff_stderr = mean_and_stderr([a - b for a, b in zip(nlls, reference[1], strict=True)])
-            line += f"; minus {reference[0]}'s: {diff:+.2f} ± {diff_stderr:.2f} (paired)"
+            diff = mean_with_stderr("diff", torch.tensor(nlls, dtype=torch.float64) - reference[1])
+            line += f"; minus {reference[0]}'s: {diff['diff']:+.2f} ± {diff['diff_stderr']:.2f} (paired)"
         print(line, flush=True)
 
 

@@ -71,7 +71,7 @@ def test_a_literal_special_token_string_is_text_not_a_separator(tiny_tokenizer):
 
 
 @FUZZ
-@given(text=TEXT, length=st.integers(1, 12), kind=st.sampled_from(["fixed", "sentence"]))
+@given(text=TEXT, length=st.integers(1, 12), kind=st.sampled_from(["fixed", "words", "sentence"]))
 def test_segments_cover_the_text_exactly_once(text, length, kind, tiny_tokenizer):
     (ids,) = Segmenter(kind, length).target_ids([text], tiny_tokenizer)
     sep = tiny_tokenizer.sep_id
@@ -88,6 +88,9 @@ def test_segments_cover_the_text_exactly_once(text, length, kind, tiny_tokenizer
         assert all(segments)  # no empty segment, no [SEP] at either end
     if kind == "fixed":
         assert all(len(segment) == length for segment in segments[:-1]) and len(segments[-1]) <= length
+    if kind == "words":  # n whole words a segment, the last one n or fewer
+        words = [len(tiny_tokenizer.decode(segment).split()) for segment in segments]
+        assert all(count == length for count in words[:-1]) and words[-1] <= length
 
 
 @FUZZ

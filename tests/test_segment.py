@@ -1,4 +1,4 @@
-"""TRACE segmentation: fixed-length and sentence segments, [SEP] layout, segment ids and the
+"""TRACE segmentation: fixed-length, word and sentence segments, [SEP] layout, segment ids and the
 closing position of every segment, with sources, truncation and padding."""
 
 import pytest
@@ -23,6 +23,16 @@ def test_fixed_segments_are_cut_every_n_tokens_and_joined_by_sep(tiny_tokenizer)
     assert joined.count(tok.sep_id) == -(-len(ids) // 3) - 1
 
 
+def _split(ids: list[int], sep_id: int) -> list[list[int]]:
+    parts: list[list[int]] = [[]]
+    for token in ids:
+        if token == sep_id:
+            parts.append([])
+        else:
+            parts[-1].append(token)
+    return parts
+
+
 def _no_prefix_space_tokenizer():
     """A byte-level BPE that, like GPT-2's and SmolLM2's, adds no space before a text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,15 +54,7 @@ def test_sentence_segments_follow_sentence_ends_and_keep_the_text_tokens(prefix_
     tok = tiny_tokenizer if prefix_space else _no_prefix_space_tokenizer()
     text = "A dog runs. Mr. Smith sleeps on the couch!  Is it late?"
     joined = Segmenter("sentence").target_ids([text], tok)[0]
-    parts, current = [], []
-    for token in joined:
-        if token == tok.sep_id:
-            parts.append(current)
-            current = []
-        else:
-            current.append(token)
-    parts.append(current)
-    assert [tok.decode(p).strip() for p in parts] == ["A dog runs.", "Mr. Smith sleeps on the couch!", "Is it late?"]
+    assert [tok.decode(p).strip() for p in _split(joined, tok.sep_id)] == ["A dog runs.", "Mr. Smith sleeps on the couch!", "Is it late?"]
     # the segments hold the text's own tokens: nothing lost between sentences, spaces included
     assert [t for t in joined if t != tok.sep_id] == tok.encode(text)
     assert tok.decode(joined) == text.strip()
@@ -88,9 +90,23 @@ def test_segment_ids_and_closers_with_source_truncation_and_padding(tiny_tokeniz
     assert closers[0, -1] == 5  # a cut segment is read at its last kept token
 
 
+@pytest.mark.parametrize("prefix_space", (True, False))
+def test_word_segments_hold_n_words_each_and_never_split_a_word(prefix_space, tiny_tokenizer):
+    tok = tiny_tokenizer if prefix_space else _no_prefix_space_tokenizer()
+    text = "the unbelievably  cheerful musician plays a guitar , then the crowd applauds"
+    joined = Segmenter("words", 3).target_ids([text], tok)[0]
+    assert [tok.decode(part).split() for part in _split(joined, tok.sep_id)] == [
+        ["the", "unbelievably", "cheerful"], ["musician", "plays", "a"], ["guitar", ",", "then"], ["the", "crowd", "applauds"]]
+    assert [t for t in joined if t != tok.sep_id] == tok.encode(text)  # the text's own tokens, spaces included
+    # cuts every 3 tokens fall inside a word here (its pieces decode as two words); word cuts never do
+    fixed_words = [word for part in _split(Segmenter("fixed", 3).target_ids([text], tok)[0], tok.sep_id)
+                   for word in tok.decode(part).split()]
+    assert fixed_words != text.split()
+
+
 def test_segmenter_validation():
     with pytest.raises(TextVAEError):
-        Segmenter("words").validate()
+        Segmenter("paragraph").validate()
     with pytest.raises(TextVAEError):
         Segmenter("fixed", 0).validate()
     assert segment_ids(torch.tensor([[1, 5, 3, 6, 3, 7, 2]]), 3).tolist() == [[0, 0, 0, 1, 1, 2, 2]]

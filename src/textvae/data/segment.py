@@ -1,7 +1,8 @@
 """Segments for the segment-wise latent models (TRACE, IND, CGD).
 
-A target text is cut into segments, every n tokens (`fixed`) or at sentence ends (`sentence`,
-with pysbd: rule-based, offline). Segments are joined by [SEP]; the last one is closed by EOS
+A target text is cut into segments, every n tokens (`fixed`), every n words (`words`: cut only
+between words, so no word of a sub-word tokenizer is split by a [SEP]) or at sentence ends
+(`sentence`, with pysbd: rule-based, offline). Segments are joined by [SEP]; the last one is closed by EOS
 (or by nothing, when max-length truncation cut it). The decoder layout becomes
 
     [BOS] seg_1 [SEP] seg_2 [SEP] ... seg_T [EOS]        (.txt)
@@ -16,6 +17,7 @@ as tokens for PPL, which stays comparable with the other models.
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +27,12 @@ from textvae.errors import TextVAEError
 
 @dataclass
 class Segmenter:
-    kind: str = "fixed"  # fixed | sentence
-    length: int = 10  # tokens per segment (fixed)
+    kind: str = "fixed"  # fixed | words | sentence
+    length: int = 10  # tokens (fixed) or words (words) per segment
 
     def validate(self) -> None:
-        if self.kind not in ("fixed", "sentence"):
-            raise TextVAEError(f"segment kind must be fixed or sentence, got {self.kind!r}")
+        if self.kind not in ("fixed", "words", "sentence"):
+            raise TextVAEError(f"segment kind must be fixed, words or sentence, got {self.kind!r}")
         if self.length < 1:
             raise TextVAEError(f"segment length must be >= 1, got {self.length}")
 
@@ -39,19 +41,24 @@ class Segmenter:
         if self.kind == "fixed":
             return [self._join([ids[i : i + self.length] for i in range(0, len(ids), self.length)], tokenizer.sep_id)
                     for ids in tokenizer.encode_batch(texts)]
-        # the whole text is tokenised once and its tokens cut where sentences start, so the
-        # segments hold exactly the tokens the text has without [SEP]s (a byte-level BPE
-        # keeps the space before each sentence's first word), as in fixed mode
-        splitter = _sentence_splitter()
+        # the whole text is tokenised once and its tokens cut where sentences (or groups of n
+        # words) start, so the segments hold exactly the tokens the text has without [SEP]s (a
+        # byte-level BPE keeps the space before each word), as in fixed mode
         result = []
-        for text, (ids, ends) in zip(texts, tokenizer.encode_batch_with_ends(texts)):
-            starts = _sentence_starts(text, splitter.segment(text))
-            sentence_of_token = [bisect.bisect_right(starts, end - 1) for end in ends]  # by its last character
+        for starts, (ids, ends) in zip(self._segment_starts(texts), tokenizer.encode_batch_with_ends(texts)):
+            segment_of_token = [bisect.bisect_right(starts, end - 1) for end in ends]  # by its last character
             chunks: dict[int, list[int]] = {}
-            for token, sentence in zip(ids, sentence_of_token):
-                chunks.setdefault(sentence, []).append(token)
+            for token, segment in zip(ids, segment_of_token):
+                chunks.setdefault(segment, []).append(token)
             result.append(self._join(list(chunks.values()), tokenizer.sep_id))
         return result
+
+    def _segment_starts(self, texts: list[str]) -> list[list[int]]:
+        """Character offsets where each text's 2nd, 3rd, ... segments start (sentence or words)."""
+        if self.kind == "sentence":
+            splitter = _sentence_splitter()
+            return [_sentence_starts(text, splitter.segment(text)) for text in texts]
+        return [[word.start() for word in re.finditer(r"\S+", text)][self.length :: self.length] for text in texts]
 
     @staticmethod
     def _join(chunks: list[list[int]], sep_id: int) -> list[int]:

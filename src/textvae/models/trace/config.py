@@ -13,8 +13,8 @@ from textvae.errors import TextVAEError
 class SegmentLatentConfig:
     name: str = "trace-r"
     latent_size: int = 32
-    segment: str = "fixed"  # fixed | sentence
-    segment_length: int = 10  # tokens per segment (fixed)
+    segment: str = "fixed"  # fixed | words | sentence
+    segment_length: int = 10  # tokens (fixed) or words (words) per segment
     share_encoder: bool = True
     posterior_norm: str = "ln"  # ln | bn | none: normalisation of TRACE's residual posterior
     # (norm_over and norm_shift say how; with none they have no effect)

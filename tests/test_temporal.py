@@ -478,3 +478,25 @@ def test_importance_weights_count_one_latent_group_per_present_segment(name, tin
     assert weights.groups.tolist() == segments
     assert len(set(weights.groups.tolist())) > 1  # the texts differ in segment count
     torch.testing.assert_close(weights.group_mean - weights.reconstruction, weights.latent / weights.groups[:, None], rtol=1e-4, atol=1e-4)
+
+
+def test_per_token_nll_is_the_cross_entropy_of_each_scored_target_and_sums_to_the_decoder_nll(tiny_tokenizer, tiny_jsonl):
+    from textvae.data.corpus import read_split
+
+    model = _model("trace-r", tiny_tokenizer, conditional=True).eval()
+    examples = read_split(tiny_jsonl, "train").examples[:4]
+    encoded, _ = encode_examples(examples, tiny_tokenizer, 64, 16, "truncate", model.segmenter)
+    batch = collate(encoded, tiny_tokenizer.pad_id)  # a source prefix and right padding: both unscored
+    torch.nn.init.normal_(model.latent_to_embedding.weight)
+    with torch.no_grad():
+        layout, posterior, _ = model.distributions(batch)
+        z = posterior.rsample()
+        hidden = model.decoder_hidden(batch, z, layout)
+        per_token = model.token_nll(hidden, batch)
+        logits = model.backbone.logits(hidden[:, :-1]).float()
+        full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.input_ids[:, 1:], reduction="none")
+    scored = batch.target_mask[:, 1:]
+    assert per_token.shape == scored.shape and bool((~scored).any())
+    torch.testing.assert_close(per_token[scored], full[scored])
+    assert bool((per_token[~scored] == 0).all()) and bool((per_token[scored] > 0).all())
+    torch.testing.assert_close(per_token.sum(1), model.decoder_nll(batch, z, layout))

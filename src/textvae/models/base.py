@@ -20,7 +20,7 @@ from textvae.data.batching import Batch
 from textvae.data.tokenizer import TextTokenizer
 
 
-LOGIT_ROWS = 4096  # positions projected to the vocabulary at a time (models/base.py target_nll)
+LOGIT_ROWS = 4096  # positions projected to the vocabulary at a time (models/base.py token_nll)
 
 
 @dataclass
@@ -128,9 +128,14 @@ class TextVAE(nn.Module):
         return self.importance_weights(batch, k).total
 
     def target_nll(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Summed NLL of each example's target tokens. hidden: [B, T, H] -> [B].
+        """Summed NLL of each example's target tokens. hidden: [B, T, H] -> [B]."""
+        return self.token_nll(hidden, batch).sum(1)
 
-        Position t predicts token t + 1; only scored targets are projected to the vocabulary.
+    def token_nll(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """NLL of each target token: hidden [B, T, H] -> [B, T - 1], entry t for the token at
+        position t + 1 (which position t predicts), 0 where no target is scored.
+
+        Only scored targets are projected to the vocabulary.
         """
         scored = batch.target_mask[:, 1:]
         states, targets = hidden[:, :-1][scored], batch.input_ids[:, 1:][scored]  # [N, H], [N]
@@ -139,8 +144,7 @@ class TextVAE(nn.Module):
             F.cross_entropy(self.backbone.logits(part).float(), part_targets, reduction="none")
             for part, part_targets in zip(states.split(LOGIT_ROWS), targets.split(LOGIT_ROWS))
         ]) if len(targets) else hidden.new_zeros(0, dtype=torch.float32)
-        rows = scored.nonzero()[:, 0]
-        return torch.zeros(batch.size, device=hidden.device).index_add_(0, rows, token_nll)
+        return torch.zeros(scored.shape, device=hidden.device).masked_scatter_(scored, token_nll)
 
     # --- decoding (see generation/decode.py) -------------------------------------------
     def injection(self, latent: Any) -> Injection:

@@ -110,12 +110,16 @@ class SegmentLatentVAE(TextVAE):
     # --- decoder -----------------------------------------------------------------------
     def decoder_nll(self, batch: Batch, z: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
         """-log p(x | z) with z [B, L, P] added where the next token lies in slot t: [B]."""
+        return self.target_nll(self.decoder_hidden(batch, z, layout), batch)
+
+    def decoder_hidden(self, batch: Batch, z: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, H] with z [B, L, P] added to every position
+        whose next token lies in slot t."""
         slot = layout.next_token_slot()  # [B, T]
         vectors = self.latent_to_embedding(z)  # [B, L, H]
         offsets = vectors.gather(1, slot.clamp(0, vectors.shape[1] - 1)[..., None].expand(-1, -1, vectors.shape[-1]))
         offsets = offsets * (slot >= 0)[..., None].to(offsets.dtype)
-        hidden = self.backbone(batch.decoder_inputs, batch.attention_mask, injection=Injection(embed_offset=offsets)).hidden
-        return self.target_nll(hidden, batch)
+        return self.backbone(batch.decoder_inputs, batch.attention_mask, injection=Injection(embed_offset=offsets)).hidden
 
     # --- objective and bound -------------------------------------------------------------
     def latent_to_groups(self, z: torch.Tensor) -> torch.Tensor:

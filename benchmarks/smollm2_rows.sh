@@ -10,7 +10,9 @@
 # `textvae report runs/smollm2-*`). Finished parts are skipped; an interrupted training
 # run resumes from its last checkpoint. Wall times go to runs/smollm2-ROW.log.
 # Single-latent and DELLA rows are then scored with z fixed at the prior mean
-# (benchmarks/decoder_without_latent.py; each sentence's NLL in runs/fixed-z/smollm2-ROW.jsonl).
+# (benchmarks/decoder_without_latent.py; each sentence's NLL in runs/fixed-z/smollm2-ROW.jsonl);
+# segment rows' decoders are set against `lm` token by token (benchmarks/segment_boundary_cost.py;
+# runs/segment-boundary/smollm2-ROW.txt).
 # ROW-const (embed, memory, softmax, della) trains without annealing (constant beta = 1: the
 # un-annealed rows of DELLA's Table 5). IW_SAMPLES sets k (default 100).
 #
@@ -63,6 +65,13 @@ for row in "$@"; do
       if [ ! -f "runs/fixed-z/smollm2-$row.jsonl" ]; then
         "$(dirname "$TEXTVAE")/python" benchmarks/decoder_without_latent.py "$run" --examples "$EXAMPLES" \
           --latent prior-mean --precision bf16 --per-example runs/fixed-z >> "$run.log" 2>&1
+      fi ;;
+    ind|cgd|trace-r|trace-p)  # where the decoder given z loses against the LM, [SEP] by [SEP]
+      if [ ! -f "runs/segment-boundary/smollm2-$row.txt" ]; then
+        mkdir -p runs/segment-boundary
+        "$(dirname "$TEXTVAE")/python" benchmarks/segment_boundary_cost.py "$run" runs/smollm2-lm --examples "$EXAMPLES" \
+          > "runs/segment-boundary/smollm2-$row.txt.tmp" 2>> "$run.log"
+        mv "runs/segment-boundary/smollm2-$row.txt.tmp" "runs/segment-boundary/smollm2-$row.txt"
       fi ;;
   esac
 done

@@ -1,6 +1,7 @@
 """Where a segment-wise model's decoder loses against a plain LM, token by token: each of the
 first N test texts scored by the segment model's decoder with z at the posterior mean (the
-chain run on means) and by the LM (exact), the per-token differences summed per text into
+chain run on means; TRACE-P's z from its mean v, the noise of its increments u drawn with seed
+0) and by the LM (exact), the per-token differences summed per text into
 what the inserted [SEP]s cost themselves, the first token after each [SEP] (at a word start,
 or inside a word that the cut split: fixed cuts on a sub-word tokenizer do that), the next two
 tokens, and every other token. Texts whose token counts differ (a [SEP] took a place within
@@ -62,6 +63,7 @@ def main() -> None:
     tokenizer, sep = segment_model.tokenizer, segment_model.tokenizer.sep_id
     examples = read_split(resolve_data_dir(config.data.path), "test").examples[: args.examples]
     bf16 = args.precision == "bf16"
+    torch.manual_seed(0)  # TRACE-P's increments draw noise
     ids, segmented = token_nlls(segment_model, config, examples, True, args.batch_size, bf16)
     _, plain = token_nlls(lm, lm_config, examples, False, args.batch_size, bf16)
     words = tokenizer.encode_batch_with_ends([example.target for example in examples])

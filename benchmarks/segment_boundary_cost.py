@@ -81,7 +81,11 @@ def main() -> None:
                 continue
             difference = nll - lm_nll[j]
             if since_sep == 0:
-                word_start = ends[j - 1] < len(example.target) and example.target[ends[j - 1]].isspace()
+                # a word starts here when white space comes right before the token's first
+                # letter: at its own start (a byte-level BPE's " word") or at the end of the
+                # token before (a tokenizer with separate space tokens)
+                text, cut = example.target, ends[j - 1]
+                word_start = (cut < len(text) and text[cut].isspace()) or text[cut - 1].isspace()
                 part = PARTS[1] if word_start else PARTS[2]
                 boundaries, inside = boundaries + 1, inside + (not word_start)
             else:

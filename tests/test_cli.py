@@ -267,3 +267,16 @@ def test_the_demo_commands_in_the_makefile_parse_and_their_files_exist():
         for option in ("config", "reconstruct", "from_texts", "to_texts", "texts"):
             if isinstance(parsed.get(option), str):
                 assert (root / parsed[option]).is_file(), parsed[option]
+
+
+def test_a_config_written_for_one_model_trains_another_dropping_only_the_options_it_lacks(capsys):
+    from textvae.errors import TextVAEError
+    from textvae.runs import assemble_config
+
+    raw = {"model": {"name": "della", "latent_size": 16, "rank": 4}}
+    config = assemble_config(raw, ["model.name=trace-r"])
+    assert config.model["name"] == "trace-r" and config.model["latent_size"] == 16 and "rank" not in config.model
+    assert "rank (for della) do not apply to trace-r" in capsys.readouterr().err
+    assert assemble_config(raw, []).model["rank"] == 4 and capsys.readouterr().err == ""  # its own model: kept
+    with pytest.raises(TextVAEError, match="unknown model option"):  # set by hand: still checked
+        assemble_config(raw, ["model.name=trace-r", "model.rank=4"])

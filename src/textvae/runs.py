@@ -27,6 +27,7 @@ def assemble_config(raw: dict[str, Any], assignments: list[str], task: str | Non
     mapping nor an assignment fixes)."""
     from textvae.models.registry import whole_model_section
 
+    raw = _without_foreign_model_options(raw, apply_overrides(raw, assignments).get("model") or {})
     if task:
         assignments = task_defaults(apply_overrides(raw, assignments), task) + assignments
     config = Config.from_dict(apply_overrides(raw, assignments))
@@ -35,6 +36,25 @@ def assemble_config(raw: dict[str, Any], assignments: list[str], task: str | Non
     # so a later change of a default cannot change how it loads
     config.model = whole_model_section(config)
     return config
+
+
+def _without_foreign_model_options(raw: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """`raw` less the model options its file wrote for another model than the one chosen (a
+    config written for `della` trained with `--model trace-r`): they are dropped with a note,
+    so that one config serves every row; options set by assignments stay checked."""
+    from textvae.models.registry import model_class
+
+    written = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    chosen, named = str(model.get("name", "lm")), str(written.get("name", "lm"))
+    if chosen == named:
+        return raw
+    known = {f.name for f in dataclasses.fields(model_class(chosen).config_class)}
+    foreign = sorted(set(written) - known - {"name"})
+    if not foreign:
+        return raw
+    print(f"textvae: note: the config's model option(s) {', '.join(foreign)} (for {named}) do not apply to "
+          f"{chosen}; ignored", file=sys.stderr)
+    return {**raw, "model": {key: value for key, value in written.items() if key not in foreign}}
 
 
 def train_run(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,

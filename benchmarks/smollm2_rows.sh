@@ -15,11 +15,16 @@
 # runs/segment-boundary/smollm2-ROW.txt).
 # ROW-const (embed, memory, softmax, della) trains without annealing (constant beta = 1: the
 # un-annealed rows of DELLA's Table 5). IW_SAMPLES sets k (default 100).
+# What a report needs of each finished row (config, training log, test metrics with each
+# sentence's scores, samples and their scores, fixed-z and [SEP] costs; no weights) is copied
+# to docs/ptb-smollm2/rows/smollm2-ROW, which is committed: a lost runs/ folder (a new machine)
+# then costs the checkpoints, not the paired comparisons, and `textvae report` runs on the copies.
 #
 #   OMP_NUM_THREADS=1 bash benchmarks/smollm2_rows.sh della lm-full ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
+ARCHIVE=${ARCHIVE:-docs/ptb-smollm2/rows}
 EXAMPLES=${EXAMPLES:-1000}
 IW_SAMPLES=${IW_SAMPLES:-100}
 
@@ -74,4 +79,14 @@ for row in "$@"; do
         mv "runs/segment-boundary/smollm2-$row.txt.tmp" "runs/segment-boundary/smollm2-$row.txt"
       fi ;;
   esac
+  keep="$ARCHIVE/smollm2-$row"
+  mkdir -p "$keep"
+  for name in config.yaml metrics.jsonl eval_test.json eval_test.examples.jsonl generated_test.json; do
+    cp "$run/$name" "$keep/$name"
+  done
+  cp "$run-samples.txt" "$keep/samples.txt"
+  grep '_seconds' "$run.log" > "$keep/seconds.txt" || true  # wall times (train: its last start only)
+  for extra in "runs/fixed-z/smollm2-$row.jsonl" "runs/segment-boundary/smollm2-$row.txt"; do
+    if [ -f "$extra" ]; then cp "$extra" "$keep/$(basename "$(dirname "$extra")").${extra##*.}"; fi
+  done
 done

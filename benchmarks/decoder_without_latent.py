@@ -7,7 +7,7 @@ row's gain is the decoder's; SmolLM2 PTB: where DELLA's gain comes from).
 
 `--latent zero` sets z = 0; `--latent prior-mean` the prior's mean (for DELLA its chain run on
 means; for a conditional model given the source). Prints each run's mean NLL per example with
-its standard error (`--precision bf16`: the pass `textvae evaluate --precision bf16` makes) and,
+its standard error (`--precision`: the pass `textvae evaluate --precision` makes) and,
 after the first run, its paired difference from the first run over the same examples;
 `--per-example DIR` keeps each example's NLL for `textvae compare`.
 
@@ -27,7 +27,7 @@ from textvae.data.batching import collate, counted_tokens, encode_examples
 from textvae.data.corpus import read_split, resolve_data_dir
 from textvae.evaluation.likelihood import mean_with_stderr
 from textvae.models.registry import load_model
-from textvae.training.environment import bf16_inference
+from textvae.training.environment import bf16_inference, resolve_bf16
 
 
 def example_nlls(run_dir: str, examples: int, batch_size: int, latent: str, bf16: bool) -> tuple[str, list[float], list[int]]:
@@ -62,13 +62,15 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--latent", choices=("zero", "prior-mean"), default="zero")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: as `textvae evaluate --precision bf16`")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                        help="as `textvae evaluate --precision` (auto: bf16 where the CPU has it natively)")
     parser.add_argument("--per-example", type=Path, metavar="DIR",
                         help="write DIR/RUN.jsonl (index, nll, tokens), the format `textvae compare` pairs")
     args = parser.parse_args()
     reference = None
     for run_dir in args.run_dirs:
-        what, nlls, tokens = example_nlls(run_dir, args.examples, args.batch_size, args.latent, args.precision == "bf16")
+        what, nlls, tokens = example_nlls(run_dir, args.examples, args.batch_size, args.latent,
+                                          resolve_bf16(args.precision, torch.device("cpu")))
         if args.per_example:
             args.per_example.mkdir(parents=True, exist_ok=True)
             lines = [json.dumps({"index": i, "nll": nll, "tokens": n}) for i, (nll, n) in enumerate(zip(nlls, tokens, strict=True))]

@@ -56,7 +56,7 @@ for row in "$@"; do
   fi
   if [ ! -f "$run-test.json" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --precision bf16 --json "$run-test.json" >> "$run.log" 2>&1
+    "$TEXTVAE" evaluate "$run" --precision auto --json "$run-test.json" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
 done

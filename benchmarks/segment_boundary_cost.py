@@ -21,7 +21,7 @@ from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import read_split, resolve_data_dir
 from textvae.evaluation.likelihood import mean_with_stderr
 from textvae.models.registry import load_model
-from textvae.training.environment import bf16_inference
+from textvae.training.environment import bf16_inference, resolve_bf16
 
 PARTS = ("[SEP] tokens", "first token after [SEP], word start", "first token after [SEP], inside a word",
          "2nd-3rd tokens after [SEP]", "other tokens")
@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("lm_run")
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
+                        help="as `textvae evaluate --precision` (auto: bf16 where the CPU has it natively)")
     args = parser.parse_args()
     segment_model, config = load_model(args.segment_run)
     lm, lm_config = load_model(args.lm_run)
@@ -62,7 +63,7 @@ def main() -> None:
         parser.error("give a segment-wise run, then a plain LM run")
     tokenizer, sep = segment_model.tokenizer, segment_model.tokenizer.sep_id
     examples = read_split(resolve_data_dir(config.data.path), "test").examples[: args.examples]
-    bf16 = args.precision == "bf16"
+    bf16 = resolve_bf16(args.precision, torch.device("cpu"))
     torch.manual_seed(0)  # TRACE-P's increments draw noise
     ids, segmented = token_nlls(segment_model, config, examples, True, args.batch_size, bf16)
     _, plain = token_nlls(lm, lm_config, examples, False, args.batch_size, bf16)

@@ -4,7 +4,7 @@
 # wp (WritingPrompts stories on the pretrained SmolLM2: lm, della, trace-r) and quorasmol (Quora
 # on SmolLM2, decoder-only with the question as prefix: lm, della);
 # every row of a dataset shares its config (configs/DATASET.yaml) (one backbone, budget, seed 0; cyclical KL).
-# Each row trains to runs/DATASET-MODEL and evaluates the test split: IW-PPL (k = 100, bf16),
+# Each row trains to runs/DATASET-MODEL and evaluates the test split: IW-PPL (k = 100, bf16 where native),
 # KL, MI, AU, and 4 outputs per source decoded with the task's beam search, scored with
 # BLEU against the reference, Rouge, BERTScore, Dist and per-source Self-BLEU / Jaccard;
 # each example's numbers go to runs/ROW-test-examples.jsonl (for `textvae compare`).
@@ -43,7 +43,7 @@ for row in "$@"; do
   fi
   if [ ! -f "$run/eval_test.json" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --precision bf16 --batch-size "$batch" --iw-batch "$iw_batch" --generate "$sources" --samples-per-source 4 \
+    "$TEXTVAE" evaluate "$run" --precision auto --batch-size "$batch" --iw-batch "$iw_batch" --generate "$sources" --samples-per-source 4 \
       --max-new-tokens "$limit" --samples-out "$run/samples_test.txt" \
       --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The pretrained rows of docs/results.md: SmolLM2-135M on Penn Treebank, one budget for every
 # row (configs/ptb-smollm2.yaml: 10,000 training sentences, one epoch, one cyclical-annealing
-# period, LoRA r 8 over the frozen base, bf16, batch 8); `lm` is also run with full fine-tuning
+# period, LoRA r 8 over the frozen base, bf16 where the CPU has it natively, batch 8); `lm` is also run with full fine-tuning
 # (lm-full). Each row trains to runs/smollm2-ROW, is evaluated on the first EXAMPLES (1,000)
 # test sentences with k = 100 importance samples (runs/smollm2-ROW-test.json; each sentence's
 # numbers in runs/smollm2-ROW-test-examples.jsonl for paired comparisons), then samples
@@ -54,7 +54,7 @@ for row in "$@"; do
   fi
   if [ ! -f "$run-test.json" ] || [ ! -f "$run-test-examples.jsonl" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --iw-samples "$IW_SAMPLES" --precision bf16 --json "$run-test.json" \
+    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --iw-samples "$IW_SAMPLES" --precision auto --json "$run-test.json" \
       --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
@@ -69,7 +69,7 @@ for row in "$@"; do
     embed*|memory*|softmax*|optimus|della*)
       if [ ! -f "runs/fixed-z/smollm2-$row.jsonl" ]; then
         "$(dirname "$TEXTVAE")/python" benchmarks/decoder_without_latent.py "$run" --examples "$EXAMPLES" \
-          --latent prior-mean --precision bf16 --per-example runs/fixed-z >> "$run.log" 2>&1
+          --latent prior-mean --precision auto --per-example runs/fixed-z >> "$run.log" 2>&1
       fi ;;
     ind|cgd|trace-r|trace-p)  # where the decoder given z loses against the LM, [SEP] by [SEP]
       if [ ! -f "runs/segment-boundary/smollm2-$row.txt" ]; then

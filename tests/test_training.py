@@ -351,3 +351,16 @@ def test_resume_accepts_a_run_made_before_an_option_existed(tiny_txt, tmp_path):
     del meta["run"]["backbone"]["adapter"]
     (run / "config.yaml").write_text(yaml.safe_dump(meta))
     assert main([*args, "--resume"]) == 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_takes_bf16_only_where_it_is_native_and_asking_for_emulated_bf16_warns(native, monkeypatch, capsys):
+    from textvae.training import environment
+
+    monkeypatch.setattr(environment, "_cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert environment.resolve_bf16("auto", cpu) is native
+    assert environment.resolve_bf16("fp32", cpu) is False
+    assert capsys.readouterr().err == ""
+    assert environment.resolve_bf16("bf16", cpu) is True  # kept as asked
+    assert ("emulated" in capsys.readouterr().err) is not native

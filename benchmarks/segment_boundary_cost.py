@@ -7,13 +7,20 @@ or inside a word that the cut split: fixed cuts on a sub-word tokenizer do that)
 tokens, and every other token. Texts whose token counts differ (a [SEP] took a place within
 max_length) are left out and counted. Used in docs/results.md (TRACE on SmolLM2).
 
+The LM may be given as a run directory or as the file of its per-token NLLs that `--save-lm`
+wrote, so a segment row can be set against an LM whose run folder is gone:
+
     python benchmarks/segment_boundary_cost.py runs/smollm2-trace-r runs/smollm2-lm --examples 200
+    python benchmarks/segment_boundary_cost.py runs/smollm2-lm --save-lm lm-nlls.jsonl --examples 200
+    python benchmarks/segment_boundary_cost.py runs/smollm2-trace-r lm-nlls.jsonl --examples 200
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -48,25 +55,56 @@ def token_nlls(model, config, examples: list, segmented: bool, batch_size: int,
     return ids, rows
 
 
+def lm_token_nlls(lm_run: str, examples: int, batch_size: int, bf16: bool) -> list[list[float]]:
+    """A plain LM run's exact per-token NLLs of the first `examples` test texts."""
+    lm, config = load_model(lm_run)
+    if lm.has_latent:
+        raise SystemExit(f"{lm_run} is not a plain LM run")
+    texts = read_split(resolve_data_dir(config.data.path), "test").examples[:examples]
+    return token_nlls(lm, config, texts, False, batch_size, bf16)[1]
+
+
+def save_lm_nlls(path: Path, lm_run: str, nlls: list[list[float]], bf16: bool) -> None:
+    header = {"lm_run": lm_run, "examples": len(nlls), "precision": "bf16" if bf16 else "fp32"}
+    lines = [json.dumps(header)] + [json.dumps([round(value, 6) for value in row]) for row in nlls]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def load_lm_nlls(path: Path, examples: int, bf16: bool) -> list[list[float]]:
+    header, *rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    if header["examples"] < examples or header["precision"] != ("bf16" if bf16 else "fp32"):
+        raise SystemExit(f"{path} holds {header['examples']} texts in {header['precision']}: "
+                         f"not the {examples} asked for in {'bf16' if bf16 else 'fp32'}")
+    return rows[:examples]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("segment_run")
-    parser.add_argument("lm_run")
+    parser.add_argument("segment_run", help="a segment-wise run (with --save-lm: the LM run)")
+    parser.add_argument("lm", nargs="?", help="a plain LM run, or the file --save-lm wrote")
+    parser.add_argument("--save-lm", metavar="FILE", help="only write the LM run's per-token NLLs to FILE")
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
                         help="as `textvae evaluate --precision` (auto: bf16 where the CPU has it natively)")
     args = parser.parse_args()
+    bf16 = resolve_bf16(args.precision, torch.device("cpu"))
+    if args.save_lm:
+        save_lm_nlls(Path(args.save_lm), args.segment_run,
+                     lm_token_nlls(args.segment_run, args.examples, args.batch_size, bf16), bf16)
+        return
+    if args.lm is None:
+        parser.error("give a segment-wise run, then a plain LM run or its --save-lm file")
     segment_model, config = load_model(args.segment_run)
-    lm, lm_config = load_model(args.lm_run)
-    if segment_model.latent_groups != "segment" or lm.has_latent:
-        parser.error("give a segment-wise run, then a plain LM run")
+    if segment_model.latent_groups != "segment":
+        parser.error(f"{args.segment_run} is not a segment-wise run")
     tokenizer, sep = segment_model.tokenizer, segment_model.tokenizer.sep_id
     examples = read_split(resolve_data_dir(config.data.path), "test").examples[: args.examples]
-    bf16 = resolve_bf16(args.precision, torch.device("cpu"))
     torch.manual_seed(0)  # TRACE-P's increments draw noise
     ids, segmented = token_nlls(segment_model, config, examples, True, args.batch_size, bf16)
-    _, plain = token_nlls(lm, lm_config, examples, False, args.batch_size, bf16)
+    lm = Path(args.lm)
+    plain = (lm_token_nlls(args.lm, args.examples, args.batch_size, bf16) if lm.is_dir()
+             else load_lm_nlls(lm, args.examples, bf16))
     words = tokenizer.encode_batch_with_ends([example.target for example in examples])
 
     per_text, per_token, skipped, boundaries, inside = defaultdict(list), defaultdict(list), 0, 0, 0
@@ -99,7 +137,7 @@ def main() -> None:
             per_text[part].append(value)
         per_text["total"].append(sum(sums.values()))
 
-    print(f"{args.segment_run} (decoder at the posterior mean) minus {args.lm_run} (exact), nats; "
+    print(f"{args.segment_run} (decoder at the posterior mean) minus {args.lm} (exact), nats; "
           f"{len(per_text['total'])} of {len(examples)} test texts ({skipped} left out: token counts differ); "
           f"{boundaries} segment starts after a [SEP], {inside} of them inside a word")
     for part in (*PARTS, "total"):

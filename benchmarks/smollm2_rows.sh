@@ -9,18 +9,19 @@
 # texts in runs/smollm2-ROW-samples.txt; a copy in the run as generated_test.json, for
 # `textvae report runs/smollm2-*`). Finished parts are skipped; an interrupted training
 # run resumes from its last checkpoint. Wall times go to runs/smollm2-ROW.log.
-# Single-latent and DELLA rows are then scored with z fixed at the prior mean
-# (benchmarks/decoder_without_latent.py; each sentence's NLL in runs/fixed-z/smollm2-ROW.jsonl);
-# segment rows' decoders are set against `lm` token by token (benchmarks/segment_boundary_cost.py;
-# runs/segment-boundary/smollm2-ROW.txt).
 # ROW-const (embed, memory, softmax, della) trains without annealing (constant beta = 1: the
 # un-annealed rows of DELLA's Table 5). IW_SAMPLES sets k (default 100).
 # What a report needs of each finished row (config, training log, test metrics with each
-# sentence's scores, samples and their scores, fixed-z and [SEP] costs; no weights) is copied
-# to docs/ptb-smollm2/rows/smollm2-ROW, which is committed: a lost runs/ folder (a new machine)
-# then costs the checkpoints, not the paired comparisons, and `textvae report` runs on the copies.
+# sentence's scores, samples and their scores; no weights) is copied to
+# docs/ptb-smollm2/rows/smollm2-ROW, which is committed: a lost runs/ folder (a new machine)
+# then costs the checkpoints, not the paired comparisons, and `textvae report` runs on the
+# copies. Beside them: for single-latent and DELLA rows each sentence's NLL with z fixed at the
+# prior mean (fixed-z.jsonl, benchmarks/decoder_without_latent.py); for segment rows where their
+# decoder loses against `lm` token by token (segment-boundary.txt,
+# benchmarks/segment_boundary_cost.py, against runs/smollm2-lm or, when that is gone, the
+# per-token NLLs the `lm` row kept as lm-token-nlls.jsonl).
 #
-#   OMP_NUM_THREADS=1 bash benchmarks/smollm2_rows.sh della lm-full ...
+#   bash benchmarks/smollm2_rows.sh della lm-full ...   # one row at a time on every core
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
@@ -65,20 +66,6 @@ for row in "$@"; do
     echo "generate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
   cp "$run-diversity.json" "$run/generated_test.json"  # where `textvae report` reads it
-  case "$row" in  # the decoder with z fixed at the prior mean: what the latent adds (docs/results.md)
-    embed*|memory*|softmax*|optimus|della*)
-      if [ ! -f "runs/fixed-z/smollm2-$row.jsonl" ]; then
-        "$(dirname "$TEXTVAE")/python" benchmarks/decoder_without_latent.py "$run" --examples "$EXAMPLES" \
-          --latent prior-mean --precision auto --per-example runs/fixed-z >> "$run.log" 2>&1
-      fi ;;
-    ind|cgd|trace-r|trace-p)  # where the decoder given z loses against the LM, [SEP] by [SEP]
-      if [ ! -f "runs/segment-boundary/smollm2-$row.txt" ]; then
-        mkdir -p runs/segment-boundary
-        "$(dirname "$TEXTVAE")/python" benchmarks/segment_boundary_cost.py "$run" runs/smollm2-lm --examples "$EXAMPLES" \
-          > "runs/segment-boundary/smollm2-$row.txt.tmp" 2>> "$run.log"
-        mv "runs/segment-boundary/smollm2-$row.txt.tmp" "runs/segment-boundary/smollm2-$row.txt"
-      fi ;;
-  esac
   keep="$ARCHIVE/smollm2-$row"
   mkdir -p "$keep"
   for name in config.yaml metrics.jsonl eval_test.json eval_test.examples.jsonl generated_test.json; do
@@ -86,7 +73,26 @@ for row in "$@"; do
   done
   cp "$run-samples.txt" "$keep/samples.txt"
   grep '_seconds' "$run.log" > "$keep/seconds.txt" || true  # wall times (train: its last start only)
-  for extra in "runs/fixed-z/smollm2-$row.jsonl" "runs/segment-boundary/smollm2-$row.txt"; do
-    if [ -f "$extra" ]; then cp "$extra" "$keep/$(basename "$(dirname "$extra")").${extra##*.}"; fi
-  done
+  # the analyses below report their failure in the log and let the queue go on
+  python="$(dirname "$TEXTVAE")/python"
+  case "$row" in
+    lm)  # its exact per-token NLLs, which the segment rows are set against (runs/ may be gone by then)
+      if [ ! -f "$keep/lm-token-nlls.jsonl" ]; then
+        "$python" benchmarks/segment_boundary_cost.py "$run" --save-lm "$keep/lm-token-nlls.jsonl" --examples "$EXAMPLES" \
+          >> "$run.log" 2>&1 || echo "lm-token-nlls failed" >> "$run.log"
+      fi ;;
+    embed*|memory*|softmax*|optimus|della*)  # the decoder with z at the prior mean: what the latent adds
+      if [ ! -f "$keep/fixed-z.jsonl" ]; then
+        "$python" benchmarks/decoder_without_latent.py "$run" --examples "$EXAMPLES" --latent prior-mean \
+          --precision auto --per-example runs/fixed-z >> "$run.log" 2>&1 \
+          && cp "runs/fixed-z/smollm2-$row.jsonl" "$keep/fixed-z.jsonl" || echo "fixed-z failed" >> "$run.log"
+      fi ;;
+    ind|cgd|trace-r|trace-p)  # where the decoder given z loses against the LM, [SEP] by [SEP]
+      if [ ! -f "$keep/segment-boundary.txt" ]; then
+        lm=runs/smollm2-lm; [ -f "$lm/model.safetensors" ] || lm="$ARCHIVE/smollm2-lm/lm-token-nlls.jsonl"
+        "$python" benchmarks/segment_boundary_cost.py "$run" "$lm" --examples "$EXAMPLES" > "$keep/segment-boundary.txt.tmp" \
+          2>> "$run.log" && mv "$keep/segment-boundary.txt.tmp" "$keep/segment-boundary.txt" \
+          || echo "segment-boundary failed" >> "$run.log"
+      fi ;;
+  esac
 done

@@ -1,12 +1,18 @@
 """Behaviour pinned across refactoring: for every model on one fixed tiny setup, the training
 losses of the first steps and the evaluation numbers, against values recorded in
 `tests/pins.json` (written by `python tests/test_regression_pins.py --write [ROW ...]` before a
-redesign, and only then; a row is added when a default changes, the old default keeping its pin). Relative tolerance 1e-6: float32 on CPUs with other vector units
-may differ in the last bits, a change of behaviour does not stay that small."""
+redesign, and only then; a row is added when a default changes, the old default keeping its pin).
+
+Tolerances: float32 on CPUs with other vector units differs in the last bits. Between the
+AVX-512 machine the pins were written on and an AVX2 one, losses, NLL, ELBO, KL differed by up
+to 2.6e-6 relative, log PPL by 1.1e-5 and MI (a difference of log densities of tens of nats,
+so near zero it has no useful relative precision) by 1.9e-5 absolute; the test allows about
+5x that (TOLERANCE). A change of behaviour does not stay that small."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +26,7 @@ ROWS = {name: {"name": name} for name in ("lm", "embed", "memory", "softmax", "o
 ROWS |= {name: {"name": name, **SEGMENTS} for name in ("trace-r", "trace-p", "ind", "cgd")}
 ROWS |= {f"{name}-floor": {"name": name, **SEGMENTS, **FLOOR} for name in ("trace-r", "trace-p")}
 EVALUATED = ("nll", "ppl", "elbo", "rec", "kl", "mi", "au", "kl_layer_mean", "mi_minibatch")
+TOLERANCE = {"rel": 1e-5, "log_ppl": 5e-5, "mi": 1e-4}  # see the module docstring
 
 
 def measure(row: str, root: Path) -> dict:
@@ -64,7 +71,12 @@ def test_training_and_evaluation_numbers_are_unchanged(row, tmp_path):
     measured = measure(row, tmp_path)
     assert set(measured) == set(pinned)
     for key, value in pinned.items():
-        assert measured[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        if key == "ppl":
+            assert math.log(measured[key]) == pytest.approx(math.log(value), rel=0, abs=TOLERANCE["log_ppl"]), key
+        elif key.startswith("mi"):
+            assert measured[key] == pytest.approx(value, rel=0, abs=TOLERANCE["mi"]), key
+        else:
+            assert measured[key] == pytest.approx(value, rel=TOLERANCE["rel"], abs=1e-9), key
 
 
 if __name__ == "__main__" and "--write" in sys.argv:

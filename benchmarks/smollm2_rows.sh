@@ -31,7 +31,7 @@ IW_SAMPLES=${IW_SAMPLES:-100}
 
 row_args() {
   case "$1" in
-    lm-full) echo "--model lm --set backbone.adapter=none" ;;  # full fine-tuning: the reference
+    lm-full) echo "--model lm --set backbone.adapter=none" ;;  # full fine-tuning: how far LoRA is from it
     lm|embed|memory|softmax|optimus|norec|della) echo "--model $1" ;;
     embed-const|memory-const|softmax-const|della-const) echo "--model ${1%-const} --set kl.schedule=constant" ;;
     ind|cgd|trace-r|trace-p) echo "--model $1 --set model.segment_length=10" ;;  # segments of 10 tokens, as the paper

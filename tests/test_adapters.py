@@ -271,3 +271,61 @@ def test_training_returns_the_frozen_weights_in_float32(tmp_path):
     encoded, _ = encode_examples([Example(t) for t in demo_lines("train", 8)], model.tokenizer, 32, 16, "truncate")
     Trainer(model, config.train, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=True)).train()
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize(("preset", "name", "share"), [
+    ("gpt2-tiny", "della", False), ("llama-tiny", "embed", True), ("llama-tiny", "memory", False), ("gpt2-tiny", "trace-r", True),
+])
+def test_merged_adapter_scores_as_the_adapters_do_and_puts_every_weight_back(preset, name, share):
+    """Inside `merged_adapter` the decoder's LoRA pairs are folded into the base weights (the
+    adapters off), the encoder's own adapter still reads the base: the importance weights are
+    those of the unmerged model to float rounding, and afterwards every weight and
+    requires_grad flag is as before, also after an error."""
+    from textvae.evaluation.likelihood import log_marginals
+
+    torch.manual_seed(0)
+    model = create_model(_config(name, preset, backbone={"adapter": "lora", "lora_rank": 2}, share_encoder=share),
+                         demo_lines("train", 200)).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if ".lora_B." in parameter_name:  # B starts at zero: a merge of nothing could not fail
+                parameter.normal_(std=0.3)
+    batch = _batch(model)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = log_marginals(model, batch, 4, 2)
+        torch.manual_seed(1)
+        with model.backbone.merged_adapter():
+            merged_weights = [n for n, p in model.named_parameters() if not torch.equal(p, before[n][0])]
+            got = log_marginals(model, batch, 4, 2)
+    assert len(merged_weights) == sum(".lora_A.decoder" in n for n in before)  # one base weight per decoder pair
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="inside"), torch.no_grad(), model.backbone.merged_adapter():
+        raise RuntimeError("inside")
+    after = {n: (p.detach(), p.requires_grad) for n, p in model.named_parameters()}
+    assert all(torch.equal(after[n][0], before[n][0]) and after[n][1] == before[n][1] for n in before)
+
+
+def test_merged_adapter_changes_nothing_where_gradients_flow_or_under_autocast():
+    model = create_model(_config(backbone={"adapter": "lora", "lora_rank": 2}), demo_lines("train", 200))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for context in (torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with torch.no_grad() if isinstance(context, torch.autocast) else context, context, model.backbone.merged_adapter():
+            assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_new_token_rows_give_the_logits_of_the_full_head_with_their_own_columns():
+    from conftest import tiny_backbone
+    from textvae.backbone.adapters import NewTokenRows
+
+    hf = tiny_backbone("llama").causal_lm  # 97 tokens, the last 3 taken as added ones
+    rows = NewTokenRows(hf, first=94)
+    own = rows.input_rows if rows.tied else rows.output_rows
+    with torch.no_grad():
+        own.normal_()
+    head = hf.get_output_embeddings()
+    hidden = torch.randn(2, 5, head.in_features)
+    expected = torch.cat([head(hidden)[..., :94], hidden @ own.T], dim=-1)
+    torch.testing.assert_close(rows.logits(hidden, head), expected)

@@ -119,10 +119,11 @@ class TrainedVAE:
         from textvae.generation.decode import decode
 
         texts = []
-        for start in range(0, len(latents), self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            state = self.model.decoding_latent(latents[rows], present[rows], prompt_ids[rows], self.device)
-            texts += [self.model.tokenizer.decode(t) for t in decode(self.model, prompt_ids[rows], state, config, generator)]
+        with self.model.backbone.merged_adapter():  # LoRA folded into the base in float32 (a no-op otherwise)
+            for start in range(0, len(latents), self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                state = self.model.decoding_latent(latents[rows], present[rows], prompt_ids[rows], self.device)
+                texts += [self.model.tokenizer.decode(t) for t in decode(self.model, prompt_ids[rows], state, config, generator)]
         return texts
 
     def sample(self, n: int, decoding: str | None = None, prompts: list[str] | None = None, seed: int = 0,
@@ -198,7 +199,7 @@ class TrainedVAE:
         values, tokens = [], []
         for index, batch in enumerate(self._batches(texts, sources)):
             torch.manual_seed(batch_seed(seed, index, 0))  # as `evaluate` draws them
-            with bf16_inference(self.model, bf16):
+            with bf16_inference(self.model, bf16), self.model.backbone.merged_adapter():  # the second: fp32 only
                 values += log_marginals(self.model, batch, k)[0].double().tolist()
             tokens += counted_tokens(batch, self.model.tokenizer.sep_id).tolist()
         return {"log_likelihood": values, "tokens": tokens}

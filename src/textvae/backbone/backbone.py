@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
-from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter
+from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter, merged_adapter
 from textvae.backbone.families import family_of
 from textvae.backbone.inject import Injection, InjectionPoints, memory_cache
 
@@ -58,6 +58,11 @@ class Backbone(InjectionPoints, nn.Module):
         """A context for the posterior's encoder passes: its own adapter when it has one."""
         return active_adapter(self.causal_lm, ENCODER) if self.has_encoder_adapter else nullcontext()
 
+    def merged_adapter(self):
+        """A context for no-grad float32 passes with the decoder's LoRA pairs merged into the
+        base weights (the same numbers, faster; backbone/adapters.py)."""
+        return merged_adapter(self.causal_lm)
+
     @property
     def config(self):
         return self.causal_lm.config
@@ -74,8 +79,8 @@ class Backbone(InjectionPoints, nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head: [..., H] -> [..., V]."""
-        logits = self.causal_lm.get_output_embeddings()(hidden)
-        return logits if self.new_tokens is None else self.new_tokens.logits(hidden, logits)
+        head = self.causal_lm.get_output_embeddings()
+        return head(hidden) if self.new_tokens is None else self.new_tokens.logits(hidden, head)
 
     def positions_left(self, prompt_length: int) -> int:
         """How many tokens may follow a prompt of `prompt_length` (a memory position takes none)."""

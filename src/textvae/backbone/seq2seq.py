@@ -33,6 +33,7 @@ from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 
 from textvae.backbone import masks
+from textvae.backbone.adapters import merged_adapter
 from textvae.backbone.backbone import BackboneOutput
 from textvae.backbone.families import family_of
 from textvae.backbone.inject import NO_INJECTION, Injection, InjectionPoints, memory_cache
@@ -132,6 +133,11 @@ class Seq2SeqBackbone(InjectionPoints, nn.Module):
         self.num_encoder_layers = len(seq2seq_lm.get_encoder().layers)
         self.has_encoder_adapter = False  # BART's encoder is already the posterior's own
         self.base_fingerprint: str | None = None  # of a frozen base (models/registry.py)
+
+    def merged_adapter(self):
+        """A context for no-grad float32 passes with the LoRA pairs merged into the base
+        weights (the same numbers, faster; backbone/adapters.py)."""
+        return merged_adapter(self.seq2seq_lm)
 
     @property
     def config(self):

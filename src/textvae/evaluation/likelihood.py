@@ -171,7 +171,7 @@ def evaluate_likelihood(
     per_example: dict[str, list[torch.Tensor]] = {key: [] for key in ("log_px", "log_px_mean", "rec", "kl", "groups", "tokens", "index")}
     kl_groups, posteriors = [], []
     segment_kl, segment_count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-    with bf16_inference(model, bf16):
+    with bf16_inference(model, bf16), model.backbone.merged_adapter():  # the second: fp32 only
         for index, rows in enumerate(eval_batches([len(item.ids) for item in data], batch_size)):
             batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
             stored = None if progress is None else progress.get(index)

@@ -213,9 +213,10 @@ def generate_texts(
     else:
         prompts = [p for p in source_prompts(tokenizer, sources, max_source_length)[0] for _ in range(num)]
     texts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        latent = model.sample_prior_latent(chunk, device)
-        for tokens in decode(model, chunk, latent, config, generator):
-            texts.append(tokenizer.decode(tokens))
+    with model.backbone.merged_adapter():  # LoRA folded into the base in float32 (a no-op otherwise)
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            latent = model.sample_prior_latent(chunk, device)
+            for tokens in decode(model, chunk, latent, config, generator):
+                texts.append(tokenizer.decode(tokens))
     return texts

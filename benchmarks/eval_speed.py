@@ -9,6 +9,15 @@ importance samples scored at once; the two settings alternate repeat by repeat a
 time of each is reported, with the largest difference in log p(x) between them.
 
     python benchmarks/eval_speed.py runs/smollm2-embed-const [--batch 32] [--k 10] [--repeats 3]
+
+With `--decoder-only` (a single-latent run: embed, memory, softmax, optimus) it times just
+the merged decoder pass over the batch's k copies,
+`--repeats` times: start two one-thread copies side by side against one two-thread run to
+see whether splitting the cores between jobs gains anything:
+
+    (OMP_NUM_THREADS=1 python benchmarks/eval_speed.py RUN --decoder-only & \
+     OMP_NUM_THREADS=1 python benchmarks/eval_speed.py RUN --decoder-only; wait)
+    OMP_NUM_THREADS=2 python benchmarks/eval_speed.py RUN --decoder-only
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decoder-only", action="store_true", help="time the merged decoder pass alone")
     args = parser.parse_args()
     model, config = load_run(args.run, None)
     model.eval()
@@ -46,6 +56,15 @@ def main() -> None:
     targets = int(batch.target_mask.sum())
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{args.run}: batch {batch.size} x {batch.input_ids.shape[1]} positions, {targets} targets, k = {args.k}")
+    if args.decoder_only:
+        copies = batch.select(torch.arange(batch.size).repeat_interleave(args.k))
+        z = model.sample_prior_latent([[0]] * copies.size, torch.device("cpu"))
+        with torch.no_grad(), model.backbone.merged_adapter():
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                model.decoder_nll(copies, z)
+                print(f"decoder pass over {copies.size} rows: {time.perf_counter() - start:.1f} s", flush=True)
+        return
     settings = {"adapters as trained": contextlib.nullcontext, "merged": model.backbone.merged_adapter}
     times: dict[str, list[float]] = {name: [] for name in settings}
     values = {}

@@ -162,7 +162,8 @@ def merged_adapter(hf_model: nn.Module):
     adapted weights while inside; the adapters' requires_grad flags are
     restored too. A no-op where it would change what is computed: with gradients on (the
     adapters train), under autocast or with weights not in float32 (bf16 cannot hold a small
-    LoRA delta beside W), or already inside one."""
+    LoRA delta beside W), or already inside one. Not PEFT's merge/unmerge: those work in place,
+    so unmerging drifts by rounding, and a merged layer ignores a switch to the encoder adapter."""
     layers = [layer for layer in tuner_layers(hf_model) if DECODER in getattr(layer, "lora_A", {})]
     weights = [layer.get_base_layer().weight for layer in layers]
     if (not layers or hf_model in _MERGED or torch.is_grad_enabled()

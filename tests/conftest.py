@@ -21,6 +21,16 @@ def demo_lines(split: str, count: int) -> list[str]:
     return (DEMO / f"{split}.txt").read_text(encoding="utf-8").splitlines()[:count]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_backbones(tmp_path_factory):
+    """Backbones converted from .gguf files (backbone/gguf_cache.py) are kept in one folder
+    for the test session (SmolLM2 converted once, read back by later tests), not in the
+    user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TEXTVAE_CACHE", str(tmp_path_factory.mktemp("textvae-cache")))
+        yield
+
+
 @pytest.fixture
 def tiny_txt(tmp_path: Path) -> Path:
     """A .txt corpus: 160 / 24 / 24 demo sentences."""

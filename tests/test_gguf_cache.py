@@ -110,15 +110,21 @@ def test_a_changed_gguf_file_gets_its_own_converted_copy(tmp_path, cache, monkey
     assert len(list((cache / "gguf").iterdir())) == 2
 
 
-def test_a_damaged_converted_copy_is_converted_again_with_a_warning(tmp_path, cache, reads, capsys):
+@pytest.mark.parametrize("damage", ["truncated weights", "tokenizer not JSON", "no config"])
+def test_a_damaged_converted_copy_is_converted_again_with_a_warning(damage, tmp_path, cache, reads, capsys):
     spec = write_tiny_gguf(tmp_path / "tiny.gguf")
     first = loaded(spec)
-    weights = converted_folder(spec) / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    folder = converted_folder(spec)
+    if damage == "truncated weights":
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    elif damage == "tokenizer not JSON":
+        (folder / "tokenizer.json").write_text("{ not json")
+    else:
+        (folder / "config.json").unlink()
     assert same(first, loaded(spec))
     assert "converting the .gguf file again" in capsys.readouterr().err
     assert same(first, loaded(spec))  # from the rewritten copy
-    assert reads == [str(tmp_path), str(weights.parent), str(tmp_path), str(weights.parent)]
+    assert reads == [str(tmp_path), str(folder), str(tmp_path), str(folder)]
 
 
 def test_an_unwritable_cache_costs_only_the_speed_up(tmp_path, monkeypatch, capsys):

@@ -122,8 +122,8 @@ def load_pretrained_base(
         try:
             loaded = _read(spec, str(converted), True, {"attn_implementation": attn_implementation})
         except TextVAEError as err:
-            print(f"textvae: warning: {err} (the converted copy in {converted}); converting the .gguf file again",
-                  file=sys.stderr)
+            print(f"textvae: warning: the converted copy in {converted} is unreadable ({err}); "
+                  "converting the .gguf file again", file=sys.stderr)
             shutil.rmtree(converted, ignore_errors=True)
     if loaded is None:
         loaded = _read(spec, location, local_only, kwargs)

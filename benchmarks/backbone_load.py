@@ -1,8 +1,9 @@
 """Loading the SmolLM2-135M backbone: from its GGUF file with the converted-copy cache off,
 converting it (the first load: the GGUF load plus writing the copy), and from the converted
 copy (every later load; backbone/gguf_cache.py). Each in a fresh cache folder, `--repeats`
-times, alternating; the median of each, and whether the copy gives the same weights
-(fingerprint) and tokenizer.
+times, alternating; the median of each, whether the copy gives the same weights
+(fingerprint) and tokenizer, and its size. The copy is read just after it was written, so
+from the page cache: a cold read takes longer by reading its size from disk.
 
     python benchmarks/backbone_load.py [--repeats 3]
 """
@@ -49,12 +50,14 @@ def main() -> None:
                 seconds, *loaded = timed_load()
                 times[name].append(seconds)
                 loads.add(tuple(loaded))
+            folder = converted_folder(smollm2_gguf())
+            mib = sum(path.stat().st_size for path in folder.iterdir()) / 2**20
     base = statistics.median(times["cache off"])
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| load | seconds (median) | ratio |\n|---|---|---|")
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.2f} | {statistics.median(values) / base:.3f} |")
-    print(f"every load gave the same weights and tokenizer: {len(loads) == 1}")
+    print(f"every load gave the same weights and tokenizer: {len(loads) == 1}; the copy: {mib:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,25 @@ def demo_lines(split: str, count: int) -> list[str]:
 @pytest.fixture(scope="session", autouse=True)
 def converted_backbones(tmp_path_factory):
     """Backbones converted from .gguf files (backbone/gguf_cache.py) are kept in one folder
-    for the test session (SmolLM2 converted once, read back by later tests), not in the
-    user's cache."""
+    for the test session, not in the user's cache: later tests read SmolLM2 from the copy the
+    first one made. Removed at the end (SmolLM2's copy is 517 MB)."""
+    folder = tmp_path_factory.mktemp("textvae-cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TEXTVAE_CACHE", str(tmp_path_factory.mktemp("textvae-cache")))
+        patch.setenv("TEXTVAE_CACHE", str(folder))
         yield
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def backbone_reads(monkeypatch) -> list[str]:
+    """Where each pretrained-backbone load read its model from (a .gguf file's folder, or its
+    converted copy)."""
+    from textvae.backbone import load
+
+    seen, read = [], load._from_pretrained
+    monkeypatch.setattr(load, "_from_pretrained",
+                        lambda spec, location, *rest, **options: seen.append(location) or read(spec, location, *rest, **options))
+    return seen
 
 
 @pytest.fixture

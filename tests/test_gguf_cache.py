@@ -2,7 +2,10 @@
 same weights and tokenizer; a changed file, a damaged copy or an unwritable cache never gives
 a wrong model (backbone/gguf_cache.py). On a tiny Llama GGUF written here."""
 
+import json
+from importlib.metadata import PackageNotFoundError
 from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -10,9 +13,12 @@ import pytest
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from textvae.backbone import load
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from textvae.backbone import gguf_cache, load
 from textvae.backbone.adapters import fingerprint
-from textvae.backbone.gguf_cache import converted_folder
+from textvae.backbone.gguf_cache import MANIFEST, converted_folder
 
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
 
@@ -68,36 +74,38 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture
-def reads(monkeypatch) -> list[str]:
-    """Where each load read its model from."""
-    seen, read = [], load._read
-    monkeypatch.setattr(load, "_read", lambda spec, location, *rest: seen.append(location) or read(spec, location, *rest))
-    return seen
+class Loaded(NamedTuple):
+    weights: str  # fingerprint
+    tokenizer: str
+    special: dict
+    added_from: int
+    logits: torch.Tensor
+
+    def same_as(self, other: "Loaded") -> bool:
+        return self[:4] == other[:4] and torch.equal(self.logits, other.logits)
 
 
-def loaded(spec: Path) -> tuple[str, str, dict, int, torch.Tensor]:
-    """A load's weights (fingerprint), tokenizer, special tokens, first added id, and logits."""
+def loaded(spec: Path) -> Loaded:
     model, tokenizer, added_from = load.load_pretrained_base(str(spec), None, "eager")
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
     with torch.no_grad():
         logits = model(torch.tensor([tokenizer.encode("the cat in the hat")])).logits
-    return fingerprint(model, added_from), tokenizer.tokenizer.to_str(), tokenizer.special, added_from, logits
+    return Loaded(fingerprint(model, added_from), tokenizer.tokenizer.to_str(), tokenizer.special, added_from, logits)
 
 
-def same(first, second) -> bool:
-    return first[:4] == second[:4] and torch.equal(first[4], second[4])
+def left_over(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp-" in p.name or ".damaged-" in p.name)
 
 
-def test_a_gguf_backbone_is_converted_once_and_read_back_the_same(tmp_path, cache, reads):
+def test_a_gguf_backbone_is_converted_once_and_read_back_the_same(tmp_path, cache, backbone_reads):
     spec = write_tiny_gguf(tmp_path / "tiny.gguf")
     first = loaded(spec)
     folder = converted_folder(spec)
     assert folder.parent.parent == cache and sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
     second = loaded(spec)
-    assert reads == [str(tmp_path), str(folder)]  # the .gguf file's folder, then the converted copy
-    assert same(first, second)
-    assert first[3] == 262 and "<|endoftext|>" in first[2].values()
+    assert backbone_reads == [str(tmp_path), str(folder)]  # the .gguf file's folder, then the converted copy
+    assert first.same_as(second)
+    assert first.added_from == 262 and "<|endoftext|>" in first.special.values()
 
 
 def test_a_changed_gguf_file_gets_its_own_converted_copy(tmp_path, cache, monkeypatch):
@@ -106,25 +114,37 @@ def test_a_changed_gguf_file_gets_its_own_converted_copy(tmp_path, cache, monkey
     write_tiny_gguf(spec, seed=1)
     after = loaded(spec)
     monkeypatch.setenv("TEXTVAE_CACHE", "off")
-    assert same(after, loaded(spec)) and not same(before, after)
+    assert after.same_as(loaded(spec)) and not before.same_as(after)
     assert len(list((cache / "gguf").iterdir())) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "tokenizer not JSON", "no config"])
-def test_a_damaged_converted_copy_is_converted_again_with_a_warning(damage, tmp_path, cache, reads, capsys):
+@pytest.mark.parametrize("damage", ["truncated weights", "a tensor missing", "tokenizer not JSON", "no config",
+                                    "config not fitting"])
+def test_a_damaged_converted_copy_is_converted_again_with_a_warning(damage, tmp_path, cache, backbone_reads, capsys):
     spec = write_tiny_gguf(tmp_path / "tiny.gguf")
     first = loaded(spec)
     folder = converted_folder(spec)
     if damage == "truncated weights":
         (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    elif damage == "a tensor missing":  # transformers would draw it at random, with a warning it hides
+        tensors = load_file(folder / "model.safetensors")
+        save_file({k: v for k, v in tensors.items() if "layers.1.mlp.up_proj" not in k}, folder / "model.safetensors")
     elif damage == "tokenizer not JSON":
         (folder / "tokenizer.json").write_text("{ not json")
-    else:
+    elif damage == "no config":
         (folder / "config.json").unlink()
-    assert same(first, loaded(spec))
+    else:  # wider layers than the weights hold, with a manifest that agrees: only loading can tell
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}, indent=2))
+        sizes = json.loads((folder / MANIFEST).read_text())
+        (folder / MANIFEST).write_text(json.dumps({**sizes, "config.json": (folder / "config.json").stat().st_size}))
+    assert first.same_as(loaded(spec))
     assert "converting the .gguf file again" in capsys.readouterr().err
-    assert same(first, loaded(spec))  # from the rewritten copy
-    assert reads == [str(tmp_path), str(folder), str(tmp_path), str(folder)]
+    assert first.same_as(loaded(spec))  # from the rewritten copy
+    expected = [str(tmp_path), str(tmp_path), str(folder)]
+    if damage == "config not fitting":
+        expected.insert(1, str(folder))  # read, and refused, before the file was converted again
+    assert backbone_reads == expected and left_over(cache) == []
 
 
 def test_an_unwritable_cache_costs_only_the_speed_up(tmp_path, monkeypatch, capsys):
@@ -135,15 +155,43 @@ def test_an_unwritable_cache_costs_only_the_speed_up(tmp_path, monkeypatch, caps
     direct = loaded(spec)
     assert "could not keep the converted backbone" in capsys.readouterr().err
     monkeypatch.setenv("TEXTVAE_CACHE", "off")
-    assert same(direct, loaded(spec))
+    assert direct.same_as(loaded(spec))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "tiny.gguf"]
 
 
-def test_an_off_cache_writes_nothing(tmp_path, monkeypatch, reads):
+def test_a_disk_filling_up_during_the_write_leaves_no_copy(tmp_path, cache, monkeypatch, capsys,
+                                                            backbone_reads):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_cache, "save_file", full_disk)
+        direct = loaded(spec)
+    assert "could not keep the converted backbone" in capsys.readouterr().err
+    assert [p.name for p in (cache / "gguf").iterdir()] == []
+    assert direct.same_as(loaded(spec)) and backbone_reads == [str(tmp_path)] * 2  # converted again, now kept
+    assert [p.name for p in (cache / "gguf").iterdir()] == [converted_folder(spec).name]
+
+
+def test_without_the_gguf_library_versions_the_load_goes_on_uncached(tmp_path, cache, monkeypatch):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(gguf_cache, "version", missing)
+    loaded(spec)
+    assert not cache.exists()
+
+
+def test_an_off_cache_writes_nothing(tmp_path, monkeypatch, backbone_reads):
     spec = write_tiny_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setenv("TEXTVAE_CACHE", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     loaded(spec)
     loaded(spec)
-    assert reads == [str(tmp_path)] * 2 and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+    assert backbone_reads == [str(tmp_path)] * 2 and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]

@@ -11,7 +11,6 @@ from conftest import ScaleFusion, demo_lines, save_hf_folder
 from textvae.backbone.inject import Injection
 from textvae.backbone.backbone import Backbone
 from textvae.backbone.inject import inject_value_fusion
-from textvae.backbone import load
 from textvae.backbone.adapters import fingerprint
 from textvae.backbone.gguf_cache import converted_folder
 from textvae.backbone.load import load_pretrained, load_pretrained_base, smollm2_gguf
@@ -63,13 +62,26 @@ def test_local_encoder_decoder_folder_trains_della_on_source_target_data(tiny_js
     assert len((tmp_path / "g.txt").read_text().splitlines()) == 2
 
 
+SMOLLM2_PROBE = "The cat sat on the mat."
+
+
+def base_as_loaded(causal_lm, tokenizer, pretrained_rows) -> dict:
+    """What must come back the same from the converted copy: weights, config, tying, tokenizer, logits."""
+    config = {k: v for k, v in causal_lm.config.to_dict().items() if k not in ("_name_or_path", "quantization_config")}
+    with torch.no_grad():
+        logits = causal_lm(torch.tensor([tokenizer.encode(SMOLLM2_PROBE)])).logits
+    return {"weights": fingerprint(causal_lm, pretrained_rows), "config": config, "logits": logits,
+            "tied": causal_lm.get_output_embeddings().weight is causal_lm.get_input_embeddings().weight,
+            "tokenizer": tokenizer.tokenizer.to_str(), "special": tokenizer.special}
+
+
 @pytest.fixture(scope="module")
 def smollm2_base():
-    """SmolLM2 converted from its GGUF file here (its converted copy removed first), with the
-    fingerprint of its weights and its tokenizer as loaded."""
+    """SmolLM2 converted from its GGUF file here (its converted copy removed first), and what
+    it was as loaded (`base_as_loaded`), before any test changes it."""
     shutil.rmtree(converted_folder(smollm2_gguf()), ignore_errors=True)
     causal_lm, tokenizer, pretrained_rows = load_pretrained_base("smollm2", None, "sdpa")
-    return causal_lm, tokenizer, fingerprint(causal_lm, pretrained_rows)
+    return causal_lm, tokenizer, base_as_loaded(causal_lm, tokenizer, pretrained_rows)
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +90,12 @@ def smollm2(smollm2_base):
     return LanguageModel(Backbone(causal_lm.eval()), tokenizer, LMConfig()).eval()
 
 
-def test_smollm2_is_read_back_from_its_converted_copy_unchanged(smollm2_base, monkeypatch):
-    _, tokenizer, converted = smollm2_base
-    reads, read = [], load._read
-    monkeypatch.setattr(load, "_read", lambda spec, location, *rest: reads.append(location) or read(spec, location, *rest))
-    causal_lm, again, pretrained_rows = load_pretrained_base("smollm2", None, "sdpa")
-    assert reads == [str(converted_folder(smollm2_gguf()))]
-    assert fingerprint(causal_lm, pretrained_rows) == converted
-    assert again.tokenizer.to_str() == tokenizer.tokenizer.to_str() and again.special == tokenizer.special
+def test_smollm2_is_read_back_from_its_converted_copy_unchanged(smollm2_base, backbone_reads):
+    first = smollm2_base[2]
+    again = base_as_loaded(*load_pretrained_base("smollm2", None, "sdpa"))
+    assert backbone_reads == [str(converted_folder(smollm2_gguf()))]
+    assert first["tied"] and again.pop("logits").equal(first["logits"])
+    assert again == {k: v for k, v in first.items() if k != "logits"}
 
 
 def test_smollm2_gguf_is_a_working_llama(smollm2):

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from textvae.backbone.gguf_cache import converted_folder, store
+from textvae.backbone.gguf_cache import converted_folder, discard, keep_converted, readable
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
 
@@ -114,21 +114,24 @@ def load_pretrained_base(
         location, local_only = spec[3:], _hub_offline()
     else:
         location, local_only = _local_location(spec, kwargs), True
-    if local_only:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    converted = converted_folder(Path(location) / kwargs["gguf_file"]) if "gguf_file" in kwargs else None
+    converted = converted_folder(Path(kwargs["gguf_file"])) if "gguf_file" in kwargs else None
     loaded = None
-    if converted is not None and converted.is_dir():
-        try:
-            loaded = _read(spec, str(converted), True, {"attn_implementation": attn_implementation})
-        except TextVAEError as err:
-            print(f"textvae: warning: the converted copy in {converted} is unreadable ({err}); "
+    if converted is not None and converted.exists():
+        problem = None if readable(converted) else "a file is missing or cut short"
+        if problem is None:
+            try:
+                loaded = _from_pretrained(spec, str(converted), local_only=True,
+                                          kwargs={"attn_implementation": attn_implementation})
+            except (TextVAEError, RuntimeError) as err:  # RuntimeError: weights that do not fit the config
+                problem = str(err).splitlines()[0]
+        if problem is not None:
+            print(f"textvae: warning: the converted copy in {converted} is unreadable ({problem}); "
                   "converting the .gguf file again", file=sys.stderr)
-            shutil.rmtree(converted, ignore_errors=True)
+            discard(converted)
     if loaded is None:
-        loaded = _read(spec, location, local_only, kwargs)
+        loaded = _from_pretrained(spec, location, local_only, kwargs)
         if converted is not None:
-            store(converted, *loaded)
+            keep_converted(converted, *loaded)
     model, hf_tokenizer = loaded
     _set_dropout(model.config, model, dropout)
     tokenizer = TextTokenizer.from_pretrained(hf_tokenizer)
@@ -137,7 +140,9 @@ def load_pretrained_base(
     return model, tokenizer, added_from
 
 
-def _read(spec: str, location: str, local_only: bool, kwargs: dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _from_pretrained(
+    spec: str, location: str, local_only: bool, kwargs: dict
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The float32 model and Hugging Face tokenizer at `location`; any failure as one TextVAEError."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # GGUF de-quantisation chatter
@@ -152,7 +157,7 @@ def _read(spec: str, location: str, local_only: bool, kwargs: dict) -> tuple[Pre
     except ImportError as err:
         raise TextVAEError(f"loading {spec} needs the 'pretrained' extra: {err}") from None
     except (OSError, ValueError, SafetensorError) as err:
-        if spec.startswith("hf:") and local_only:
+        if spec.startswith("hf:") and local_only and isinstance(err, OSError):
             raise TextVAEError(f"cannot load backbone {spec}: it is not in the local Hugging Face cache and downloads "
                                "are off (HF_HUB_OFFLINE=1, the CLI's default); set HF_HUB_OFFLINE=0 to allow one") from None
         raise TextVAEError(f"cannot load backbone {spec}: {str(err).splitlines()[0]}") from None
@@ -164,8 +169,10 @@ def _read(spec: str, location: str, local_only: bool, kwargs: dict) -> tuple[Pre
 
 
 def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub reads it (true: 1, ON, YES, TRUE)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    """Whether downloads are off, as huggingface_hub reads it: HF_HUB_OFFLINE, else
+    TRANSFORMERS_OFFLINE, true when 1, ON, YES or TRUE."""
+    setting = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return setting.strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def rebuild(config_dict: dict, attn_implementation: str) -> PreTrainedModel:
@@ -221,7 +228,7 @@ def smollm2_gguf() -> Path:
 def _local_location(spec: str, kwargs: dict) -> str:
     path = smollm2_gguf() if spec == "smollm2" else Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        kwargs["gguf_file"] = path.name
+        kwargs["gguf_file"] = str(path.resolve())  # whole: transformers tries a bare name in the working folder first
         return str(path.parent)
     if path.is_dir() and (path / "config.json").is_file():
         return str(path)

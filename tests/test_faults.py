@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,20 +241,47 @@ def test_a_full_disk_during_a_checkpoint_write_stops_in_one_line_and_keeps_the_p
     assert (run / "model.safetensors").is_file()
 
 
-def test_a_full_disk_while_saving_the_model_leaves_no_partial_file(tiny_txt, tmp_path, monkeypatch, capsys):
-    import errno
+def safetensors_on_a_full_disk(monkeypatch) -> None:
+    """Every safetensors write fails as the library fails on a full disk (checked on a full
+    tmpfs: its own error type, not an OSError), after writing part of the file."""
+    from safetensors import SafetensorError
 
+    from textvae import files
+
+    def full_disk(_tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(files, "save_file", full_disk)
+    monkeypatch.setattr(files, "save_model", full_disk)
+
+
+def test_a_full_disk_while_saving_the_model_leaves_no_partial_file(tiny_txt, tmp_path, monkeypatch, capsys):
     from textvae.models import registry
 
-    def full_disk(model, path):
-        path.write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real = registry.write_weights
 
-    monkeypatch.setattr(registry, "write_weights", full_disk)
+    def write_final_weights_on_a_full_disk(model, path):
+        with monkeypatch.context() as patch:
+            safetensors_on_a_full_disk(patch)
+            real(model, path)
+
+    monkeypatch.setattr(registry, "write_weights", write_final_weights_on_a_full_disk)
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1", *FAST]) == 2
     assert "model.safetensors (No space left on device)" in _one_line_error(capsys)
     assert not (run / "model.safetensors").exists() and not (run / "model.safetensors.tmp").exists()
+
+
+def test_a_full_disk_at_the_first_checkpoint_stops_in_one_line_and_leaves_no_partial_checkpoint(tiny_txt, tmp_path,
+                                                                                                monkeypatch, capsys):
+    safetensors_on_a_full_disk(monkeypatch)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "2",
+                 "--set", "train.checkpoint_every=1", *FAST]) == 2
+    assert ("could not write the checkpoint of step 1 (No space left on device); no earlier checkpoint exists"
+            in _one_line_error(capsys))
+    assert list((run / "checkpoints").iterdir()) == []
 
 
 def test_importance_samples_scored_a_few_at_a_time_give_the_same_estimate(trained_della):

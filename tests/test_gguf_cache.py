@@ -16,6 +16,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from textvae import files
 from textvae.backbone import gguf_cache, load
 from textvae.backbone.adapters import fingerprint
 from textvae.backbone.gguf_cache import MANIFEST, converted_folder
@@ -163,12 +164,12 @@ def test_a_disk_filling_up_during_the_write_leaves_no_copy(tmp_path, cache, monk
                                                             backbone_reads):
     spec = write_tiny_gguf(tmp_path / "tiny.gguf")
 
-    def full_disk(tensors, filename, metadata=None):
+    def full_disk(tensors, filename, metadata=None):  # as safetensors fails on a full tmpfs
         Path(filename).write_bytes(b"\0" * 100)
-        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(gguf_cache, "save_file", full_disk)
+        patch.setattr(files, "save_file", full_disk)
         direct = loaded(spec)
     assert "could not keep the converted backbone" in capsys.readouterr().err
     assert [p.name for p in (cache / "gguf").iterdir()] == []

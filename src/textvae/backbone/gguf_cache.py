@@ -22,11 +22,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textvae.files import usual_mode
+from textvae.files import save_tensors, usual_mode
 
 FORMAT = 1  # of the folder this module writes: a change to `keep_converted` bumps it
 MANIFEST = "textvae-manifest.json"
@@ -97,21 +95,17 @@ def keep_converted(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (temporary / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-        save_file(weights, str(temporary / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(weights, temporary / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(temporary)
-        sizes = {}
-        for path in sorted(temporary.iterdir()):
-            usual_mode(path)  # safetensors writes 0600: a shared cache is read by others too
-            sizes[path.name] = path.stat().st_size
+        sizes = {path.name: path.stat().st_size for path in sorted(temporary.iterdir())}
         (temporary / MANIFEST).write_text(json.dumps(sizes, indent=1), encoding="utf-8")
-        usual_mode(temporary / MANIFEST)
         usual_mode(temporary, folder=True)  # mkdtemp makes it private
         os.rename(temporary, folder)
         temporary = None
-    except (OSError, SafetensorError) as err:
+    except OSError as err:
         if not readable(folder):  # another process renaming its own copy first is no failure
             print(f"textvae: warning: could not keep the converted backbone in {folder} "
-                  f"({getattr(err, 'strerror', None) or err}); the next load converts the .gguf file again",
+                  f"({err.strerror or err}); the next load converts the .gguf file again",
                   file=sys.stderr)
     finally:
         if temporary is not None:

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 
 from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
 from textvae.models.base import TextVAE
-from textvae.models.registry import save_tensors
+from textvae.files import save_tensors
 from textvae.training.environment import bf16_inference
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from safetensors.torch import load_model as load_safetensors
-from safetensors.torch import save_model as save_safetensors
 
 from textvae.backbone import adapters
 from textvae.backbone.backbone import Backbone
@@ -20,7 +19,7 @@ from textvae.backbone.load import build_preset, is_preset, load_pretrained_base,
 from textvae.config import Config, build_dataclass, load_yaml, save_yaml
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
-from textvae.files import usual_mode
+from textvae.files import save_module_tensors, save_tensors
 from textvae.models.base import TextVAE
 from textvae.models.della import Della
 from textvae.models.lm import LanguageModel
@@ -147,16 +146,9 @@ def write_weights(model: TextVAE, path: Path) -> None:
     """The model's tensors as safetensors: all of them, or over a frozen base only those not
     frozen (the base is rebuilt from its spec)."""
     if model.backbone.base_fingerprint is None:
-        save_safetensors(model, str(path))
-        usual_mode(path)  # safetensors writes 0600
+        save_module_tensors(model, path)
     else:
         save_tensors({name: tensor.detach().contiguous() for name, tensor in _trained_tensors(model).items()}, path)
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file` with the mode every other run file has (it writes 0600)."""
-    save_file(tensors, str(path), metadata=metadata)
-    usual_mode(path)
 
 
 def read_weights(model: TextVAE, path: Path, device: str | torch.device = "cpu") -> None:

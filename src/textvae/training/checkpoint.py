@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from textvae.errors import TextVAEError
-from textvae.models.registry import read_weights, save_tensors, write_weights
+from textvae.files import save_tensors
+from textvae.models.registry import read_weights, write_weights
 
 LATEST = "latest"
 KEEP = 2  # complete checkpoints kept on disk

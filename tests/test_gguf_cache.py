@@ -3,6 +3,7 @@ same weights and tokenizer; a changed file, a damaged copy or an unwritable cach
 a wrong model (backbone/gguf_cache.py). On a tiny Llama GGUF written here."""
 
 import json
+import os
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 from typing import NamedTuple
@@ -196,3 +197,11 @@ def test_an_off_cache_writes_nothing(tmp_path, monkeypatch, backbone_reads):
     loaded(spec)
     loaded(spec)
     assert backbone_reads == [str(tmp_path)] * 2 and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+def test_a_local_load_leaves_hub_downloads_as_the_user_set_them(tmp_path, cache, monkeypatch):
+    """An earlier local load must not turn later hf:NAME loads offline (the setting is read when loading)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    loaded(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    assert "HF_HUB_OFFLINE" not in os.environ and not load._hub_offline()

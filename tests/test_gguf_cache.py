@@ -4,6 +4,7 @@ a wrong model (backbone/gguf_cache.py). On a tiny Llama GGUF written here."""
 
 import json
 import os
+import time
 from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 from typing import NamedTuple
@@ -205,3 +206,15 @@ def test_a_local_load_leaves_hub_downloads_as_the_user_set_them(tmp_path, cache,
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     loaded(write_tiny_gguf(tmp_path / "tiny.gguf"))
     assert "HF_HUB_OFFLINE" not in os.environ and not load._hub_offline()
+
+
+def test_a_killed_writers_leftovers_are_swept_when_an_hour_old(tmp_path, cache):
+    spec = write_tiny_gguf(tmp_path / "tiny.gguf")
+    (cache / "gguf").mkdir(parents=True)
+    old, recent = cache / "gguf" / "x.tmp-old", cache / "gguf" / "x.tmp-recent"
+    for leftover in (old, recent):
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    loaded(spec)
+    assert not old.exists() and recent.exists()

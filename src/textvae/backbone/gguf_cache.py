@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def keep_converted(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
     temporary = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_leftovers(folder.parent)
         temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{folder.name}.tmp-"))
         # by hand, as Hugging Face would save it: save_pretrained refuses a model loaded from a
         # GGUF file (marked quantized, though its weights are already de-quantised floats)
@@ -110,6 +112,17 @@ def keep_converted(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _sweep_leftovers(cache: Path, older_than_s: float = 3600.0) -> None:
+    """Remove what a killed writer left: temporary or damaged folders untouched for an hour
+    (a live write takes seconds)."""
+    for leftover in [*cache.glob("*.tmp-*"), *cache.glob("*.damaged-*")]:
+        try:
+            if time.time() - leftover.stat().st_mtime > older_than_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue  # another process removed it first
 
 
 def _without_tied_copies(model: PreTrainedModel) -> dict[str, torch.Tensor]:

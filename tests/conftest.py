@@ -26,7 +26,7 @@ def demo_lines(split: str, count: int) -> list[str]:
 def converted_backbones(tmp_path_factory):
     """Backbones converted from .gguf files (backbone/gguf_cache.py) are kept in one folder
     for the test session, not in the user's cache: later tests read SmolLM2 from the copy the
-    first one made. Removed at the end (SmolLM2's copy is 517 MB)."""
+    first one made. Removed at the end (SmolLM2's copy is 517 MiB)."""
     folder = tmp_path_factory.mktemp("textvae-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TEXTVAE_CACHE", str(folder))
@@ -41,8 +41,12 @@ def backbone_reads(monkeypatch) -> list[str]:
     from textvae.backbone import load
 
     seen, read = [], load._from_pretrained
-    monkeypatch.setattr(load, "_from_pretrained",
-                        lambda spec, location, *rest, **options: seen.append(location) or read(spec, location, *rest, **options))
+
+    def recorded(spec, location, *rest, **options):
+        seen.append(location)
+        return read(spec, location, *rest, **options)
+
+    monkeypatch.setattr(load, "_from_pretrained", recorded)
     return seen
 
 

@@ -13,10 +13,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from textvae import files
 from textvae.backbone import gguf_cache, load

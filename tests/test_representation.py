@@ -7,11 +7,15 @@ import pytest
 import torch
 
 from conftest import demo_lines, tiny_backbone
+from textvae.backbone.backbone import Backbone
+from textvae.config import Config
 from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import Example
 from textvae.evaluation.likelihood import active_units, mutual_information
 from textvae.latent.gaussian import DiagonalGaussian
 from textvae.latent.regularizers import BagOfWords, MeanBatchNorm, thresholded_kl
+from textvae.models.base import ImportanceWeights
+from textvae.models.registry import MODELS, model_class, model_config
 from textvae.models.single import Embed, SingleLatentConfig
 
 
@@ -48,6 +52,42 @@ def test_iw_bound_is_tighter_than_elbo_and_reaches_log_px(tiny_tokenizer):
     assert (bound(6000) >= elbo + 0.3).all()
     # Monte Carlo error of one 6000-sample estimate here: about 0.015 nats (measured over seeds)
     torch.testing.assert_close(bound(6000), log_px, atol=0.06, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_importance_weights_in_chunks_are_separate_calls_with_the_encoder_run_once(name, tiny_tokenizer):
+    """Chunking changes the cost, not the numbers: k = 7 in chunks of 3 gives the weights of
+    three separate calls of 3, 3 and 1 samples from the same seed (what evaluation did before
+    the posterior was shared), while the encoder (and softmax's body) runs once, not once a chunk."""
+    options = {"latent_size": 6} if model_class(name).has_latent else {}
+    if model_class(name).latent_groups == "segment":
+        options["segment_length"] = 3  # several segments a text
+    config = Config.from_dict({"model": {"name": name, **options}})
+    torch.manual_seed(0)
+    model = model_class(name)(tiny_backbone("gpt2", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, model_config(config)).eval()
+    encoded, _ = encode_examples([Example(t) for t in demo_lines("train", 4)], tiny_tokenizer, 48, 16, "truncate", model.segmenter)
+    batch = collate(encoded, tiny_tokenizer.pad_id)
+    passes = []
+    for module in model.modules():
+        if isinstance(module, Backbone):
+            module.register_forward_hook(lambda *_: passes.append(1))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        model.importance_weights(batch, 1)
+        one_chunk, passes[:] = len(passes), []
+        torch.manual_seed(1)
+        chunked = model.importance_weights(batch, 7, chunk=3)
+        three_chunks, passes[:] = len(passes), []
+        torch.manual_seed(1)
+        separate = ImportanceWeights.cat([model.importance_weights(batch, n) for n in (3, 3, 1)])
+    assert chunked.total.shape == (4, 7)
+    torch.testing.assert_close(chunked.reconstruction, separate.reconstruction)
+    torch.testing.assert_close(chunked.latent, separate.latent)
+    torch.testing.assert_close(chunked.groups, separate.groups)
+    decoder_passes_per_chunk = 0 if name in ("lm", "softmax") else 1  # the LM is exact; softmax's z only shifts the head
+    assert three_chunks == one_chunk + 2 * decoder_passes_per_chunk
+    if model.has_latent:
+        assert chunked.latent.std(1).min() > 0  # seven different draws per example
 
 
 def test_mutual_information_of_a_linear_gaussian_encoder():

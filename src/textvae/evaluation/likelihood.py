@@ -40,15 +40,14 @@ from textvae.training.environment import bf16_inference
 @torch.no_grad()
 def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-weighted log p(x) of each example [B], and the same estimate with the latent
-    densities averaged over latent groups (DELLA's released-code convention) [B]. Samples are
-    drawn `chunk` at a time so memory stays bounded for large k."""
+    densities averaged over latent groups (DELLA's released-code convention) [B]. The posterior
+    is computed once; the decoder scores `chunk` samples at a time, so memory stays bounded
+    for large k."""
     if not model.has_latent:
         exact = model.importance_weights(batch, 1).reconstruction[:, 0]  # no latent: log p(x) itself
         return exact, exact
-    parts = [model.importance_weights(batch, min(chunk, k - start)) for start in range(0, k, chunk)]
-    true = torch.cat([part.total for part in parts], dim=1)
-    group_mean = torch.cat([part.group_mean for part in parts], dim=1)
-    return (torch.logsumexp(true, dim=1) - math.log(k), torch.logsumexp(group_mean, dim=1) - math.log(k))
+    weights = model.importance_weights(batch, k, chunk)
+    return (torch.logsumexp(weights.total, dim=1) - math.log(k), torch.logsumexp(weights.group_mean, dim=1) - math.log(k))
 
 
 @torch.no_grad()

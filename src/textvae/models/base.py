@@ -2,13 +2,13 @@
 
 A model owns a `Backbone` (the Hugging Face decoder it injects latents into) and the run's
 `TextTokenizer`. Subclasses implement `forward` and, when they have latents, `posterior`,
-`prior`, `importance_weights` and `injection`; decoding is shared here.
+`prior`, `importance_sampler` and `injection`; decoding is shared here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,12 @@ class ImportanceWeights:
     reconstruction: torch.Tensor  # [B, k] log p(x | z_i)
     latent: torch.Tensor  # [B, k] log p(z_i) - log q(z_i | x), summed over the latent groups
     groups: torch.Tensor  # [B] latent groups of each example (layers, present segments; 1 otherwise)
+
+    @staticmethod
+    def cat(parts: list["ImportanceWeights"]) -> "ImportanceWeights":
+        """The weights of the same examples' samples drawn in several parts, side by side."""
+        return ImportanceWeights(torch.cat([part.reconstruction for part in parts], dim=1),
+                                 torch.cat([part.latent for part in parts], dim=1), parts[0].groups)
 
     @property
     def total(self) -> torch.Tensor:
@@ -119,9 +125,19 @@ class TextVAE(nn.Module):
         """p(z) (or p(z | condition)) for every example, with the same interface."""
         raise NotImplementedError(f"{self.name} has no latent variables")
 
-    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
-        """The two parts of log p(x, z_i) - log q(z_i | x) for k posterior samples z_i."""
+    def importance_sampler(self, batch: Batch) -> Callable[[int], ImportanceWeights]:
+        """A function drawing n posterior samples z_i for every example of `batch` and returning
+        their `ImportanceWeights` [B, n]. What every draw shares (the posterior, the encoder's
+        passes, a decoder body that z does not change) is computed once, when it is made."""
         raise NotImplementedError
+
+    def importance_weights(self, batch: Batch, k: int, chunk: int | None = None) -> ImportanceWeights:
+        """The two parts of log p(x, z_i) - log q(z_i | x) for k posterior samples z_i, [B, k].
+        The decoder scores `chunk` samples of every example at a time (all k when None): memory
+        grows with B x chunk, not with k. The samples are drawn chunk by chunk, as separate calls
+        of `chunk` samples each would draw them from the same seed."""
+        draw, step = self.importance_sampler(batch), chunk or k
+        return ImportanceWeights.cat([draw(min(step, k - start)) for start in range(0, k, step)])
 
     def log_weights(self, batch: Batch, k: int) -> torch.Tensor:
         """[B, k] log p(x, z_i) - log q(z_i | x) for k posterior samples z_i."""

@@ -32,7 +32,12 @@ class LanguageModel(TextVAE):
         rec = self.target_nll(hidden, batch)
         return Output(loss=rec.mean(), rec=rec, kl=torch.zeros_like(rec))
 
-    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
-        """Exact log p(x), repeated k times: [B, k]; no latent part."""
-        log_px = (-self.forward(batch).rec)[:, None].expand(-1, k)
-        return ImportanceWeights(log_px, torch.zeros_like(log_px), torch.ones(batch.size, device=log_px.device))
+    def importance_sampler(self, batch: Batch):
+        """Exact log p(x), computed once and repeated n times: [B, n]; no latent part."""
+        log_px = -self.forward(batch).rec
+        ones = torch.ones(batch.size, device=log_px.device)
+
+        def draw(n: int) -> ImportanceWeights:
+            repeated = log_px[:, None].expand(-1, n)
+            return ImportanceWeights(repeated, torch.zeros_like(repeated), ones)
+        return draw

@@ -134,19 +134,24 @@ class SingleLatentVAE(TextVAE):
             logs["bow"] = bow.mean()
         return Output(loss=loss.mean(), rec=rec, kl=kl, z=z, logs=logs)
 
-    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
-        """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i ~ q(z | x): [B, k] each."""
+    def importance_sampler(self, batch: Batch):
+        """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i ~ q(z | x): [B, n] each."""
         posterior, prior = self.posterior(batch), self.prior(batch)
-        z = posterior.rsample(k)  # [B, k, P]
-        rows = torch.arange(batch.size, device=z.device).repeat_interleave(k)
-        repeated = batch.select(rows)
+        ones = torch.ones(batch.size, device=batch.input_ids.device)
+        body = None
         if self.injection_points == ("softmax",):  # z only shifts the head: run the body once
-            hidden = self.backbone(batch.decoder_inputs, batch.attention_mask).hidden[rows]
-            shifted = hidden + self.latent_to_head(z.flatten(0, 1))[:, None]
-            log_px_z = -self.target_nll(shifted, repeated).view(batch.size, k)
-        else:
-            log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
-        return ImportanceWeights(log_px_z, prior.log_prob(z) - posterior.log_prob(z), torch.ones(batch.size, device=z.device))
+            body = self.backbone(batch.decoder_inputs, batch.attention_mask).hidden
+
+        def draw(n: int) -> ImportanceWeights:
+            z = posterior.rsample(n)  # [B, n, P]
+            rows = torch.arange(batch.size, device=z.device).repeat_interleave(n)
+            repeated = batch.select(rows)
+            if body is not None:
+                log_px_z = -self.target_nll(body[rows] + self.latent_to_head(z.flatten(0, 1))[:, None], repeated)
+            else:
+                log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1))
+            return ImportanceWeights(log_px_z.view(batch.size, n), prior.log_prob(z) - posterior.log_prob(z), ones)
+        return draw
 
 
 class Embed(SingleLatentVAE):

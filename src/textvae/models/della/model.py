@@ -157,12 +157,15 @@ class Della(TextVAE):
             logs["bow"] = bow.mean()
         return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups, z=z, logs=logs)
 
-    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
+    def importance_sampler(self, batch: Batch):
         """log p(x | z_i) and log p(z_i) - log q(z_i | x) along the chain, z_i ~ q(z | x):
-        [B, k] each; one group per latent layer."""
+        [B, n] each; one group per latent layer."""
         posterior, prior = self._distributions(batch)
-        z = posterior.rsample(k)  # [B, k, nP]
-        repeated = batch.select(torch.arange(batch.size, device=z.device).repeat_interleave(k))
-        log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, k)
-        groups = torch.full((batch.size,), float(len(self.inference_layers)), device=z.device)
-        return ImportanceWeights(log_px_z, prior.log_prob(z) - posterior.log_prob(z), groups)
+        groups = torch.full((batch.size,), float(len(self.inference_layers)), device=batch.input_ids.device)
+
+        def draw(n: int) -> ImportanceWeights:
+            z = posterior.rsample(n)  # [B, n, nP]
+            repeated = batch.select(torch.arange(batch.size, device=z.device).repeat_interleave(n))
+            log_px_z = -self.decoder_nll(repeated, z.flatten(0, 1)).view(batch.size, n)
+            return ImportanceWeights(log_px_z, prior.log_prob(z) - posterior.log_prob(z), groups)
+        return draw

@@ -146,18 +146,21 @@ class SegmentLatentVAE(TextVAE):
         return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups,
                       groups_present=layout.slots.bool(), z=z, logs=logs)
 
-    def importance_weights(self, batch: Batch, k: int) -> ImportanceWeights:
-        """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i from the posterior chain: [B, k]
+    def importance_sampler(self, batch: Batch):
+        """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i from the posterior chain: [B, n]
         each; one group per present segment."""
         layout, posterior, prior = self.distributions(batch)
-        latent = posterior.rsample(k)  # [B, k, L, P]
-        rows = torch.arange(batch.size, device=latent.device).repeat_interleave(k)
-        repeated = batch.select(rows)
-        repeated_layout = SegmentLayout(layout.segments[rows], layout.closers[rows], layout.present[rows], layout.offset)
-        z = self.decoder_latent(latent.flatten(0, 1))
-        log_px_z = -self.decoder_nll(repeated, z, repeated_layout).view(batch.size, k)
         groups = layout.slots.sum(1).float().clamp(min=1)
-        return ImportanceWeights(log_px_z, prior.log_prob(latent) - posterior.log_prob(latent), groups)
+
+        def draw(n: int) -> ImportanceWeights:
+            latent = posterior.rsample(n)  # [B, n, L, P]
+            rows = torch.arange(batch.size, device=latent.device).repeat_interleave(n)
+            repeated = batch.select(rows)
+            repeated_layout = SegmentLayout(layout.segments[rows], layout.closers[rows], layout.present[rows], layout.offset)
+            z = self.decoder_latent(latent.flatten(0, 1))
+            log_px_z = -self.decoder_nll(repeated, z, repeated_layout).view(batch.size, n)
+            return ImportanceWeights(log_px_z, prior.log_prob(latent) - posterior.log_prob(latent), groups)
+        return draw
 
     # --- generation: a new latent each time [SEP] is emitted -----------------------------
     def next_prior(self, before: torch.Tensor, previous: torch.Tensor | None, first: bool) -> DiagonalGaussian:

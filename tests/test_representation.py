@@ -57,8 +57,8 @@ def test_iw_bound_is_tighter_than_elbo_and_reaches_log_px(tiny_tokenizer):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_importance_weights_in_chunks_are_separate_calls_with_the_encoder_run_once(name, tiny_tokenizer):
     """Chunking changes the cost, not the numbers: k = 7 in chunks of 3 gives the weights of
-    three separate calls of 3, 3 and 1 samples from the same seed (what evaluation did before
-    the posterior was shared), while the encoder (and softmax's body) runs once, not once a chunk."""
+    three separate calls of 3, 3 and 1 samples from the same seed, while the encoder (and
+    softmax's body) runs once, not once a chunk."""
     options = {"latent_size": 6} if model_class(name).has_latent else {}
     if model_class(name).latent_groups == "segment":
         options["segment_length"] = 3  # several segments a text

@@ -300,6 +300,35 @@ def test_importance_samples_scored_a_few_at_a_time_give_the_same_estimate(traine
     assert torch.allclose(chunked, torch.logsumexp(weights, dim=1) - torch.log(torch.tensor(6.0)), atol=1e-5)
 
 
+def test_a_batch_cut_short_goes_on_from_the_samples_it_had_scored(trained_della, monkeypatch, capsys):
+    import textvae
+    from textvae.models.della.model import Della
+
+    whole = textvae.evaluate(trained_della, iw_samples=3, iw_batch=1, batch_size=8)  # 3 batches of 3 one-sample chunks
+    real, draws = Della.importance_sampler, []
+
+    def counted(self, batch, cut_at=0):
+        draw = real(self, batch)
+
+        def counted_draw(n):
+            draws.append(n)
+            if len(draws) == cut_at:
+                raise KeyboardInterrupt
+            return draw(n)
+        return counted_draw
+
+    monkeypatch.setattr(Della, "importance_sampler", lambda self, batch: counted(self, batch, cut_at=8))
+    with pytest.raises(KeyboardInterrupt):  # at the third batch's second chunk
+        textvae.evaluate(trained_della, iw_samples=3, iw_batch=1, batch_size=8)
+    draws.clear()
+    monkeypatch.setattr(Della, "importance_sampler", counted)
+    resumed = textvae.evaluate(trained_della, iw_samples=3, iw_batch=1, batch_size=8, verbose=True)
+    assert "resuming: 2 batches of importance samples already done, and 1 of 3 samples of the next" in capsys.readouterr().err
+    assert draws == [1, 1]  # the third batch's last two chunks only
+    assert resumed == whole  # every number, exactly: the generator went on from its state at the cut
+    assert not (trained_della / ".eval_test.progress.safetensors").exists()
+
+
 def test_a_zero_importance_batch_is_refused(trained_della, capsys):
     assert main(["evaluate", str(trained_della), "--iw-batch", "0"]) == 2
     assert "--iw-batch" in _one_line_error(capsys)

@@ -363,8 +363,9 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
                       "examples": examples, "iw_samples": iw_samples, "iw_batch": iw_batch, "seed": seed,
                       "bf16": bf16, "batch_size": batch_size, "weights": _file_identity(Path(run_dir) / "model.safetensors")})
     progress = Progress(Path(run_dir) / f".eval_{split}.progress.safetensors", key)
-    if progress.batches_done and verbose:
-        print(f"resuming: {progress.batches_done} batches of importance samples already done ({progress.path})",
+    if (progress.batches_done or progress.samples_of_next) and verbose:
+        unfinished = f", and {progress.samples_of_next} of {iw_samples} samples of the next" if progress.samples_of_next else ""
+        print(f"resuming: {progress.batches_done} batches of importance samples already done{unfinished} ({progress.path})",
               file=sys.stderr)
     values: dict = {}
     results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress, values)

@@ -32,21 +32,30 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
-from textvae.models.base import TextVAE
+from textvae.models.base import ImportanceWeights, TextVAE
 from textvae.files import save_tensors
 from textvae.training.environment import bf16_inference
 
 
 @torch.no_grad()
-def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20, progress: Progress | None = None,
+                  index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-weighted log p(x) of each example [B], and the same estimate with the latent
     densities averaged over latent groups (DELLA's released-code convention) [B]. The posterior
     is computed once; the decoder scores `chunk` samples at a time, so memory stays bounded
-    for large k."""
+    for large k. With `progress`, the samples scored so far are kept after every chunk as batch
+    `index`'s, and a batch cut short goes on from them."""
     if not model.has_latent:
         exact = model.importance_weights(batch, 1).reconstruction[:, 0]  # no latent: log p(x) itself
         return exact, exact
-    weights = model.importance_weights(batch, k, chunk)
+    draw = model.importance_sampler(batch)
+    device = batch.input_ids.device
+    weights = None if progress is None else progress.samples_of(index, device)  # restores the generator
+    for start in range(0 if weights is None else weights.total.shape[1], k, chunk):
+        part = draw(min(chunk, k - start))
+        weights = part if weights is None else ImportanceWeights.cat([weights, part])
+        if progress is not None and start + chunk < k:  # the last one is kept as the batch's result
+            progress.put_samples(index, weights, device)
     return (torch.logsumexp(weights.total, dim=1) - math.log(k), torch.logsumexp(weights.group_mean, dim=1) - math.log(k))
 
 
@@ -116,7 +125,9 @@ def batch_seed(seed: int, batch: int, part: int) -> int:
 class Progress:
     """The importance-weighted estimates of the batches done so far, kept in a safetensors file
     under a `key` naming everything that changes them (an evaluation cut short resumes from it;
-    a file with another key is ignored and replaced)."""
+    a file with another key is ignored and replaced). A batch cut short keeps the samples it had
+    scored and the random generator's state after them, so that it draws the rest as an
+    uninterrupted evaluation would."""
 
     def __init__(self, path: Path, key: str):
         self.path, self.key, self.done = path, key, {}
@@ -134,14 +145,50 @@ class Progress:
         return self.done[f"log_px.{batch}"], self.done[f"log_px_mean.{batch}"]
 
     def put(self, batch: int, log_px: torch.Tensor, log_px_mean: torch.Tensor) -> None:
+        self.done = {name: value for name, value in self.done.items() if not name.startswith("partial.")}
         self.done |= {f"log_px.{batch}": log_px.double().cpu(), f"log_px_mean.{batch}": log_px_mean.double().cpu()}
+        self._write()
+
+    def samples_of(self, batch: int, device: torch.device) -> ImportanceWeights | None:
+        """The samples batch `batch` scored before it was cut short, with the generator of
+        `device` set to its state after them; None when there are none."""
+        if "partial.batch" not in self.done or int(self.done["partial.batch"][0]) != batch:
+            return None
+        _set_generator_state(device, self.done["partial.generator"])
+        return ImportanceWeights(*(self.done[f"partial.{name}"].to(device) for name in ("reconstruction", "latent", "groups")))
+
+    def put_samples(self, batch: int, weights: ImportanceWeights, device: torch.device) -> None:
+        """Keep the samples scored so far of the unfinished batch `batch`, and the generator's state."""
+        self.done |= {"partial.batch": torch.tensor([batch]), "partial.generator": _generator_state(device),
+                      "partial.reconstruction": weights.reconstruction.cpu(), "partial.latent": weights.latent.cpu(),
+                      "partial.groups": weights.groups.cpu()}
+        self._write()
+
+    @property
+    def batches_done(self) -> int:
+        return sum(name.startswith("log_px.") for name in self.done)
+
+    @property
+    def samples_of_next(self) -> int:
+        """How many samples of each example the unfinished batch had scored (0 without one)."""
+        return self.done["partial.reconstruction"].shape[1] if "partial.reconstruction" in self.done else 0
+
+    def _write(self) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")
         save_tensors(self.done, temporary, metadata={"key": self.key})
         os.replace(temporary, self.path)
 
-    @property
-    def batches_done(self) -> int:
-        return len(self.done) // 2
+
+def _generator_state(device: torch.device) -> torch.Tensor:
+    """The state of the random generator that draws samples on `device` (CUDA's own, else the CPU's)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 @torch.no_grad()
@@ -176,7 +223,7 @@ def evaluate_likelihood(
             stored = None if progress is None else progress.get(index)
             if stored is None:
                 torch.manual_seed(batch_seed(seed, index, 0))
-                stored = log_marginals(model, batch, iw_samples, iw_batch)
+                stored = log_marginals(model, batch, iw_samples, iw_batch, progress, index)
                 if progress is not None:
                     progress.put(index, *stored)
             log_px, log_px_mean = stored

@@ -150,18 +150,27 @@ class Progress:
         self._write()
 
     def samples_of(self, batch: int, device: torch.device) -> ImportanceWeights | None:
-        """The samples batch `batch` scored before it was cut short, with the generator of
-        `device` set to its state after them; None when there are none."""
+        """The samples batch `batch` scored before it was cut short, with the random generators
+        set to their state after them; None when there are none, or when they were drawn on
+        another kind of device (whose generator is another: the batch is then redone)."""
         if "partial.batch" not in self.done or int(self.done["partial.batch"][0]) != batch:
             return None
-        _set_generator_state(device, self.done["partial.generator"])
+        if ("partial.cuda_generator" in self.done) != (device.type == "cuda"):
+            return None
+        torch.set_rng_state(self.done["partial.generator"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(self.done["partial.cuda_generator"], device)
         return ImportanceWeights(*(self.done[f"partial.{name}"].to(device) for name in ("reconstruction", "latent", "groups")))
 
     def put_samples(self, batch: int, weights: ImportanceWeights, device: torch.device) -> None:
-        """Keep the samples scored so far of the unfinished batch `batch`, and the generator's state."""
-        self.done |= {"partial.batch": torch.tensor([batch]), "partial.generator": _generator_state(device),
+        """Keep the samples scored so far of the unfinished batch `batch`, and the random
+        generators' state (the CPU's, and CUDA's when the samples are drawn there)."""
+        self.done = {name: value for name, value in self.done.items() if not name.startswith("partial.")}
+        self.done |= {"partial.batch": torch.tensor([batch]), "partial.generator": torch.get_rng_state(),
                       "partial.reconstruction": weights.reconstruction.cpu(), "partial.latent": weights.latent.cpu(),
                       "partial.groups": weights.groups.cpu()}
+        if device.type == "cuda":
+            self.done["partial.cuda_generator"] = torch.cuda.get_rng_state(device)
         self._write()
 
     @property
@@ -177,18 +186,6 @@ class Progress:
         temporary = self.path.with_name(self.path.name + ".tmp")
         save_tensors(self.done, temporary, metadata={"key": self.key})
         os.replace(temporary, self.path)
-
-
-def _generator_state(device: torch.device) -> torch.Tensor:
-    """The state of the random generator that draws samples on `device` (CUDA's own, else the CPU's)."""
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 @torch.no_grad()

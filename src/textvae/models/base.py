@@ -129,14 +129,17 @@ class TextVAE(nn.Module):
         """A function drawing n posterior samples z_i for every example of `batch` and returning
         their `ImportanceWeights` [B, n]. What every draw shares (the posterior, the encoder's
         passes, a decoder body that z does not change) is computed once, when it is made."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{self.name} has no importance sampler")
 
     def importance_weights(self, batch: Batch, k: int, chunk: int | None = None) -> ImportanceWeights:
         """The two parts of log p(x, z_i) - log q(z_i | x) for k posterior samples z_i, [B, k].
         The decoder scores `chunk` samples of every example at a time (all k when None): memory
         grows with B x chunk, not with k. The samples are drawn chunk by chunk, as separate calls
         of `chunk` samples each would draw them from the same seed."""
-        draw, step = self.importance_sampler(batch), chunk or k
+        step = k if chunk is None else chunk
+        if k < 1 or step < 1:
+            raise ValueError(f"importance_weights needs k >= 1 and chunk >= 1, got k={k}, chunk={chunk}")
+        draw = self.importance_sampler(batch)
         return ImportanceWeights.cat([draw(min(step, k - start)) for start in range(0, k, step)])
 
     def log_weights(self, batch: Batch, k: int) -> torch.Tensor:

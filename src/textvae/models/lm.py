@@ -6,6 +6,7 @@ It has no latent: KL is zero and log p(x) is exact, so its IW-PPL is its exact P
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,7 +33,7 @@ class LanguageModel(TextVAE):
         rec = self.target_nll(hidden, batch)
         return Output(loss=rec.mean(), rec=rec, kl=torch.zeros_like(rec))
 
-    def importance_sampler(self, batch: Batch):
+    def importance_sampler(self, batch: Batch) -> Callable[[int], ImportanceWeights]:
         """Exact log p(x), computed once and repeated n times: [B, n]; no latent part."""
         log_px = -self.forward(batch).rec
         ones = torch.ones(batch.size, device=log_px.device)

@@ -17,7 +17,7 @@ Loss per example: rec + beta * KL (dimensions under `kl_threshold` not penalised
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -134,7 +134,7 @@ class SingleLatentVAE(TextVAE):
             logs["bow"] = bow.mean()
         return Output(loss=loss.mean(), rec=rec, kl=kl, z=z, logs=logs)
 
-    def importance_sampler(self, batch: Batch):
+    def importance_sampler(self, batch: Batch) -> Callable[[int], ImportanceWeights]:
         """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i ~ q(z | x): [B, n] each."""
         posterior, prior = self.posterior(batch), self.prior(batch)
         ones = torch.ones(batch.size, device=batch.input_ids.device)

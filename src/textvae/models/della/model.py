@@ -24,6 +24,8 @@ always the sum, the true KL of the chain).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -157,7 +159,7 @@ class Della(TextVAE):
             logs["bow"] = bow.mean()
         return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups, z=z, logs=logs)
 
-    def importance_sampler(self, batch: Batch):
+    def importance_sampler(self, batch: Batch) -> Callable[[int], ImportanceWeights]:
         """log p(x | z_i) and log p(z_i) - log q(z_i | x) along the chain, z_i ~ q(z | x):
         [B, n] each; one group per latent layer."""
         posterior, prior = self._distributions(batch)

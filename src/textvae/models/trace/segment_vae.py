@@ -29,6 +29,8 @@ segment t; in generation a new z is drawn from the prior each time [SEP] is emit
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -146,7 +148,7 @@ class SegmentLatentVAE(TextVAE):
         return Output(loss=loss.mean(), rec=rec, kl=kl_groups.sum(1), kl_groups=kl_groups,
                       groups_present=layout.slots.bool(), z=z, logs=logs)
 
-    def importance_sampler(self, batch: Batch):
+    def importance_sampler(self, batch: Batch) -> Callable[[int], ImportanceWeights]:
         """log p(x | z_i) and log p(z_i) - log q(z_i | x), z_i from the posterior chain: [B, n]
         each; one group per present segment."""
         layout, posterior, prior = self.distributions(batch)

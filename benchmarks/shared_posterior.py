@@ -7,8 +7,8 @@ One evaluation batch of `--batch` test sentences from the middle of the length o
 importance samples in chunks of `--chunk` (evaluate's --iw-batch), in float32 with the LoRA
 pairs merged as evaluate runs them; the two settings take turns, the first of each repeat
 swapped from one repeat to the next (ABBA, so that a drift of the machine's speed falls on
-both), and the median time of each is reported with their ratio and the largest difference between their log-weights
-(the same draws: 0 up to float sums).
+both), and the median time of each is reported with their ratio and the largest difference
+between their log-weights (the same draws: 0 up to float sums).
 
     python benchmarks/shared_posterior.py --config configs/ptb-smollm2.yaml --model softmax --model embed \
         [--batch 8] [--k 100] [--chunk 20] [--repeats 2]

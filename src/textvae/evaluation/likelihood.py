@@ -145,7 +145,7 @@ class Progress:
         return self.done[f"log_px.{batch}"], self.done[f"log_px_mean.{batch}"]
 
     def put(self, batch: int, log_px: torch.Tensor, log_px_mean: torch.Tensor) -> None:
-        self.done = {name: value for name, value in self.done.items() if not name.startswith("partial.")}
+        self._drop_unfinished()
         self.done |= {f"log_px.{batch}": log_px.double().cpu(), f"log_px_mean.{batch}": log_px_mean.double().cpu()}
         self._write()
 
@@ -165,7 +165,7 @@ class Progress:
     def put_samples(self, batch: int, weights: ImportanceWeights, device: torch.device) -> None:
         """Keep the samples scored so far of the unfinished batch `batch`, and the random
         generators' state (the CPU's, and CUDA's when the samples are drawn there)."""
-        self.done = {name: value for name, value in self.done.items() if not name.startswith("partial.")}
+        self._drop_unfinished()
         self.done |= {"partial.batch": torch.tensor([batch]), "partial.generator": torch.get_rng_state(),
                       "partial.reconstruction": weights.reconstruction.cpu(), "partial.latent": weights.latent.cpu(),
                       "partial.groups": weights.groups.cpu()}
@@ -181,6 +181,9 @@ class Progress:
     def samples_of_next(self) -> int:
         """How many samples of each example the unfinished batch had scored (0 without one)."""
         return self.done["partial.reconstruction"].shape[1] if "partial.reconstruction" in self.done else 0
+
+    def _drop_unfinished(self) -> None:
+        self.done = {name: value for name, value in self.done.items() if not name.startswith("partial.")}
 
     def _write(self) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")

@@ -96,16 +96,20 @@ def _bad_inputs(tmp_path, tiny_txt):
         "unknown backbone": (["--data", str(tiny_txt), "--backbone", "gpt5-huge"], "unknown backbone"),
         "invalid value": (["--data", str(tiny_txt), "--set", "train.lr=fast"], "train.lr must be float"),
         "non-finite value": (["--data", str(tiny_txt), "--set", "train.lr=nan"], "train.lr must be float"),
+        "non-finite YAML float": (["--data", str(tiny_txt), "--set", "kl.beta=.inf"], "kl.beta must be float"),
         "invalid choice": (["--data", str(tiny_txt), "--set", "data.overlong=squash"], "data.overlong must be one of"),
         "unknown key": (["--data", str(tiny_txt), "--set", "train.speed=3"], "unknown train option"),
+        "latent layers beyond backbone": (["--data", str(tiny_txt), "--model", "della", "--set", "model.latent_begin=5"],
+                                         "model.latent_begin..latent_end = 5..4 must lie in the backbone's layers 1..4"),
         "too long for backbone": (["--data", str(tiny_txt), "--set", "data.max_length=4096"], "longer than backbone"),
         "over-long input": (["--data", str(tiny_txt), "--set", "data.max_length=8", "--set", "data.overlong=error"], "more than data.max_length=8"),
         "bad flag": (["--data", str(tiny_txt), "--epochs", "two"], "invalid int value"),
     }
 
 
-CASES = ["missing data", "empty split", "undecodable", "unknown model", "unknown backbone",
-         "invalid value", "non-finite value", "invalid choice", "unknown key", "too long for backbone", "over-long input", "bad flag"]
+CASES = ["missing data", "empty split", "undecodable", "unknown model", "unknown backbone", "invalid value",
+         "non-finite value", "non-finite YAML float", "invalid choice", "unknown key", "latent layers beyond backbone",
+         "too long for backbone", "over-long input", "bad flag"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -342,15 +342,26 @@ def test_validation_with_an_enormous_kl_reports_an_infinite_bound_not_a_tracebac
 def test_resume_accepts_a_run_made_before_an_option_existed(tiny_txt, tmp_path):
     import yaml
 
+    from textvae.models.registry import load_model
+
     run, args = _checkpointed_run(tiny_txt, tmp_path, steps="4")
+    straight = tmp_path / "straight"
+    assert main([*args[:2], str(straight), *args[3:]]) == 0
     child = multiprocessing.get_context("spawn").Process(target=_train_and_die, args=(args, 3))
     child.start()
     child.join(timeout=900)
+    assert child.exitcode == -signal.SIGKILL
     meta = yaml.safe_load((run / "config.yaml").read_text())
     del meta["run"]["train"]["max_bad_steps"]  # as written by an older textvae
     del meta["run"]["backbone"]["adapter"]
     (run / "config.yaml").write_text(yaml.safe_dump(meta))
     assert main([*args, "--resume"]) == 0
+    # the missing options took their defaults, so the run goes on as the uninterrupted one did
+    _, config = load_model(run)
+    assert config.train.max_bad_steps == 10 and config.backbone.adapter == "none"
+    assert _losses(run) == _losses(straight)
+    resumed, reference = _weights(run), _weights(straight)
+    assert resumed.keys() == reference.keys() and all(torch.equal(resumed[n], reference[n]) for n in reference)
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -323,7 +323,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
     from textvae.evaluation.likelihood import Progress, evaluate_likelihood
-    from textvae.runs import encode_split, load_run, write_text
+    from textvae.files import check_writable, write_text_atomically
+    from textvae.runs import encode_split, load_run
     from textvae.training.environment import resolve_bf16
 
     if iw_samples < 1 or batch_size < 1 or iw_batch < 1:
@@ -336,6 +337,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         raise TextVAEError("--examples must be >= 1")
     if reconstruction < 0:
         raise TextVAEError("--reconstruction must be >= 0")
+    check_writable(per_example, "--per-example")
+    check_writable(samples_out, "--samples-out")
     model, config = load_run(run_dir, device)
     if reconstruction and not model.has_latent:
         raise TextVAEError("--reconstruction needs a model with a latent; this run is a plain language model")
@@ -372,7 +375,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     if per_example is not None:
         lines = [json.dumps({"index": index, **{key: float(column[index]) for key, column in values.items()}})
                  for index in range(len(encoded))]
-        write_text(Path(per_example), "".join(line + "\n" for line in lines))
+        write_text_atomically(per_example, "".join(line + "\n" for line in lines))
     progress.path.unlink(missing_ok=True)
     # the settings that change the numbers, so that records made with different ones stay apart
     results["settings"] = {"iw_samples": iw_samples if model.has_latent else None, "au_delta": au_delta,
@@ -382,7 +385,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         results.update(_reconstruction(TrainedVAE(model, config, batch_size=batch_size), whole))
     if generate:
         results.update(generate_and_score(model, config, split_data, generate, generation, seed, samples_per_source,
-                                          metrics, samples_out, mauve_features, write_text))
+                                          metrics, samples_out, mauve_features))
     return results
 
 

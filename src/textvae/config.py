@@ -186,6 +186,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise TextVAEError(f"config file not found: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise TextVAEError(f"cannot parse config file {path}: {str(err).splitlines()[0]}") from None
+    except OSError as err:  # a folder, no permission
+        raise TextVAEError(f"cannot read config file {path} ({err.strerror or err})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -194,7 +196,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def save_yaml(data: dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    """Write `data` as YAML, keys in their order; whole or absent (`files.write_atomically`)."""
+    from textvae.files import write_text_atomically  # files imports torch; config stays light
+
+    write_text_atomically(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
@@ -248,8 +253,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
                 return value
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-        elif option is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif option is float:  # every float option is a finite number (YAML's .nan and .inf are not)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 return float(value)
             if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
                 try:

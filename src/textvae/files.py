@@ -1,17 +1,61 @@
-"""File modes: every file and folder a run holds gets the mode the user's umask gives new files
-(0644 / 0755 under the usual 022), whatever wrote it (safetensors and mkdtemp make theirs private).
-And safetensors writes that fail as every other write does, with an OSError."""
+"""Writing files: every output is whole or absent (written beside itself and renamed), a failed
+write is a one-line `TextVAEError`, and every file and folder a run holds gets the mode the
+user's umask gives new files (0644 / 0755 under the usual 022), whatever wrote it (safetensors
+and mkdtemp make theirs private)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 from pathlib import Path
 
+from typing import Callable
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file, save_model
+
+from textvae.errors import TextVAEError
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """`write(temporary)` beside `path`, then rename onto it: the file is whole or absent, and
+    readers never see it half-written. A failed write (a full disk, an unwritable folder, `path`
+    a folder) removes the temporary file and raises a one-line `TextVAEError`."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise TextVAEError(f"could not write {path} ({err.strerror or err})") from None
+
+
+def check_writable(path: str | Path | None, flag: str) -> None:
+    """Refuse, before any long work, an output path that cannot become a file: a folder, a
+    path under a file, or under a folder this user cannot write (`None`: nothing asked)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise TextVAEError(f"{flag} {path} is a folder, not a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders write_atomically would make
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TextVAEError(f"{flag} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TextVAEError(f"{flag} {path}: {folder} is not writable")
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """`text` to `path` as UTF-8, whole or absent (`write_atomically`)."""
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def umask() -> int:

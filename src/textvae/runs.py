@@ -18,7 +18,7 @@ from typing import Any
 
 from textvae.config import Config, apply_overrides, load_yaml, task_defaults
 from textvae.errors import TextVAEError
-from textvae.files import usual_mode
+from textvae.files import usual_mode, write_text_atomically
 
 
 def assemble_config(raw: dict[str, Any], assignments: list[str], task: str | None = None) -> Config:
@@ -214,9 +214,9 @@ def record_evaluation(run_dir: Path, split: str, metrics: dict, per_example: str
             record = run_dir / f"eval_{split}{'' if k is None else f'-k{k}'}-n{metrics.get('examples')}.json"
     examples = examples_record(record)
     examples.unlink(missing_ok=True)  # never left beside a record of another evaluation
-    write_text(record, json.dumps(metrics, indent=1) + "\n")
+    write_text_atomically(record, json.dumps(metrics, indent=1) + "\n")
     if per_example is not None:
-        write_text(examples, per_example)
+        write_text_atomically(examples, per_example)
     return record
 
 
@@ -241,14 +241,6 @@ def _examples(metrics: dict) -> int:
     return int(metrics.get("examples") or 0)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: the output is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def read_lines(path: str | Path, what: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file, stripped; one-line errors for a missing,
     undecodable or empty file (`what`: what the lines are, for the message)."""
@@ -258,6 +250,8 @@ def read_lines(path: str | Path, what: str) -> list[str]:
         raise TextVAEError(f"file not found: {path}") from None
     except UnicodeDecodeError:
         raise TextVAEError(f"{path} is not valid UTF-8") from None
+    except OSError as err:  # a folder, no permission
+        raise TextVAEError(f"cannot read {path} ({err.strerror or err})") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise TextVAEError(f"{path} holds no {what}")

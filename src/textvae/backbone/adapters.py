@@ -156,8 +156,8 @@ _MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 @contextmanager
 def merged_adapter(hf_model: nn.Module):
     """No-grad passes with the decoder adapter's LoRA pairs folded into the base weights, W +
-    scale B A: one matmul a projection instead of three and a scaled add (7% of a SmolLM2
-    evaluation batch's time, docs/performance.md). The base's own data is kept and put back
+    scale B A: one matmul a projection instead of three and a scaled add
+    (docs/performance.md). The base's own data is kept and put back
     on exit (also after an error), so nothing drifts, at the cost of a second copy of the
     adapted weights while inside; the adapters' requires_grad flags are
     restored too. A no-op where it would change what is computed: with gradients on (the
@@ -212,7 +212,7 @@ class NewTokenRows(nn.Module):
     def logits(self, hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
         """Logits [..., V] of hidden states [..., H]: the base `head`'s rows of the pretrained
         tokens, then the new tokens' rows. The pretrained rows alone keep the product aligned
-        (SmolLM2: 49,152 columns, not 49,153; a fifth faster on the CPU, docs/performance.md)."""
+        (SmolLM2: 49,152 columns, not 49,153), which CPU matmuls run faster (docs/performance.md)."""
         rows = self.input_rows if self.tied else self.output_rows
         bias = None if head.bias is None else head.bias[: self.first]
         pretrained = F.linear(hidden, head.weight[: self.first], bias)

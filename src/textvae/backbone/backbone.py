@@ -32,6 +32,11 @@ class BackboneOutput:
 
 
 class Backbone(InjectionPoints, nn.Module):
+    """A decoder-only Hugging Face causal LM (GPT-2, Llama, SmolLM2) behind one interface:
+    `forward(input_ids [B, T], attention_mask [B, T] or [B, T, T], injection=...)` returns its
+    final states [B, T, H] (and, when asked, every layer's and the key/value cache), with the
+    latents an `Injection` carries added at the points `InjectionPoints` wraps."""
+
     is_encoder_decoder = False
 
     def __init__(self, causal_lm: PreTrainedModel):

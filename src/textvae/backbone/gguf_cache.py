@@ -1,6 +1,6 @@
 """A GGUF backbone converted once: its de-quantised weights, config and tokenizer kept as a
-Hugging Face folder, so that later loads skip parsing and de-quantising the file (SmolLM2-135M:
-25 s on 2 CPU cores against 1.3 s; docs/performance.md).
+Hugging Face folder, so that later loads skip parsing and de-quantising the file, the slow
+part of a load (docs/performance.md).
 
 The folder lives under $TEXTVAE_CACHE (default $XDG_CACHE_HOME/textvae, else ~/.cache/textvae;
 `TEXTVAE_CACHE=off` keeps nothing), named by the file's sha256, the versions of the libraries

@@ -112,6 +112,10 @@ def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Seq2SeqBackbone(InjectionPoints, nn.Module):
+    """An encoder-decoder Hugging Face model (BART) behind `Backbone`'s interface: the source
+    before [SEP] goes to its encoder, the target after it to its decoder, so that the models
+    built on `Backbone` run on it unchanged."""
+
     is_encoder_decoder = True
 
     def __init__(self, seq2seq_lm: PreTrainedModel, sep_id: int):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from textvae.cli.parser import build_parser
 from textvae.errors import TextVAEError
-from textvae.runs import read_lines, record_evaluation, warn_if_busy, write_text
+from textvae.files import check_writable, write_text_atomically
+from textvae.runs import read_lines, record_evaluation, warn_if_busy
 from textvae.threads import configure_threads
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub unless asked (hf:NAME)
@@ -67,6 +68,7 @@ def _evaluate(args) -> int:
     from textvae.api import evaluate
 
     metrics = None if not args.metrics else [name.strip() for name in args.metrics.split(",") if name.strip()]
+    check_writable(args.json, "--json")
     warn = lambda: warn_if_busy(args.threads)  # noqa: E731 - after the input checks, as the work begins
     recording = not args.data  # the run's own record, read by `textvae report`, keeps each example's scores
     scratch = Path(args.run_dir) / f".eval_{args.split}.examples.tmp" if recording and not args.per_example else None
@@ -99,6 +101,7 @@ def _generate(args) -> int:
         raise TextVAEError("--num must be >= 1")
     if args.prompts and args.reconstruct:
         raise TextVAEError("use either --prompts or --reconstruct")
+    check_writable(args.out, "--out")
     vae = load(args.run_dir)
     options = {"top_k": args.top_k, "top_p": args.top_p, "num_beams": args.num_beams,
                "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
@@ -160,6 +163,7 @@ def _plot_latent(args) -> int:
 def _score(args) -> int:
     from textvae.evaluation.text_metrics import score
 
+    check_writable(args.json, "--json")
     samples = read_lines(args.generated, "generated texts")
     references = read_lines(args.refs, "references")
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
@@ -202,19 +206,19 @@ def _make_report(args) -> int:
 
 # --- helpers ----------------------------------------------------------------------------
 def _report(metrics: dict, json_path: str | None) -> None:
-    """Print metrics as a table; also write them as flat JSON when asked."""
+    """Print metrics as a table; also write them as a JSON object when asked."""
     from textvae.evaluation.report import format_metrics
 
     print(format_metrics(metrics))
     if json_path:
-        write_text(Path(json_path), json.dumps(metrics, indent=1) + "\n")
+        write_text_atomically(json_path, json.dumps(metrics, indent=1) + "\n")
 
 
 def _write_lines(texts: list[str], out: str | None) -> None:
     """One text per line, to `out` (whole or absent) or stdout."""
     output = "".join(" ".join(text.splitlines()) + "\n" for text in texts)
     if out:
-        write_text(Path(out), output)
+        write_text_atomically(out, output)
     else:
         sys.stdout.write(output)
 

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mauve-features", default="minilm", metavar="MODEL", help=MAUVE_FEATURES_HELP)
     evaluate.add_argument("--per-example", metavar="FILE", help="also write each example's nll, tokens (and elbo, rec, kl) "
                           "here, one JSON line per example in the split's order: for paired comparisons of runs")
-    evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here as flat JSON (the run keeps its own "
+    evaluate.add_argument("--json", metavar="FILE", help="also write the metrics here as a JSON object, one key per metric (the run keeps its own "
                           "copy in RUN_DIR/eval_SPLIT.json unless --data is given)")
 
     generate = commands.add_parser("generate", help="sample texts from a trained run")

@@ -15,6 +15,7 @@ from typing import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from textvae.errors import TextVAEError
+from textvae.files import write_atomically, write_text_atomically
 
 ROLES = ("pad", "bos", "eos", "sep")
 DEFAULT_SPECIAL = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "sep": "<sep>"}
@@ -97,8 +98,8 @@ class TextTokenizer:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
-        self.tokenizer.save(str(directory / "tokenizer.json"))
-        (directory / "special_tokens.json").write_text(json.dumps(self.special, indent=1), encoding="utf-8")
+        write_atomically(directory / "tokenizer.json", lambda temporary: self.tokenizer.save(str(temporary)))
+        write_text_atomically(directory / "special_tokens.json", json.dumps(self.special, indent=1))
 
     @classmethod
     def load(cls, directory: str | Path) -> "TextTokenizer":

@@ -5,23 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from textvae.errors import TextVAEError
+from textvae.files import write_text_atomically
 from textvae.generation.decode import DecodingConfig, generate_texts, source_prompts
 
-PLAIN_METRICS_NOTE = "bleu, ngram_jsd, self_bleu, dist_1..4, jaccard, length, mauve"
 SOURCE_METRICS = ["bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore", "dist_1", "dist_2", "dist_3", "dist_4", "length"]
 
 
 def generate_and_score(model, config, split, count: int, decoding: DecodingConfig, seed: int = 0,
                        per_source: int = 1, metrics: list[str] | None = None, samples_out: Path | None = None,
-                       mauve_features: str = "minilm", write_text=None) -> dict:
+                       mauve_features: str = "minilm") -> dict:
     """Sample `count` texts (latents from the prior) and score them against the split's
     targets; for .jsonl data, `per_source` texts for each of the first `count` sources, each
-    against its own source's target. Returns the metrics (with the decoding for sources)."""
+    against its own source's target. Returns the metrics (with the decoding for sources).
+    The arguments were checked by `api.evaluate` (a valid decoding, `per_source` >= 1, and
+    `count` >= 2 without sources)."""
     from textvae.evaluation.text_metrics import score
 
-    decoding.validate()
-    if per_source < 1:
-        raise TextVAEError("--samples-per-source must be >= 1")
     group = None
     if split.conditional:
         examples = split.examples[:count]
@@ -35,12 +34,10 @@ def generate_and_score(model, config, split, count: int, decoding: DecodingConfi
             group, default = per_source, default + ["self_bleu", "jaccard"]
         metrics = metrics or default
     else:
-        if count < 2:
-            raise TextVAEError("--generate needs at least 2 samples (Self-BLEU and Jaccard compare samples)")
         references = [example.target for example in split.examples]
         texts = generate_texts(model, count, decoding, seed=seed)
     if samples_out is not None:
-        write_text(Path(samples_out), "".join(" ".join(t.splitlines()) + "\n" for t in texts))
+        write_text_atomically(samples_out, "".join(" ".join(t.splitlines()) + "\n" for t in texts))
     try:
         results = score(texts, references, metrics, mauve_features, group_size=group)
     except ValueError as err:

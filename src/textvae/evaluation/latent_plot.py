@@ -6,12 +6,12 @@ each dimension's posterior mean, the quantity behind AU (active when above 0.01)
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
 
 from textvae.errors import TextVAEError
+from textvae.files import write_atomically
 
 AU_DELTA = 0.01
 
@@ -81,9 +81,8 @@ def plot_latent(vae, texts: list[str], out: str | Path, labels: list[str] | None
         axes[0, 0].legend(fontsize=8, loc="best")
     figure.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, out)  # whole or absent
+    try:
+        write_atomically(out, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
+    finally:
+        plt.close(figure)
     return out

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
 from textvae.models.base import ImportanceWeights, TextVAE
-from textvae.files import save_tensors
+from textvae.files import save_tensors, write_atomically
 from textvae.training.environment import bf16_inference
 
 
@@ -186,9 +185,7 @@ class Progress:
         self.done = {name: value for name, value in self.done.items() if not name.startswith("partial.")}
 
     def _write(self) -> None:
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        save_tensors(self.done, temporary, metadata={"key": self.key})
-        os.replace(temporary, self.path)
+        write_atomically(self.path, lambda temporary: save_tensors(self.done, temporary, metadata={"key": self.key}))
 
 
 @torch.no_grad()
@@ -234,11 +231,11 @@ def evaluate_likelihood(
                 out = model(batch)
                 per_example["rec"].append(out.rec.double().cpu())
                 per_example["kl"].append(out.kl.double().cpu())
-                if out.groups_present is not None:  # segments: their number varies by example
+                if model.latent_groups == "segment":  # their number varies by example
                     segment_kl = _add_padded(segment_kl, (out.kl_groups.double() * out.groups_present).sum(0).cpu())
                     segment_count = _add_padded(segment_count, out.groups_present.double().sum(0).cpu())
                     groups = out.groups_present.sum(1).clamp(min=1)
-                elif out.kl_groups is not None:
+                elif model.latent_groups == "layer":
                     kl_groups.append(out.kl_groups.double().sum(0))
                     groups = torch.full((batch.size,), out.kl_groups.shape[1])
                 else:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from textvae.errors import TextVAEError
+from textvae.files import write_atomically, write_text_atomically
 
 # Table columns in this order, those that at least one run has.
 COLUMNS = ("ppl", "nll", "elbo", "rec", "kl", "mi", "au", "au_mean", "ppl_layer_mean", "elbo_layer_mean",
@@ -260,7 +260,7 @@ def build_report(records: list[RunRecord], out: Path, split: str = "test", inter
     if interpolation:
         parts.append(interpolation)
     markdown = "\n".join(parts).rstrip() + "\n"
-    _replace(out / "report.md", lambda temporary: temporary.write_text(markdown, encoding="utf-8"))
+    write_text_atomically(out / "report.md", markdown)
     return markdown
 
 
@@ -277,13 +277,8 @@ def _pyplot():
 
 def _save(figure, path: Path) -> None:
     figure.tight_layout()
-    _replace(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
     figure.clear()
     _pyplot().close(figure)
 
 
-def _replace(path: Path, write) -> None:
-    """Write through a temporary file and rename: the file is whole or absent."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)

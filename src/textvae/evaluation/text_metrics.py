@@ -228,6 +228,7 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
         groups = [samples[i : i + group_size] for i in range(0, len(samples), group_size)]
     _check_inputs(chosen, samples, references, groups)
     results: dict = {}
+    rouge_scores = None  # one scoring pass gives all three ROUGE keys
     for name in chosen:
         if name == "bleu":
             results[name] = bleu(samples, references)
@@ -251,7 +252,8 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
             results[name] = mauve(samples, references, features=mauve_features)
             results["mauve_features"] = features_name(mauve_features)
         elif name.startswith("rouge_"):
-            results[name] = rouge(samples, references)[name]
+            rouge_scores = rouge_scores or rouge(samples, references)
+            results[name] = rouge_scores[name]
         elif name == "bertscore":
             from textvae.evaluation.embedding_metrics import bertscore
 

@@ -20,7 +20,7 @@ class KLSchedule:
     period_epochs: float = 2.0  # cyclical: length of one cycle
     low: float = 1e-5  # cyclical: beta in the first part of a cycle
     hold_low: float = 0.5  # cyclical: fraction of the cycle at `low`
-    rise: float = 0.25  # cyclical: fraction of the cycle spent rising to `value`
+    rise: float = 0.25  # cyclical: fraction of the cycle spent rising to `beta`
 
     def validate(self) -> None:
         if self.schedule not in ("constant", "linear", "cyclical"):

@@ -84,7 +84,7 @@ class TextEncoder(nn.Module):
         # state (no parameters) before pooling.
         self.normalize = normalize
         if not layers or min(layers) < 1 or max(layers) > backbone.num_layers:
-            raise ValueError(f"encoder layers must lie in 1..{backbone.num_layers}, got {layers}")
+            raise TextVAEError(f"encoder layers must lie in 1..{backbone.num_layers}, got {layers}")
         self.layers = list(layers)
         # segment-wise models read states at given positions and need no pooling
         self.pooling = make_pooling(pooling, backbone.hidden_size, len(self.layers)) if pooled else None

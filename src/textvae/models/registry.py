@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from textvae.backbone.load import build_preset, is_preset, load_pretrained_base,
 from textvae.config import Config, build_dataclass, load_yaml, save_yaml
 from textvae.data.tokenizer import TextTokenizer
 from textvae.errors import TextVAEError
-from textvae.files import save_module_tensors, save_tensors
+from textvae.files import save_module_tensors, save_tensors, write_atomically
 from textvae.models.base import TextVAE
 from textvae.models.della import Della
 from textvae.models.lm import LanguageModel
@@ -33,6 +32,7 @@ MODELS: dict[str, type[TextVAE]] = {
 
 
 def model_class(name: str) -> type[TextVAE]:
+    """The model class registered as `name` (lm, embed, ..., trace-r); unknown: a one-line error."""
     if name not in MODELS:
         raise TextVAEError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     return MODELS[name]
@@ -96,7 +96,8 @@ def _prepared_backbone(causal_lm, tokenizer: TextTokenizer, cls: type[TextVAE], 
     its own parts, which all train)."""
     settings = config.backbone
     fingerprint = adapters.fingerprint(causal_lm, pretrained_rows) if settings.frozen_base else None
-    encoder_adapter = settings.adapter == "lora" and not getattr(typed, "share_encoder", True)
+    # every latent model's config says whether its encoder shares the decoder's weights
+    encoder_adapter = settings.adapter == "lora" and cls.has_latent and not typed.share_encoder
     adapters.prepare_base(causal_lm, settings, encoder_adapter)
     backbone = wrap_backbone(causal_lm, tokenizer, cls)
     backbone.base_fingerprint, backbone.has_encoder_adapter = fingerprint, encoder_adapter
@@ -136,10 +137,10 @@ def save_model(model: TextVAE, directory: str | Path, run_config: dict, weights:
     meta = {"run": {**run_config, "model": dataclasses.asdict(model.config)}, "hf_config": _plain(hf_config)}
     if model.backbone.base_fingerprint is not None:
         meta["base_fingerprint"] = model.backbone.base_fingerprint
-    _atomic(directory / "config.yaml", lambda path: save_yaml(meta, path))
+    save_yaml(meta, directory / "config.yaml")
     model.tokenizer.save(directory)
     if weights:
-        _atomic(directory / "model.safetensors", lambda path: write_weights(model, path))
+        write_atomically(directory / "model.safetensors", lambda path: write_weights(model, path))
 
 
 def write_weights(model: TextVAE, path: Path) -> None:
@@ -240,18 +241,6 @@ def _rebuilt_frozen_base(config: Config, cls, typed, tokenizer: TextTokenizer, s
         raise TextVAEError(f"backbone {spec} is not the base this run was trained over (fingerprint "
                            f"{str(backbone.base_fingerprint)[:12]}, the run's {str(stored)[:12]})")
     return backbone
-
-
-def _atomic(path: Path, write) -> None:
-    """`write(temporary)`, then rename: the file is whole or absent (a full disk leaves no
-    partial file, and a one-line error)."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        write(temporary)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)
-        raise TextVAEError(f"could not write {path} ({err.strerror or err})") from None
-    os.replace(temporary, path)
 
 
 def _plain(value):

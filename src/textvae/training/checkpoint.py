@@ -39,6 +39,7 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint folder `latest` names, if it holds its state; None otherwise."""
     pointer = checkpoint_root(run_dir) / LATEST
     if not pointer.is_file():
         return None
@@ -59,6 +60,7 @@ def checkpoints_newest_first(run_dir: Path) -> list[Path]:
 
 
 def save_rng(folder: Path, rank: int) -> None:
+    """Write this process's torch (and CUDA), Python and NumPy generator states into `folder`."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda"] = torch.cuda.get_rng_state()
@@ -76,6 +78,7 @@ def save_rng(folder: Path, rank: int) -> None:
 
 
 def load_rng(folder: Path, rank: int) -> None:
+    """Restore the generator states `save_rng` wrote for `rank`."""
     tensors = _load_tensors(folder / f"rng-rank{rank}.safetensors")
     torch.set_rng_state(tensors["torch"])
     if "cuda" in tensors and torch.cuda.is_available():

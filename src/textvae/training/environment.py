@@ -57,8 +57,8 @@ def setup_environment(train: TrainConfig) -> Environment:
 
 def resolve_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast when asked, or on `auto` when the hardware has native bf16 arithmetic.
-    Asked for on a CPU without it, bf16 is emulated (on an AVX2 machine a matmul ran at 1
-    GFLOP/s against fp32's 85: docs/performance.md), so it is kept, as asked, with a warning."""
+    Asked for on a CPU without it, bf16 is emulated, many times slower than fp32
+    (docs/performance.md), so it is kept, as asked, with a warning."""
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_native_bf16()
     if precision == "bf16" and not native:
         sys.stderr.write("textvae: warning: bf16 asked for on hardware without native bf16 arithmetic "

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from textvae.config import TrainConfig
 from textvae.data.batching import Encoded, LengthBucketSampler, collate, counted_tokens, eval_batches
 from textvae.errors import TextVAEError
+from textvae.files import write_text_atomically
 from textvae.models.base import TextVAE
 from textvae.training import checkpoint
 from textvae.training.environment import Environment, linear_weights_to_bf16, restore_weights
@@ -76,6 +77,12 @@ StepCallback = Callable[["Trainer", int], None]
 
 
 class Trainer:
+    """Trains any `TextVAE` through its `forward(batch, beta) -> Output` alone: length-bucketed
+    batches, AdamW with warmup and decay, the KL weight from `beta_schedule(step,
+    steps_per_epoch)`, validation, atomic checkpoints with every RNG state (a killed run resumes
+    to the same numbers), and DistributedDataParallel when launched by torchrun. `callbacks`
+    run after every optimizer step; `save_final` writes the trained model."""
+
     def __init__(
         self,
         model: TextVAE,
@@ -397,7 +404,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", step + 1) <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _tensorboard_writer(log_dir: Path):

@@ -125,6 +125,8 @@ class LayerwiseLatents(nn.Module):
         if conditional:
             self.posterior_from_condition = maps(num_latent_layers, hidden_size, bias=False)
             self.prior_from_condition = maps(num_latent_layers, hidden_size)
+        self.prior_heads: nn.ModuleList | None = None  # independent latents: no chain, no summaries
+        self.posterior_from_summary: nn.ModuleList | None = None
         if not independent:  # A_l exists from the third latent layer up: s of the first is 0
             self.summary_from_summary = nn.ModuleList(nn.Linear(latent_size, latent_size, bias=False) for _ in range(above - 1))
             self.summary_from_latent = nn.ModuleList(nn.Linear(latent_size, latent_size) for _ in range(above))
@@ -143,11 +145,11 @@ class LayerwiseLatents(nn.Module):
         terms = [head(text[:, index]) for index, head in enumerate(self.posterior_from_text)]
         if condition is not None:
             terms = [term + head(condition[:, index]) for index, (term, head) in enumerate(zip(terms, self.posterior_from_condition))]
-        return LatentChain(self, terms, getattr(self, "posterior_from_summary", None), text.shape[0], text.device)
+        return LatentChain(self, terms, self.posterior_from_summary, text.shape[0], text.device)
 
     def prior(self, batch: int, device, condition: torch.Tensor | None = None) -> LatentChain:
         """p(z[ | c]); `condition`: pooled encoder states [B, n, H] of the condition."""
         terms = None
         if condition is not None:
             terms = [head(condition[:, index]) for index, head in enumerate(self.prior_from_condition)]
-        return LatentChain(self, terms, getattr(self, "prior_heads", None), batch, device)
+        return LatentChain(self, terms, self.prior_heads, batch, device)

@@ -49,8 +49,9 @@ class Della(TextVAE):
     def __init__(self, backbone, tokenizer, config: DellaConfig):
         super().__init__(backbone, tokenizer, config)
         end = config.latent_end or backbone.num_layers
-        if end > backbone.num_layers:
-            raise TextVAEError(f"model.latent_end={end} but the backbone has {backbone.num_layers} layers")
+        if end > backbone.num_layers or config.latent_begin > end:
+            raise TextVAEError(f"model.latent_begin..latent_end = {config.latent_begin}..{end} must lie in the "
+                               f"backbone's layers 1..{backbone.num_layers}")
         self.latent_layers = list(range(config.latent_begin, end + 1))  # fused layers, 1-based
         # layers whose pooled encoder state infers a latent: all of them, or the top one (-LW)
         self.inference_layers = self.latent_layers if config.layerwise else self.latent_layers[-1:]
@@ -87,9 +88,11 @@ class Della(TextVAE):
         return self.encoder.pooling(states, batch.attention_mask), self.condition_pooling(states, prefix)
 
     def posterior(self, batch: Batch) -> LatentChain:
+        """q(z_1..z_n | x[, c]), the chain over the n latent layers: its samples are [B, nP]."""
         return self.latents.posterior(*self.encode(batch))
 
     def prior(self, batch: Batch) -> LatentChain:
+        """p(z_1..z_n[ | c]): the chain of prior heads (standard normals when independent), [B, nP]."""
         condition = self.encode(batch)[1] if self.conditional else None
         return self.latents.prior(batch.size, batch.input_ids.device, condition)
 

@@ -104,9 +104,12 @@ class SegmentLatentVAE(TextVAE):
         raise NotImplementedError
 
     def posterior(self, batch: Batch) -> SegmentChain:
+        """q(z_t | ...) of every segment slot: samples [B, L, P] ([B, k, L, P] for k), densities
+        summed over the slots present."""
         return self.distributions(batch)[1]
 
     def prior(self, batch: Batch) -> SegmentChain:
+        """p(z_t | ...) of every segment slot, with the posterior's shapes."""
         return self.distributions(batch)[2]
 
     # --- decoder -----------------------------------------------------------------------

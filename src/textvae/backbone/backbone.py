@@ -20,7 +20,6 @@ from transformers import DynamicCache, PreTrainedModel
 
 from textvae.backbone import masks
 from textvae.backbone.adapters import ENCODER, NewTokenRows, active_adapter, merged_adapter
-from textvae.backbone.families import family_of
 from textvae.backbone.inject import Injection, InjectionPoints, memory_cache
 
 
@@ -42,18 +41,8 @@ class Backbone(InjectionPoints, nn.Module):
     def __init__(self, causal_lm: PreTrainedModel):
         super().__init__()
         self.causal_lm = causal_lm
-        config = causal_lm.config
-        self.family = config.model_type
-        family = family_of(self.family)
-        self.layers = causal_lm.base_model.get_submodule(family.layers)
+        family = self.read_shape(causal_lm)
         self.value_parts = (family.attention, family.values, family.fused_qkv)
-        self.num_heads = getattr(config, family.heads)
-        self.num_kv_heads = getattr(config, family.kv_heads, None) or self.num_heads
-        self.hidden_size = getattr(config, family.hidden)
-        self.max_positions = getattr(config, family.positions)
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
-        self.num_layers = len(self.layers)
-        self.value_size = self.num_kv_heads * self.head_dim
         # set by models/registry.py when the base is frozen (backbone/adapters.py)
         self.new_tokens: NewTokenRows | None = None  # trainable rows of tokens added to a frozen vocabulary
         self.has_encoder_adapter = False  # encoder passes run under their own LoRA adapter

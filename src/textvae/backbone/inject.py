@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from textvae.backbone.families import Family, family_of
+
 
 @dataclass
 class Injection:
@@ -78,8 +80,25 @@ class ValueFusion(nn.Module):
 class InjectionPoints:
     """What every backbone does at its injection points: offsets at the edges, a memory
     column, and the wrapped value projections' latents set around one forward call.
-    Needs `config`, `new_cache(memory)`, `value_projection(layer)`, `num_layers` and `run` (the
-    forward pass itself)."""
+    Needs `config`, `new_cache(memory)`, `value_projection(layer)` and `run` (the forward pass
+    itself); `read_shape` sets the sizes every backbone kind shares."""
+
+    def read_shape(self, model) -> Family:
+        """Set the family name, the decoder's layers and its sizes (heads, key/value heads,
+        hidden, positions, head and value widths) from Hugging Face `model`; returns its
+        `Family` (backbone/families.py)."""
+        config = model.config
+        self.family = config.model_type
+        family = family_of(self.family)
+        self.layers = model.base_model.get_submodule(family.layers)
+        self.num_layers = len(self.layers)
+        self.num_heads = getattr(config, family.heads)
+        self.num_kv_heads = getattr(config, family.kv_heads, None) or self.num_heads
+        self.hidden_size = getattr(config, family.hidden)
+        self.max_positions = getattr(config, family.positions)
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.value_size = self.num_kv_heads * self.head_dim
+        return family
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 injection: Injection = NO_INJECTION, cache=None, output_hidden_states: bool = False):

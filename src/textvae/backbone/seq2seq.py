@@ -35,7 +35,6 @@ from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from textvae.backbone import masks
 from textvae.backbone.adapters import merged_adapter
 from textvae.backbone.backbone import BackboneOutput
-from textvae.backbone.families import family_of
 from textvae.backbone.inject import NO_INJECTION, Injection, InjectionPoints, memory_cache
 from textvae.errors import TextVAEError
 
@@ -122,18 +121,8 @@ class Seq2SeqBackbone(InjectionPoints, nn.Module):
         super().__init__()
         self.seq2seq_lm = seq2seq_lm
         self.sep_id = sep_id
-        config = seq2seq_lm.config
-        self.family = config.model_type
-        family = family_of(self.family)
-        self.layers = seq2seq_lm.base_model.get_submodule(family.layers)
+        family = self.read_shape(seq2seq_lm)
         self.value_parts = (family.attention, family.values)
-        self.num_heads = getattr(config, family.heads)
-        self.num_kv_heads = getattr(config, family.kv_heads)
-        self.hidden_size = getattr(config, family.hidden)
-        self.max_positions = getattr(config, family.positions)
-        self.head_dim = self.hidden_size // self.num_heads
-        self.num_layers = len(self.layers)
-        self.value_size = self.num_kv_heads * self.head_dim
         self.num_encoder_layers = len(seq2seq_lm.get_encoder().layers)
         self.has_encoder_adapter = False  # BART's encoder is already the posterior's own
         self.base_fingerprint: str | None = None  # of a frozen base (models/registry.py)

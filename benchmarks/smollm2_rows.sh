@@ -10,7 +10,9 @@
 # `textvae report runs/smollm2-*`). Finished parts are skipped; an interrupted training
 # run resumes from its last checkpoint. Wall times go to runs/smollm2-ROW.log.
 # ROW-const (embed, memory, softmax, della) trains without annealing (constant beta = 1: the
-# un-annealed rows of DELLA's Table 5). IW_SAMPLES sets k (default 100).
+# un-annealed rows of DELLA's Table 5). IW_SAMPLES sets k (default 100); IW_BATCH the samples
+# scored in one decoder pass (default: evaluate's, sized to the batch; the rows evaluated before
+# session 21 used 20, and an evaluation resumes only under the setting it started with).
 # What a report needs of each finished row (config, training log, test metrics with each
 # sentence's scores, samples and their scores; no weights) is copied to
 # docs/ptb-smollm2/rows/smollm2-ROW, which is committed: a lost runs/ folder (a new machine)
@@ -28,6 +30,7 @@ TEXTVAE=${TEXTVAE:-.venv/bin/textvae}
 ARCHIVE=${ARCHIVE:-docs/ptb-smollm2/rows}
 EXAMPLES=${EXAMPLES:-1000}
 IW_SAMPLES=${IW_SAMPLES:-100}
+IW_BATCH=${IW_BATCH:+--iw-batch $IW_BATCH}
 
 row_args() {
   case "$1" in
@@ -55,7 +58,8 @@ for row in "$@"; do
   fi
   if [ ! -f "$run-test.json" ] || [ ! -f "$run-test-examples.jsonl" ]; then
     start=$(date +%s)
-    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --iw-samples "$IW_SAMPLES" --precision auto --json "$run-test.json" \
+    # shellcheck disable=SC2086
+    "$TEXTVAE" evaluate "$run" --examples "$EXAMPLES" --iw-samples "$IW_SAMPLES" $IW_BATCH --precision auto --json "$run-test.json" \
       --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi

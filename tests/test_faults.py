@@ -142,7 +142,7 @@ def test_a_quicker_evaluation_never_replaces_a_more_thorough_record(trained_dell
     assert len((trained_della / "eval_test-k1-n5.examples.jsonl").read_text().splitlines()) == 5
     assert not list(trained_della.glob(".eval_test.examples*"))
     assert quick["settings"] == {"iw_samples": 1, "au_delta": 0.01, "seed": 0, "precision": "fp32", "examples_limit": 5,
-                                 "iw_batch": 20}
+                                 "iw_batch": "auto"}
     assert main(["evaluate", str(trained_della), "--iw-samples", "4"]) == 0  # as thorough or more: replaces
     assert json.loads((trained_della / "eval_test.json").read_text())["settings"]["iw_samples"] == 4
     assert (trained_della / "eval_test.examples.jsonl").read_text() != "\n".join(map(json.dumps, kept)) + "\n"
@@ -337,6 +337,31 @@ def test_importance_samples_scored_a_few_at_a_time_give_the_same_estimate(traine
     torch.manual_seed(0)
     weights = torch.cat([model.importance_weights(batch, 2).total for _ in range(3)], dim=1)  # the same draws
     assert torch.allclose(chunked, torch.logsumexp(weights, dim=1) - torch.log(torch.tensor(6.0)), atol=1e-5)
+
+
+def test_by_default_a_decoder_pass_scores_as_many_samples_as_fit_its_position_budget(trained_della, monkeypatch):
+    from textvae.data.batching import collate
+    from textvae.data.corpus import read_split
+    from textvae.evaluation import likelihood
+    from textvae.runs import encode_split, load_run
+
+    model, config = load_run(trained_della, "cpu")
+    encoded = encode_split(read_split(trained_della.parent / "txt", "test"), model, config, "test", False)
+    batch = collate(encoded[:4], model.tokenizer.pad_id)
+    length = batch.input_ids.shape[1]
+    monkeypatch.setattr(likelihood, "POSITIONS_PER_PASS", 4 * length * 3 + 5)  # room for 3 samples of 4 texts
+    assert likelihood.samples_per_pass(batch, 7) == 3 and likelihood.samples_per_pass(batch, 2) == 2
+    monkeypatch.setattr(likelihood, "POSITIONS_PER_PASS", 1)  # never fewer than one
+    assert likelihood.samples_per_pass(batch, 7) == 1
+    monkeypatch.setattr(likelihood, "POSITIONS_PER_PASS", 4 * length * 3)
+    passes = []
+    sampler = model.importance_sampler
+    monkeypatch.setattr(model, "importance_sampler", lambda b: (lambda draw: lambda n: passes.append(n) or draw(n))(sampler(b)))
+    torch.manual_seed(0)
+    default = likelihood.log_marginals(model, batch, 7)[0]
+    assert passes == [3, 3, 1]
+    torch.manual_seed(0)
+    assert torch.equal(default, likelihood.log_marginals(model, batch, 7, chunk=3)[0])  # as if asked for 3
 
 
 def test_a_batch_cut_short_goes_on_from_the_samples_it_had_scored(trained_della, monkeypatch, capsys):

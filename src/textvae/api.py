@@ -303,7 +303,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
              generate: int = 0, decoding: str | None = None, samples_per_source: int = 1,
              metrics: list[str] | None = None, samples_out: str | Path | None = None, mauve_features: str = "minilm",
              examples: int | None = None, device: str | None = None, verbose: bool = False, on_start=None,
-             iw_batch: int = 20, per_example: str | Path | None = None, reconstruction: int = 0,
+             iw_batch: int | None = None, per_example: str | Path | None = None, reconstruction: int = 0,
              **decoding_options) -> dict:
     """Metrics of a trained run on a split, as `textvae evaluate` reports them
     (docs/metrics.md): ppl, nll, elbo, rec, kl, mi, au with `*_stderr`, and the papers'
@@ -311,7 +311,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     samples (`evaluation/generated.py`; decoding default: beam search for summarization and
     paraphrase runs, else top-k 50; `decoding_options`: top_k, top_p, num_beams, max_new_tokens).
     `examples`: only the split's first N examples (a fixed subset, the same for every run).
-    `iw_batch`: importance samples scored at a time (memory ~ batch_size x iw_batch).
+    `iw_batch`: importance samples scored at a time (memory ~ batch_size x iw_batch); None: as
+    many as keep a decoder pass within `likelihood.POSITIONS_PER_PASS` positions.
     `per_example`: also write each example's numbers there, one JSON line per example (`index`,
     `nll`, `tokens`, and `elbo`, `rec`, `kl` for latent models) in the order of the split's
     evaluated examples (after `data.overlong` drops): paired comparisons of runs on the same texts.
@@ -327,7 +328,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     from textvae.runs import encode_split, load_run
     from textvae.training.environment import resolve_bf16
 
-    if iw_samples < 1 or batch_size < 1 or iw_batch < 1:
+    if iw_samples < 1 or batch_size < 1 or (iw_batch is not None and iw_batch < 1):
         raise TextVAEError("--iw-samples, --iw-batch and --batch-size must be >= 1")
     if au_delta < 0:
         raise TextVAEError("--au-delta must be >= 0")
@@ -380,7 +381,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     # the settings that change the numbers, so that records made with different ones stay apart
     results["settings"] = {"iw_samples": iw_samples if model.has_latent else None, "au_delta": au_delta,
                            "seed": seed, "precision": "bf16" if bf16 else "fp32", "examples_limit": examples,
-                           "iw_batch": iw_batch if model.has_latent else None}
+                           "iw_batch": (iw_batch or "auto") if model.has_latent else None}
     if reconstruction:
         results.update(_reconstruction(TrainedVAE(model, config, batch_size=batch_size), whole))
     if generate:

@@ -60,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                           help="bf16 autocast for the networks (densities stay float32); auto = where native")
     evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--iw-batch", type=int, default=20, metavar="N",
-                          help="importance samples scored at a time: memory grows with batch size x N, not with "
-                               "--iw-samples (lower it for long texts or a large vocabulary)")
+    evaluate.add_argument("--iw-batch", type=int, default=None, metavar="N",
+                          help="importance samples of every example scored in one decoder pass: memory grows with "
+                               "batch size x N, not with --iw-samples (default: as many as keep a pass within "
+                               "8,192 positions, batch size x length, the fastest on a CPU)")
     evaluate.add_argument("--generate", type=int, default=0, metavar="N",
                           help="also sample N texts (latents from the prior) and score them against the split; "
                                ".jsonl: texts for each of the first N sources (see --samples-per-source), each "

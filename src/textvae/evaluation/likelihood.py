@@ -36,17 +36,30 @@ from textvae.files import save_tensors, write_atomically
 from textvae.training.environment import bf16_inference
 
 
+# Decoder positions (rows x length) one pass over importance samples may take when the chunk
+# size is not given: SmolLM2 passes of 4-10 thousand positions ran a fifth faster on a 2-core
+# CPU than passes of 18-41 thousand, whose activations outgrow the caches (docs/performance.md).
+POSITIONS_PER_PASS = 8192
+
+
+def samples_per_pass(batch, k: int) -> int:
+    """How many of k importance samples of every example one decoder pass scores: as many as
+    keep the pass within POSITIONS_PER_PASS positions, at least 1."""
+    return max(1, min(k, POSITIONS_PER_PASS // (batch.size * batch.input_ids.shape[1])))
+
+
 @torch.no_grad()
-def log_marginals(model: TextVAE, batch, k: int, chunk: int = 20, progress: Progress | None = None,
+def log_marginals(model: TextVAE, batch, k: int, chunk: int | None = None, progress: Progress | None = None,
                   index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance-weighted log p(x) of each example [B], and the same estimate with the latent
     densities averaged over latent groups (DELLA's released-code convention) [B]. The posterior
-    is computed once; the decoder scores `chunk` samples at a time, so memory stays bounded
-    for large k. With `progress`, the samples scored so far are kept after every chunk as batch
-    `index`'s, and a batch cut short goes on from them."""
+    is computed once; the decoder scores `chunk` samples at a time (None: `samples_per_pass`),
+    so memory stays bounded for large k. With `progress`, the samples scored so far are kept
+    after every chunk as batch `index`'s, and a batch cut short goes on from them."""
     if not model.has_latent:
         exact = model.importance_weights(batch, 1).reconstruction[:, 0]  # no latent: log p(x) itself
         return exact, exact
+    chunk = chunk or samples_per_pass(batch, k)
     draw = model.importance_sampler(batch)
     device = batch.input_ids.device
     weights = None if progress is None else progress.samples_of(index, device)  # restores the generator
@@ -197,15 +210,15 @@ def evaluate_likelihood(
     au_delta: float = 0.01,
     bf16: bool = False,
     seed: int = 0,
-    iw_batch: int = 20,
+    iw_batch: int | None = None,
     progress: Progress | None = None,
     per_example_out: dict | None = None,
 ) -> dict:
     """`ppl`, `nll`, and for latent models `elbo`, `rec`, `kl`, `mi`, `au` (plus per-group KL
     and AU when the model has several latent groups), each mean with its standard error over
     examples (`*_stderr`), the papers' conventions (`*_layer_mean`, `mi_minibatch`), `tokens`,
-    `examples`. The decoder scores `iw_batch` importance samples of every example at a time:
-    memory grows with batch_size x iw_batch, not with k. With `progress`, each batch's
+    `examples`. The decoder scores `iw_batch` importance samples of every example at a time
+    (None: as many as fit `POSITIONS_PER_PASS`): memory grows with batch_size x iw_batch, not with k. With `progress`, each batch's
     importance-weighted estimates are kept as they are made and read back instead of redone.
     `per_example_out`, when given, is filled with each example's `nll`, `tokens` (and `elbo`,
     `rec`, `kl`) [N] in the order of `data`: for paired comparisons of runs on the same texts."""

@@ -81,9 +81,9 @@ class SingleLatentVAE(TextVAE):
         # The latent maps start at zero, so the decoder starts as the bare backbone (embed and
         # softmax exactly; memory adds a zero key/value); nn.Linear's default init injects noise
         # far larger than a token embedding (measured in docs/architecture.md).
-        for name in ("latent_to_embedding", "latent_to_memory", "latent_to_head"):
-            if hasattr(self, name):
-                nn.init.zeros_(getattr(self, name).weight)
+        for name, module in self.named_children():
+            if name.startswith("latent_to_"):
+                nn.init.zeros_(module.weight)
 
     # --- the two distributions ---------------------------------------------------------
     def posterior(self, batch: Batch) -> DiagonalGaussian:

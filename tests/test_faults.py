@@ -414,6 +414,27 @@ def test_a_zero_importance_batch_is_refused(trained_della, capsys):
     assert "--iw-batch" in _one_line_error(capsys)
 
 
+def test_a_long_evaluation_says_how_far_it_has_come_and_how_long_is_left(monkeypatch, capsys):
+    from textvae.evaluation import pace
+
+    clock = iter([0.0, 60.0, 120.0, 180.0, 0.0])  # the start, each line's time, the quiet one's start
+    monkeypatch.setattr(pace, "perf_counter", lambda: next(clock))
+    meter = pace.Pace([50, 30, 20], enabled=True)  # a log, not a terminal: lines, no bar
+    meter.done(0, computed=False)  # read back from a progress file: done, but says nothing of the pace
+    meter.done(1, computed=True)
+    meter.done(2, computed=True)
+    meter.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "evaluate: 50% of the work (1 of 3 batches), 1 min so far",
+        "evaluate: 80% of the work (2 of 3 batches), 2 min so far, about 1 min left",  # 120 s for 30, 20 to go: 80 s
+        "evaluate: 100% of the work (3 of 3 batches), 3 min so far",
+    ]
+    quiet = pace.Pace([50, 30, 20], enabled=False)
+    for index in range(3):
+        quiet.done(index, computed=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_an_evaluation_cut_short_resumes_with_the_numbers_of_an_uninterrupted_one(trained_della, monkeypatch, capsys):
     import textvae
     from textvae.evaluation import likelihood
@@ -445,6 +466,8 @@ def test_an_evaluation_cut_short_resumes_with_the_numbers_of_an_uninterrupted_on
     calls.clear()
     monkeypatch.setattr(likelihood, "log_marginals", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = textvae.evaluate(trained_della, iw_samples=3, batch_size=8, verbose=True)
-    assert "resuming: 2 batches" in capsys.readouterr().err and len(calls) == 1
+    err = capsys.readouterr().err
+    assert "resuming: 2 batches" in err and len(calls) == 1
+    assert "evaluate: 100% of the work (3 of 3 batches)" in err
     assert resumed == whole  # every number, exactly
     assert not progress.exists()

@@ -372,7 +372,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         print(f"resuming: {progress.batches_done} batches of importance samples already done{unfinished} ({progress.path})",
               file=sys.stderr)
     values: dict = {}
-    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress, values)
+    results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress, values,
+                                  show_pace=verbose)
     if per_example is not None:
         lines = [json.dumps({"index": index, **{key: float(column[index]) for key, column in values.items()}})
                  for index in range(len(encoded))]

@@ -31,8 +31,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from textvae.data.batching import Encoded, collate, counted_tokens, eval_batches
-from textvae.models.base import ImportanceWeights, TextVAE
+from textvae.evaluation.pace import Pace
 from textvae.files import save_tensors, write_atomically
+from textvae.models.base import ImportanceWeights, TextVAE
 from textvae.training.environment import bf16_inference
 
 
@@ -213,6 +214,7 @@ def evaluate_likelihood(
     iw_batch: int | None = None,
     progress: Progress | None = None,
     per_example_out: dict | None = None,
+    show_pace: bool = False,
 ) -> dict:
     """`ppl`, `nll`, and for latent models `elbo`, `rec`, `kl`, `mi`, `au` (plus per-group KL
     and AU when the model has several latent groups), each mean with its standard error over
@@ -221,17 +223,21 @@ def evaluate_likelihood(
     (None: as many as fit `POSITIONS_PER_PASS`): memory grows with batch_size x iw_batch, not with k. With `progress`, each batch's
     importance-weighted estimates are kept as they are made and read back instead of redone.
     `per_example_out`, when given, is filled with each example's `nll`, `tokens` (and `elbo`,
-    `rec`, `kl`) [N] in the order of `data`: for paired comparisons of runs on the same texts."""
+    `rec`, `kl`) [N] in the order of `data`: for paired comparisons of runs on the same texts.
+    `show_pace`: say on stderr how far it has come (`evaluation/pace.py`)."""
     model.eval()
     device = next(model.parameters()).device
     per_example: dict[str, list[torch.Tensor]] = {key: [] for key in ("log_px", "log_px_mean", "rec", "kl", "groups", "tokens", "index")}
     kl_groups, posteriors = [], []
     segment_kl, segment_count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    batches = list(eval_batches([len(item.ids) for item in data], batch_size))
+    pace = Pace([len(rows) * max(len(data[i].ids) for i in rows) for rows in batches], show_pace)
     with bf16_inference(model, bf16), model.backbone.merged_adapter():  # the second: fp32 only
-        for index, rows in enumerate(eval_batches([len(item.ids) for item in data], batch_size)):
+        for index, rows in enumerate(batches):
             batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
             stored = None if progress is None else progress.get(index)
-            if stored is None:
+            computed = stored is None
+            if computed:
                 torch.manual_seed(batch_seed(seed, index, 0))
                 stored = log_marginals(model, batch, iw_samples, iw_batch, progress, index)
                 if progress is not None:
@@ -257,6 +263,8 @@ def evaluate_likelihood(
                 posteriors.append(model.posterior(batch))
             per_example["tokens"].append(counted_tokens(batch, model.tokenizer.sep_id).double().cpu())
             per_example["index"].append(torch.tensor(rows))
+            pace.done(index, computed)
+    pace.close()
     values = {key: torch.cat(parts) for key, parts in per_example.items() if parts}
     tokens, examples = values["tokens"], len(data)
     metrics = {**perplexity_with_stderr("", -values["log_px"], tokens), **mean_with_stderr("nll", -values["log_px"])}

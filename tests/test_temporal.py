@@ -357,19 +357,19 @@ def test_residual_normalisations_fix_the_scale_they_promise():
     torch.manual_seed(0)
     residual = torch.randn(8, 5, 12) * 4 + 1  # [d_mu, log d_sigma^2], P = 6
     present = torch.rand(8, 5) > 0.3
-    by_mean = ResidualNorm("ln", 6, 2.0)(residual, present)
+    by_mean = ResidualNorm("ln", 6, 2.0, "mean", "zero")(residual, present)
     torch.testing.assert_close(by_mean[..., :6].pow(2).sum(-1), torch.full((8, 5), 6 * 2.0**2), rtol=1e-4, atol=1e-3)  # P gamma^2
     assert torch.equal(by_mean[..., 6:], residual[..., 6:])  # the log-variance left alone
-    both = ResidualNorm("ln", 6, 2.0, over="both")(residual, present)
+    both = ResidualNorm("ln", 6, 2.0, "both", "zero")(residual, present)
     torch.testing.assert_close(both.pow(2).sum(-1), torch.full((8, 5), 12 * 2.0**2), rtol=1e-4, atol=1e-3)  # 2P gamma^2
     torch.testing.assert_close(both.mean(-1), torch.zeros(8, 5), atol=1e-5, rtol=0)
-    batch_norm = ResidualNorm("bn", 6, 2.0).train()
+    batch_norm = ResidualNorm("bn", 6, 2.0, "mean", "zero").train()
     normed = batch_norm(residual, present)[present][:, :6]  # per dimension over the batch's present slots
     torch.testing.assert_close(normed.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(normed.pow(2).mean(0), torch.full((6,), 2.0**2), rtol=1e-3, atol=0)
-    both_bn = ResidualNorm("bn", 6, 2.0, over="both").train()(residual, present)[present]
+    both_bn = ResidualNorm("bn", 6, 2.0, "both", "zero").train()(residual, present)[present]
     torch.testing.assert_close(both_bn.pow(2).mean(0), torch.full((12,), 2.0**2), rtol=1e-3, atol=0)
-    assert torch.equal(ResidualNorm("none", 6, 2.0)(residual, present), residual)
+    assert torch.equal(ResidualNorm("none", 6, 2.0, "both", "learned")(residual, present), residual)
 
 
 @pytest.mark.parametrize(("kind", "over", "width"), [("ln", "mean", 6), ("ln", "both", 12), ("bn", "mean", 6), ("bn", "both", 12)])

@@ -20,7 +20,7 @@ class ResidualNorm(nn.Module):
     layer_norm's eps) for every vector. A learned shift, or normalising both halves, lets the
     KL go below it."""
 
-    def __init__(self, kind: str, size: int, gamma: float, over: str = "mean", shift: str = "zero"):
+    def __init__(self, kind: str, size: int, gamma: float, over: str, shift: str):
         super().__init__()
         self.kind, self.size, self.gamma, self.over = kind, size, gamma, over
         width = size if over == "mean" else 2 * size

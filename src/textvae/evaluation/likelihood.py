@@ -220,8 +220,9 @@ def evaluate_likelihood(
     and AU when the model has several latent groups), each mean with its standard error over
     examples (`*_stderr`), the papers' conventions (`*_layer_mean`, `mi_minibatch`), `tokens`,
     `examples`. The decoder scores `iw_batch` importance samples of every example at a time
-    (None: as many as fit `POSITIONS_PER_PASS`): memory grows with batch_size x iw_batch, not with k. With `progress`, each batch's
-    importance-weighted estimates are kept as they are made and read back instead of redone.
+    (None: as many as fit `POSITIONS_PER_PASS`): memory grows with batch_size x iw_batch, not
+    with k. With `progress`, each batch's importance-weighted estimates are kept as they are
+    made and read back instead of redone.
     `per_example_out`, when given, is filled with each example's `nll`, `tokens` (and `elbo`,
     `rec`, `kl`) [N] in the order of `data`: for paired comparisons of runs on the same texts.
     `show_pace`: say on stderr how far it has come (`evaluation/pace.py`)."""

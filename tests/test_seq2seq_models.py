@@ -10,8 +10,11 @@ import pytest
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
+import textvae
+
 from textvae.data.batching import collate, encode_examples, pad_rows
 from textvae.data.corpus import read_split
+from textvae.errors import TextVAEError
 from textvae.models.della import Della, DellaConfig
 from textvae.models.lm import LanguageModel, LMConfig
 from textvae.models.registry import wrap_backbone
@@ -128,6 +131,13 @@ def test_every_conditional_model_trains_reloads_and_generates_n_outputs_per_prom
     assert len(capsys.readouterr().out.splitlines()) == 6  # two per source
     assert main(["generate", str(run), *common, "--num", "1"]) == 0  # beam search: the task's default
     assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["generate", str(run), "--num", "2"]) == 2  # no sources to decode from
+    assert "an encoder-decoder run decodes from sources" in capsys.readouterr().err
+    if name != "lm":  # the Python API's decode of given latents says the same
+        vae = textvae.load(run)
+        with pytest.raises(TextVAEError, match="an encoder-decoder run decodes from sources"):
+            sizes = vae.model.latent_group_sizes
+            vae.decode(torch.zeros(2, len(sizes), sizes[0]))
 
 
 @pytest.mark.parametrize("family", ("bart", "gpt2"))

@@ -257,12 +257,10 @@ class TrainedVAE:
                 for i in range(0, len(encoded), self.batch_size)]
 
     def _prompts(self, count: int, sources: list[str] | None) -> list[list[int]]:
-        from textvae.generation.decode import source_prompts
+        from textvae.generation.decode import source_prompts, unconditional_prompts
 
         if sources is None:
-            if self.model.backbone.is_encoder_decoder:
-                raise TextVAEError("an encoder-decoder run decodes from sources: pass prompts")
-            return [[self.model.tokenizer.bos_id]] * count
+            return unconditional_prompts(self.model, count)
         if len(_text_list(sources, "prompts")) != count:
             raise TextVAEError(f"{len(sources)} prompts for {count} latents")
         return source_prompts(self.model.tokenizer, sources, self.config.data.max_source_length)[0]

@@ -178,6 +178,13 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
+def unconditional_prompts(model, count: int) -> list[list[int]]:
+    """`count` prompts of [BOS] alone; an encoder-decoder model decodes only from sources."""
+    if model.backbone.is_encoder_decoder:
+        raise TextVAEError("an encoder-decoder run decodes from sources: pass them (--prompts FILE)")
+    return [[model.tokenizer.bos_id]] * count
+
+
 def source_prompts(tokenizer, sources: list[str], max_source_length: int | None) -> tuple[list[list[int]], int]:
     """`[BOS] source [SEP]` prompts, each source cut to `max_source_length` tokens as in
     training (data/batching.py); also how many sources were cut."""
@@ -207,9 +214,7 @@ def generate_texts(
     generator = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # latents are drawn with the global generator
     if sources is None:
-        if model.backbone.is_encoder_decoder:
-            raise TextVAEError("an encoder-decoder run generates from sources: pass them (--prompts FILE)")
-        prompts = [[tokenizer.bos_id]] * num
+        prompts = unconditional_prompts(model, num)
     else:
         prompts = [p for p in source_prompts(tokenizer, sources, max_source_length)[0] for _ in range(num)]
     texts = []

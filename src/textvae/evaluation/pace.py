@@ -47,5 +47,8 @@ class Pace:
 
 
 def _clock(seconds: float) -> str:
+    """20 s, 12 min, 1 h 05 min (under half a minute in seconds)."""
     minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min" if minutes else f"{seconds:.0f} s"
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes} min" if minutes else f"{seconds:.0f} s"

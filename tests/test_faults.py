@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import textvae
 from textvae.cli import main
@@ -55,10 +56,8 @@ def test_a_conditional_run_refuses_plain_text_evaluation_data(tiny_jsonl, tiny_t
     assert "this run is conditional" in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("decoding", ["greedy", "top-p", "beam"])
+@pytest.mark.parametrize("decoding", ["greedy", "sample", "top-k", "top-p", "beam"])
 def test_non_finite_next_token_scores_stop_decoding_in_one_line(decoding, trained_della, capsys):
-    from safetensors.torch import load_file, save_file
-
     weights = load_file(trained_della / "model.safetensors")
     head = next(name for name in weights if name.endswith("ln_f.weight"))
     weights[head] = torch.full_like(weights[head], float("nan"))
@@ -109,6 +108,12 @@ def test_a_folder_given_for_a_file_is_refused_in_one_line_before_any_work(traine
     under_a_file = tmp_path / "refs.txt" / "metrics.json"
     assert main(["evaluate", str(trained_della), "--json", str(under_a_file)]) == 2
     assert f"{tmp_path / 'refs.txt'} is not a folder" in _one_line_error(capsys)
+    from textvae import files
+
+    real_access = os.access  # the tests may run as root, whom a folder's mode does not stop: deny it here
+    monkeypatch.setattr(files.os, "access", lambda path, mode: Path(path) != folder and real_access(path, mode))
+    assert main(["evaluate", str(trained_della), "--per-example", str(folder / "new" / "examples.jsonl")]) == 2
+    assert f"{folder} is not writable" in _one_line_error(capsys)
     assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["della", "folder", "refs.txt", "txt"]
 
@@ -471,3 +476,18 @@ def test_an_evaluation_cut_short_resumes_with_the_numbers_of_an_uninterrupted_on
     assert "evaluate: 100% of the work (3 of 3 batches)" in err
     assert resumed == whole  # every number, exactly
     assert not progress.exists()
+
+    with pytest.raises(KeyboardInterrupt):  # cut short once more, then the run is retrained
+        monkeypatch.setattr(likelihood, "log_marginals", cut_short_at_the_third_batch)
+        calls.clear()
+        textvae.evaluate(trained_della, iw_samples=3, batch_size=8)
+    weights = trained_della / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, weights)
+    calls.clear()
+    monkeypatch.setattr(likelihood, "log_marginals", lambda *a, **k: calls.append(1) or real(*a, **k))
+    retrained = textvae.evaluate(trained_della, iw_samples=3, batch_size=8, verbose=True)
+    assert "resuming" not in capsys.readouterr().err and len(calls) == 3  # new weights: nothing reused
+    assert retrained["nll"] != whole["nll"]

@@ -189,6 +189,15 @@ def test_without_the_gguf_library_versions_the_load_goes_on_uncached(tmp_path, c
     assert not cache.exists()
 
 
+def test_a_gguf_file_that_cannot_be_read_is_not_keyed(tmp_path, cache):
+    folder_in_its_place = tmp_path / "tiny.gguf"
+    folder_in_its_place.mkdir()
+    assert gguf_cache.converted_folder(folder_in_its_place) is None  # no copy: the load says what is wrong
+    assert gguf_cache.converted_folder(tmp_path / "absent.gguf") is None
+    assert gguf_cache.converted_folder(write_tiny_gguf(tmp_path / "readable.gguf")) is not None
+    assert not cache.exists()
+
+
 def test_an_off_cache_writes_nothing(tmp_path, monkeypatch, backbone_reads):
     spec = write_tiny_gguf(tmp_path / "tiny.gguf")
     monkeypatch.setenv("TEXTVAE_CACHE", "off")

@@ -36,3 +36,19 @@ def test_an_unreadable_load_gives_no_warning(content, tmp_path):
     path = tmp_path / "loadavg"
     path.write_text(content)
     assert oversubscription_warning(1, samples=1, loadavg=path) is None
+
+
+def test_train_and_evaluate_say_once_that_the_cores_are_busy(tiny_txt, tmp_path, monkeypatch, capsys):
+    from functools import partial
+
+    from textvae import threads
+
+    busy = tmp_path / "busy"
+    busy.write_text(f"9.00 9.00 9.00 {len(os.sched_getaffinity(0)) + 1}/310 12345\n")  # every core taken
+    monkeypatch.setattr(threads, "oversubscription_warning", partial(oversubscription_warning, samples=1, loadavg=busy))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_txt), "--out", str(run), "--max-steps", "1",
+                 "--set", "data.max_length=32", "--set", "train.batch_size=16"]) == 0
+    assert main(["evaluate", str(run)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 2 and all("other threads are running" in line for line in warnings)  # one per command

@@ -236,6 +236,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_txt, tmp_path, c
     run, args = _checkpointed_run(tiny_txt, tmp_path, steps="4")
     assert main(args) == 0
     straight = _weights(run)
+    straight_log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     newest = run / "checkpoints" / "step-000004"
     (run / "model.safetensors").unlink()
     weights = newest / "model.safetensors"
@@ -248,6 +249,8 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_txt, tmp_path, c
     assert f"{weights} is damaged" in captured.err and "resumed from step-000002" in captured.out + captured.err
     resumed = _weights(run)
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)  # the same 4 steps
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # the cut line is gone
+    assert [(r["split"], r["step"]) for r in records] == [(r["split"], r["step"]) for r in straight_log]
 
 
 @pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.safetensors", "state.json", "rng-rank0.json",

@@ -24,7 +24,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command not in ("report", "compare"):
+        if args.command != "compare":  # it only reads files
             args.threads = configure_threads(args.threads)
         handler = {
             "train": _train,

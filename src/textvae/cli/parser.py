@@ -172,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reference", metavar="RUN_DIR", help="add each run's NLL minus this run's, paired over the "
                         "examples both evaluated, with its standard error (the runs' eval_SPLIT.examples.jsonl)")
     report.add_argument("--interpolate", nargs=2, metavar=("SENTENCE_A", "SENTENCE_B"),
-                        help="decode the path between two sentences with every single-latent run")
+                        help="decode the path between two sentences with every latent-model run (segment-wise runs segment by segment)")
     report.add_argument("--steps", type=int, default=5, help="points on the interpolation path, ends included")
-    for command in (train, evaluate, generate, interpolate, analogy, steer, plot, score):
+    for command in (train, evaluate, generate, interpolate, analogy, steer, plot, score, report):
         command.add_argument("--threads", type=int, metavar="N",
                              help="CPU threads to compute with (default: OMP_NUM_THREADS, else the physical cores); "
                                   "a warning is printed when the machine's cores are already busy")

@@ -422,7 +422,7 @@ def test_a_zero_importance_batch_is_refused(trained_della, capsys):
 def test_a_long_evaluation_says_how_far_it_has_come_and_how_long_is_left(monkeypatch, capsys):
     from textvae.evaluation import pace
 
-    clock = iter([0.0, 60.0, 120.0, 180.0, 0.0])  # the start, each line's time, the quiet one's start
+    clock = iter([0.0, 300.0, 420.0, 540.0, 0.0])  # the start, the end of each batch, the quiet one's start
     monkeypatch.setattr(pace, "perf_counter", lambda: next(clock))
     meter = pace.Pace([50, 30, 20], enabled=True)  # a log, not a terminal: lines, no bar
     meter.done(0, computed=False)  # read back from a progress file: done, but says nothing of the pace
@@ -430,9 +430,9 @@ def test_a_long_evaluation_says_how_far_it_has_come_and_how_long_is_left(monkeyp
     meter.done(2, computed=True)
     meter.close()
     assert capsys.readouterr().err.splitlines() == [
-        "evaluate: 50% of the work (1 of 3 batches), 1 min so far",
-        "evaluate: 80% of the work (2 of 3 batches), 2 min so far, about 1 min left",  # 120 s for 30, 20 to go: 80 s
-        "evaluate: 100% of the work (3 of 3 batches), 3 min so far",
+        "evaluate: 50% of the work (1 of 3 batches), 5 min so far",
+        "evaluate: 80% of the work (2 of 3 batches), 7 min so far, about 1 min left",  # 120 s for 30, 20 to go: 80 s
+        "evaluate: 100% of the work (3 of 3 batches), 9 min so far",
     ]
     quiet = pace.Pace([50, 30, 20], enabled=False)
     for index in range(3):

@@ -1,7 +1,8 @@
 """How far a long evaluation has come, on stderr: a progress bar on a terminal, else (a log, a
 batch job) a line each tenth of the work with the time it has taken and an estimate of the
-time left. The estimate comes from this process's own pace, so batches read back from a
-progress file (a resumed evaluation) count as done but not as fast."""
+time left. The estimate comes from the time this process spent computing batches, so batches
+read back from a progress file (a resumed evaluation) count as done, and neither their work
+nor their time enters the pace."""
 
 from __future__ import annotations
 
@@ -21,13 +22,18 @@ class Pace:
         self.bar = (tqdm(total=sum(work), unit="pos", desc=what, dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
                     if enabled and sys.stderr.isatty() else None)
         self.finished = self.timed = 0
-        self.started = perf_counter()
+        self.timed_seconds = 0.0
+        self.started = self.last = perf_counter()
         self.next_line = 0.1
 
     def done(self, index: int, computed: bool) -> None:
         """Batch `index` is finished; `computed`: here, rather than read back."""
+        now = perf_counter() if self.enabled else self.last
         self.finished += self.work[index]
-        self.timed += self.work[index] if computed else 0
+        if computed:
+            self.timed += self.work[index]
+            self.timed_seconds += now - self.last
+        self.last = now
         if self.bar is not None:
             self.bar.update(self.work[index])
             return
@@ -35,9 +41,9 @@ class Pace:
             return
         while self.next_line * self.total <= self.finished + 1e-9:
             self.next_line += 0.1
-        elapsed = perf_counter() - self.started
+        elapsed = now - self.started
         remaining = self.total - self.finished
-        left = f", about {_clock(elapsed / self.timed * remaining)} left" if self.timed and remaining > 0 else ""
+        left = f", about {_clock(self.timed_seconds / self.timed * remaining)} left" if self.timed and remaining > 0 else ""
         print(f"{self.what}: {self.finished / self.total:.0%} of the work ({index + 1} of {len(self.work)} batches), "
               f"{_clock(elapsed)} so far{left}", file=sys.stderr, flush=True)
 

@@ -35,6 +35,20 @@ def test_the_mean_difference_and_its_paired_error_match_scipy():
     assert result["nll_per_token_diff"] == pytest.approx(7 / 50)
 
 
+def test_against_a_language_model_its_exact_nll_is_the_bound_the_latent_models_terms_are_set_against():
+    latent = records([10.0, 20.0, 30.0], [5, 10, 15], elbo=[12.0, 23.0, 31.0], rec=[11.5, 21.0, 30.5], kl=[0.5, 2.0, 0.5])
+    language_model = records([9.0, 18.0, 29.0], [5, 10, 15])
+    result = paired_comparison(latent, language_model)
+    assert result["nll_as_bound"] == "b"
+    assert result["elbo_b"] == result["rec_b"] == result["nll_b"] and result["kl_b"] == 0.0
+    assert result["elbo_diff"] == pytest.approx(10 / 3) and result["elbo_diff_stderr"] == pytest.approx(stats.sem([3.0, 5.0, 2.0]))
+    assert result["rec_diff"] == pytest.approx(7 / 3) and result["kl_diff"] == pytest.approx(1.0)
+    reversed_sides = paired_comparison(language_model, latent)
+    assert reversed_sides["nll_as_bound"] == "a" and reversed_sides["elbo_diff"] == pytest.approx(-10 / 3)
+    assert "nll_as_bound" not in paired_comparison(language_model, language_model)
+    assert "nll_as_bound" not in paired_comparison(latent, latent)
+
+
 def test_the_order_of_the_records_does_not_matter():
     rng = random.Random(0)
     a = records([rng.gauss(50, 10) for _ in range(30)], [rng.randint(5, 40) for _ in range(30)])

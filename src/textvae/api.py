@@ -421,8 +421,9 @@ def _reconstruction(vae: TrainedVAE, examples: list) -> dict:
 def compare(a: str | Path, b: str | Path, same_tokens_only: bool = False) -> dict:
     """The paired difference of two files written by `evaluate(..., per_example=PATH)` (or
     `textvae evaluate --per-example`), as `textvae compare A B` prints it: `KEY_a`, `KEY_b`,
-    `KEY_diff`, `KEY_diff_stderr` for nll/elbo/rec/kl, `nll_per_token_diff`; `same_tokens_only`
-    pairs only the examples both scored with the same token count (evaluation/paired.py)."""
+    `KEY_diff`, `KEY_diff_stderr` for nll/elbo/rec/kl (a language model's exact NLL standing
+    for its ELBO and rec: `nll_as_bound`), `nll_per_token_diff`; `same_tokens_only` pairs only
+    the examples both scored with the same token count (evaluation/paired.py)."""
     from textvae.evaluation.paired import paired_comparison, parse_per_example
     from textvae.runs import read_lines
 

@@ -5,7 +5,9 @@ both), so the standard error of the mean of per-example differences is usually f
 than either row's own error. For every per-example key both files hold (`nll`, `elbo`, `rec`,
 `kl`): the two means, the mean difference A - B with its standard error over examples, and
 the difference in nats per token (the log of the perplexity ratio, its error by the delta
-method, as `ppl`'s). A run keeps the scores of its evaluation record beside it
+method, as `ppl`'s). Against a language model, whose NLL is exact (no latent: its own tightest
+bound), a latent model's ELBO and reconstruction term are set against that NLL and its KL
+against 0: what the latent model's bound and decoder lose to the LM. A run keeps the scores of its evaluation record beside it
 (`examples_record`), which `textvae report --reference` reads.
 """
 
@@ -51,8 +53,9 @@ def parse_per_example(lines: list[str], source: str) -> list[dict]:
 
 
 def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = False) -> dict:
-    """Per key: `KEY_a`, `KEY_b` (means), `KEY_diff` (mean of a - b) and `KEY_diff_stderr`;
-    for `nll` also `nll_per_token_diff` (sum of differences / sum of tokens) and its error.
+    """Per key: `KEY_a`, `KEY_b` (means), `KEY_diff` (mean of a - b) and `KEY_diff_stderr`
+    (when one side is a language model, `nll_as_bound` names it and its NLL stands for its ELBO
+    and rec, 0 for its KL); for `nll` also `nll_per_token_diff` (sum of differences / sum of tokens) and its error.
     The two lists must score the same examples (same indices, in any order) with the same token
     counts; `same_tokens_only` pairs just the examples whose counts agree (e.g. a segment-wise
     model, whose [SEP]s make more texts truncated, against an LM) and counts the others in
@@ -72,6 +75,10 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     if same_tokens_only:
         result["examples_skipped"] = len(pairs) - len(alike)
     pairs = alike
+    latent_a, latent_b = (all("elbo" in record for record in side) for side in zip(*pairs))
+    if latent_a != latent_b:  # one side a language model: its exact NLL is its bound, its KL 0
+        result["nll_as_bound"] = "b" if latent_a else "a"
+        pairs = [(x, _as_bound(y)) if latent_a else (_as_bound(x), y) for x, y in pairs]
     for key in KEYS:
         if not all(key in x and key in y for x, y in pairs):
             continue
@@ -86,3 +93,8 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     result["nll_per_token_diff"] = math.log(ratio["ppl"])
     result["nll_per_token_diff_stderr"] = ratio["ppl_stderr"] / ratio["ppl"]
     return result
+
+
+def _as_bound(record: dict) -> dict:
+    """A language model's record with its exact NLL as its ELBO and reconstruction, and KL 0."""
+    return {**record, "elbo": record["nll"], "rec": record["nll"], "kl": 0.0}

@@ -10,7 +10,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 DEMO_RUN ?= runs/demo
 # The suite's tiny models gain little from a second thread: two one-thread pytest-xdist workers
-# ran it in 400 s where one process on both threads took 677 (README, Development)
+# ran it in 400 s where one process on both threads took 677 (README, Development); the one
+# thread each is set here over any OMP_NUM_THREADS of the caller's
 TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast clean

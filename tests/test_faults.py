@@ -111,7 +111,8 @@ def test_a_folder_given_for_a_file_is_refused_in_one_line_before_any_work(traine
     from textvae import files
 
     real_access = os.access  # the tests may run as root, whom a folder's mode does not stop: deny it here
-    monkeypatch.setattr(files.os, "access", lambda path, mode: Path(path) != folder and real_access(path, mode))
+    monkeypatch.setattr(files.os, "access", lambda path, mode, *rest, **options:
+                        Path(os.fsdecode(path)) != folder and real_access(path, mode, *rest, **options))
     assert main(["evaluate", str(trained_della), "--per-example", str(folder / "new" / "examples.jsonl")]) == 2
     assert f"{folder} is not writable" in _one_line_error(capsys)
     assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
@@ -491,3 +492,4 @@ def test_an_evaluation_cut_short_resumes_with_the_numbers_of_an_uninterrupted_on
     retrained = textvae.evaluate(trained_della, iw_samples=3, batch_size=8, verbose=True)
     assert "resuming" not in capsys.readouterr().err and len(calls) == 3  # new weights: nothing reused
     assert retrained["nll"] != whole["nll"]
+    assert not progress.exists()

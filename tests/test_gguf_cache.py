@@ -21,6 +21,7 @@ from textvae import files
 from textvae.backbone import gguf_cache, load
 from textvae.backbone.adapters import fingerprint
 from textvae.backbone.gguf_cache import MANIFEST, converted_folder
+from textvae.errors import TextVAEError
 
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
 
@@ -189,13 +190,14 @@ def test_without_the_gguf_library_versions_the_load_goes_on_uncached(tmp_path, c
     assert not cache.exists()
 
 
-def test_a_gguf_file_that_cannot_be_read_is_not_keyed(tmp_path, cache):
+def test_a_gguf_file_that_cannot_be_read_is_not_keyed_and_the_load_says_why(tmp_path, cache):
     folder_in_its_place = tmp_path / "tiny.gguf"
     folder_in_its_place.mkdir()
-    assert gguf_cache.converted_folder(folder_in_its_place) is None  # no copy: the load says what is wrong
-    assert gguf_cache.converted_folder(tmp_path / "absent.gguf") is None
-    assert gguf_cache.converted_folder(write_tiny_gguf(tmp_path / "readable.gguf")) is not None
-    assert not cache.exists()
+    assert converted_folder(folder_in_its_place) is None
+    assert converted_folder(tmp_path / "absent.gguf") is None
+    assert converted_folder(write_tiny_gguf(tmp_path / "readable.gguf")) is not None  # a readable one is keyed
+    with pytest.raises(TextVAEError, match=r"tiny\.gguf is neither a \.gguf file nor a Hugging Face folder"):
+        load.load_pretrained_base(str(folder_in_its_place), None, "eager")
 
 
 def test_an_off_cache_writes_nothing(tmp_path, monkeypatch, backbone_reads):

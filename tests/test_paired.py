@@ -49,6 +49,15 @@ def test_against_a_language_model_its_exact_nll_is_the_bound_the_latent_models_t
     assert "nll_as_bound" not in paired_comparison(latent, latent)
 
 
+def test_a_file_mixing_latent_and_language_model_records_is_refused():
+    latent = records([10.0, 20.0, 30.0], [5, 10, 15], elbo=[12.0, 23.0, 31.0], rec=[11.5, 21.0, 30.5], kl=[0.5, 2.0, 0.5])
+    mixed = [latent[0], {key: latent[1][key] for key in ("index", "nll", "tokens")}, latent[2]]  # e.g. two files joined
+    with pytest.raises(TextVAEError, match="file A mixes records with and without elbo, rec or kl"):
+        paired_comparison(mixed, latent)
+    with pytest.raises(TextVAEError, match="file B mixes"):
+        paired_comparison(latent, mixed)
+
+
 def test_the_order_of_the_records_does_not_matter():
     rng = random.Random(0)
     a = records([rng.gauss(50, 10) for _ in range(30)], [rng.randint(5, 40) for _ in range(30)])

@@ -7,8 +7,8 @@ than either row's own error. For every per-example key both files hold (`nll`, `
 the difference in nats per token (the log of the perplexity ratio, its error by the delta
 method, as `ppl`'s). Against a language model, whose NLL is exact (no latent: its own tightest
 bound), a latent model's ELBO and reconstruction term are set against that NLL and its KL
-against 0: what the latent model's bound and decoder lose to the LM. A run keeps the scores of its evaluation record beside it
-(`examples_record`), which `textvae report --reference` reads.
+against 0: what the latent model's bound and decoder lose to the LM. A run keeps the scores of
+its evaluation record beside it (`examples_record`), which `textvae report --reference` reads.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from textvae.errors import TextVAEError
 from textvae.evaluation.likelihood import mean_with_stderr, perplexity_with_stderr
 
 KEYS = ("nll", "elbo", "rec", "kl")
+LATENT_TERMS = frozenset(KEYS[1:])  # what a latent model's records hold beside `nll`; an LM's hold none
 
 
 def examples_record(record: Path) -> Path:
@@ -55,11 +56,12 @@ def parse_per_example(lines: list[str], source: str) -> list[dict]:
 def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = False) -> dict:
     """Per key: `KEY_a`, `KEY_b` (means), `KEY_diff` (mean of a - b) and `KEY_diff_stderr`
     (when one side is a language model, `nll_as_bound` names it and its NLL stands for its ELBO
-    and rec, 0 for its KL); for `nll` also `nll_per_token_diff` (sum of differences / sum of tokens) and its error.
-    The two lists must score the same examples (same indices, in any order) with the same token
+    and rec, 0 for its KL); for `nll` also `nll_per_token_diff` (sum of differences / sum of
+    tokens) and its error. The two lists must score the same examples (same indices, in any order) with the same token
     counts; `same_tokens_only` pairs just the examples whose counts agree (e.g. a segment-wise
     model, whose [SEP]s make more texts truncated, against an LM) and counts the others in
     `examples_skipped`."""
+    terms_a, terms_b = _latent_terms(a, "A"), _latent_terms(b, "B")
     by_index = {record["index"]: record for record in b}
     if len(a) != len(b) or set(by_index) != {record["index"] for record in a}:
         raise TextVAEError(f"the two files score different examples ({len(a)} and {len(b)} records, "
@@ -75,10 +77,10 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     if same_tokens_only:
         result["examples_skipped"] = len(pairs) - len(alike)
     pairs = alike
-    latent_a, latent_b = (all("elbo" in record for record in side) for side in zip(*pairs))
-    if latent_a != latent_b:  # one side a language model: its exact NLL is its bound, its KL 0
-        result["nll_as_bound"] = "b" if latent_a else "a"
-        pairs = [(x, _as_bound(y)) if latent_a else (_as_bound(x), y) for x, y in pairs]
+    if (terms_a, terms_b) in ((LATENT_TERMS, frozenset()), (frozenset(), LATENT_TERMS)):
+        # one side a language model: its exact NLL is its bound, its KL 0
+        result["nll_as_bound"] = "b" if terms_a else "a"
+        pairs = [(x, _as_bound(y)) if terms_a else (_as_bound(x), y) for x, y in pairs]
     for key in KEYS:
         if not all(key in x and key in y for x, y in pairs):
             continue
@@ -93,6 +95,16 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     result["nll_per_token_diff"] = math.log(ratio["ppl"])
     result["nll_per_token_diff_stderr"] = ratio["ppl_stderr"] / ratio["ppl"]
     return result
+
+
+def _latent_terms(records: list[dict], side: str) -> frozenset[str]:
+    """Which of elbo, rec and kl the records of one side hold: the same for every record (one
+    evaluation wrote them), else a one-line error."""
+    held = {LATENT_TERMS.intersection(record) for record in records}
+    if len(held) > 1:
+        raise TextVAEError(f"file {side} mixes records with and without elbo, rec or kl: "
+                           "write each file with one textvae evaluate --per-example")
+    return held.pop() if held else frozenset()
 
 
 def _as_bound(record: dict) -> dict:

@@ -1,7 +1,7 @@
 # Quick start:  make demo   (set up .venv, fine-tune DELLA on SmolLM2 on the demo corpus,
 #                            print metrics, reconstructions, interpolation, steering, samples)
 #               make test   (set up .venv if needed, run the test suite)
-#               make test-fast  (the suite without the tests marked slow: under 2 minutes)
+#               make test-fast  (the suite without the tests marked slow: about 2 minutes)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -65,20 +65,24 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
     assert not (tmp_path / "r" / "report.md").exists()
 
 
-def _scored_run(directory, model, nll, tokens):
-    """A run directory as training and `textvae evaluate` leave it, with per-example scores."""
+def _scored_run(directory, model, nll, tokens, elbo=None):
+    """A run directory as training and `textvae evaluate` leave it, with per-example scores
+    (a latent model's with `elbo`: its rec and a KL of 0.5 beside it)."""
     directory.mkdir()
     (directory / "config.yaml").write_text(f"run: {{model: {{name: {model}}}}}\n")
     mean = sum(nll) / len(nll)
     (directory / "eval_test.json").write_text(json.dumps({"nll": mean, "examples": len(nll)}))
-    lines = [json.dumps({"index": i, "nll": value, "tokens": count}) for i, (value, count) in enumerate(zip(nll, tokens))]
+    latent = [{} for _ in nll] if elbo is None else [{"elbo": value, "rec": value - 0.5, "kl": 0.5} for value in elbo]
+    lines = [json.dumps({"index": i, "nll": value, "tokens": count, **latent[i]})
+             for i, (value, count) in enumerate(zip(nll, tokens))]
     (directory / "eval_test.examples.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def test_report_gives_each_run_its_nll_against_a_reference_paired_over_the_same_examples(tmp_path, capsys):
     tokens = [4, 6, 5, 5]
     _scored_run(tmp_path / "lm", "lm", [10.0, 20.0, 14.0, 16.0], tokens)
-    _scored_run(tmp_path / "della", "della", [9.0, 19.5, 13.0, 14.5], tokens)  # differences -1, -0.5, -1, -1.5
+    _scored_run(tmp_path / "della", "della", [9.0, 19.5, 13.0, 14.5], tokens,  # differences -1, -0.5, -1, -1.5
+                elbo=[11.0, 22.0, 15.0, 17.0])  # against the LM's exact NLL: 1, 2, 1, 1
     _scored_run(tmp_path / "other", "embed", [9.0, 19.5, 13.0], tokens[:3])  # scored fewer examples
     # a segment-wise run whose [SEP]s cut the second text shorter: paired over the other three
     _scored_run(tmp_path / "trace", "trace-r", [12.0, 15.0, 15.0, 19.0], [4, 5, 5, 5])
@@ -99,6 +103,10 @@ def test_report_gives_each_run_its_nll_against_a_reference_paired_over_the_same_
     assert "Not paired: unscored (no per-example scores kept with its evaluation)." in markdown
     assert rows["trace"][paired] == "+2.00 ± 0.58"  # differences 2, 1, 3 over the texts scored alike
     assert "trace is paired over 3 of 4 examples" in markdown
+    elbo = rows["run"].index("elbo - reference (paired)")
+    assert rows["della"][elbo] == "+1.25 ± 0.25"  # mean 1.25; standard deviation 0.5 over sqrt(4)
+    assert rows["trace"][elbo] == "-" and rows["lm"][elbo] == "-"  # no ELBO kept; the reference itself
+    assert "`elbo - reference (paired)`: the run's ELBO minus the reference's" in markdown
 
 
 def test_report_refuses_a_reference_without_per_example_scores(tmp_path, capsys):

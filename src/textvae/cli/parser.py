@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, metavar="DIR", help="folder for report.md and the plots")
     report.add_argument("--split", default="test", choices=("train", "valid", "test"),
                         help="which evaluation to tabulate (RUN_DIR/eval_SPLIT.json, written by textvae evaluate)")
-    report.add_argument("--reference", metavar="RUN_DIR", help="add each run's NLL minus this run's, paired over the "
-                        "examples both evaluated, with its standard error (the runs' eval_SPLIT.examples.jsonl)")
+    report.add_argument("--reference", metavar="RUN_DIR", help="add each run's NLL (and ELBO) minus this run's, paired over "
+                        "the examples both evaluated, with its standard error (the runs' eval_SPLIT.examples.jsonl)")
     report.add_argument("--interpolate", nargs=2, metavar=("SENTENCE_A", "SENTENCE_B"),
                         help="decode the path between two sentences with every latent-model run (segment-wise runs segment by segment)")
     report.add_argument("--steps", type=int, default=5, help="points on the interpolation path, ends included")

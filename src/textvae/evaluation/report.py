@@ -3,10 +3,10 @@
 Reads what training and evaluation left in each run directory (config.yaml, metrics.jsonl,
 eval_SPLIT.json with its per-example scores eval_SPLIT.examples.jsonl, and generated_SPLIT.json
 when the run's samples were scored apart) and writes report.md with a metrics table (with a
-reference run, each run's NLL against it, paired over the same examples), training curves of
-the reconstruction loss and the KL (DELLA's Figure 5), the KL of each latent layer or segment,
-and optionally an interpolation listing (the decodings come from the caller: generation is a
-sibling layer).
+reference run, each run's NLL and ELBO against it, paired over the same examples), training
+curves of the reconstruction loss and the KL (DELLA's Figure 5), the KL of each latent layer or
+segment, and optionally an interpolation listing (the decodings come from the caller:
+generation is a sibling layer).
 """
 
 from __future__ import annotations
@@ -105,11 +105,13 @@ def _json(text: str, path: Path) -> dict:
 def metrics_table(records: list[RunRecord], paired: dict[str, dict | str] | None = None) -> str:
     """A markdown table: one row per run, the metrics any of them has; with `paired` (from
     `paired_against`), two more columns: the run's NLL minus the reference's, per example and
-    per token, with their paired standard errors."""
+    per token, with their paired standard errors; and a third, its ELBO minus the reference's
+    (a language model's exact NLL), where a comparison has it."""
     columns = [key for key in COLUMNS if any(key in record.metrics for record in records)]
     header = ["run", "model", "KL schedule", "steps", "k", "examples", *columns]
+    with_elbo = _pairs_elbo(paired)
     if paired is not None:
-        header += ["nll - reference (paired)", "per token"]
+        header += ["nll - reference (paired)", "per token"] + (["elbo - reference (paired)"] if with_elbo else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for record in records:
         k = (record.metrics.get("settings") or {}).get("iw_samples")  # importance samples (None: exact)
@@ -123,8 +125,16 @@ def metrics_table(records: list[RunRecord], paired: dict[str, dict | str] | None
                           f"{comparison['nll_per_token_diff']:+.4f} ± {comparison['nll_per_token_diff_stderr']:.4f}"]
             else:
                 cells += ["-", "-"]
+            if with_elbo:
+                has_elbo = isinstance(comparison, dict) and "elbo_diff" in comparison
+                cells.append(f"{comparison['elbo_diff']:+.2f} ± {comparison['elbo_diff_stderr']:.2f}" if has_elbo else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _pairs_elbo(paired: dict[str, dict | str] | None) -> bool:
+    """Whether any run's comparison with the reference has an ELBO difference."""
+    return paired is not None and any(isinstance(c, dict) and "elbo_diff" in c for c in paired.values())
 
 
 def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, dict | str]:
@@ -241,7 +251,9 @@ def build_report(records: list[RunRecord], out: Path, split: str = "test", inter
         parts += [f"`nll - reference (paired)`: the run's NLL minus `{reference.name}`'s, in nats per example, "
                   "averaged over the examples both scored, with the standard error of the paired differences "
                   f"(eval_{split}.examples.jsonl; `textvae compare`); `per token`: the same in nats per token, "
-                  "the log of the perplexity ratio.", ""]
+                  "the log of the perplexity ratio" + ("; `elbo - reference (paired)`: the run's ELBO minus the "
+                  "reference's (a language model's exact NLL, its own bound), paired the same way"
+                  if _pairs_elbo(paired) else "") + ".", ""]
         unpaired = {name: why for name, why in paired.items() if isinstance(why, str)
                     and any(record.name == name and record.metrics for record in records)}
         partial = {name: comparison for name, comparison in paired.items()

@@ -57,8 +57,8 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     """Per key: `KEY_a`, `KEY_b` (means), `KEY_diff` (mean of a - b) and `KEY_diff_stderr`
     (when one side is a language model, `nll_as_bound` names it and its NLL stands for its ELBO
     and rec, 0 for its KL); for `nll` also `nll_per_token_diff` (sum of differences / sum of
-    tokens) and its error. The two lists must score the same examples (same indices, in any order) with the same token
-    counts; `same_tokens_only` pairs just the examples whose counts agree (e.g. a segment-wise
+    tokens) and its error. The two lists must score the same examples (same indices, in any
+    order) with the same token counts; `same_tokens_only` pairs just the examples whose counts agree (e.g. a segment-wise
     model, whose [SEP]s make more texts truncated, against an LM) and counts the others in
     `examples_skipped`."""
     terms_a, terms_b = _latent_terms(a, "A"), _latent_terms(b, "B")

@@ -163,6 +163,9 @@ def test_likelihoods_per_text_match_evaluate(runs):
     metrics = textvae.evaluate(runs["della"], iw_samples=5)
     assert sum(result["tokens"]) == metrics["tokens"] and len(result["tokens"]) == metrics["examples"]
     assert -np.mean(result["log_likelihood"]) == pytest.approx(metrics["nll"], rel=1e-6)
+    parts = vae.score(ordered)  # and its one-sample bound: the draws of evaluate's ELBO pass
+    assert np.mean(parts["elbo"]) == pytest.approx(metrics["elbo"], rel=1e-6)
+    assert np.mean(parts["kl"]) == pytest.approx(metrics["kl"], rel=1e-6)
     subset = textvae.evaluate(runs["della"], iw_samples=5, examples=6)  # the split's first 6
     first = vae.log_likelihood(lines[:6], k=5)
     assert subset["examples"] == 6 and subset["tokens"] == sum(first["tokens"])
@@ -274,12 +277,19 @@ def test_bad_input_gives_one_line(runs, tmp_path, capsys):
                                                str(tmp_path / "t.txt"), "--texts", str(tmp_path / "t.txt")])
     assert "one latent per segment" in _error(capsys, ["analogy", str(runs["trace-r"]), *TEXTS[:3]])
     assert "no latent" in _error(capsys, ["interpolate", str(runs["lm"]), "a", "b"])
+    assert "run directory not found" in _error(capsys, ["evaluate", str(tmp_path / "t.txt")])  # a file, not a run
     assert "--examples must be >= 1" in _error(capsys, ["evaluate", str(runs["lm"]), "--examples", "0"])
     assert "needs a model with a latent" in _error(capsys, ["evaluate", str(runs["lm"]), "--reconstruction", "3"])
     vae = textvae.load(runs["della"])
     for call, message in ((lambda: vae.encode([]), "no texts"), (lambda: vae.encode("one string"), "list of strings"),
                           (lambda: vae.decode(torch.zeros(2, 3, 16)), "latents must be"),
                           (lambda: vae.interpolate("a dog runs .", "  "), "text 2 is empty"),
+                          (lambda: vae.decode(torch.zeros(2, 4, 32), present=torch.ones(3, 4)), "present must be"),
+                          (lambda: vae.steer(TEXTS, torch.zeros(3, 32)), r"must be \[4, 32\]"),
+                          (lambda: textvae.load(runs["della"], batch_size=0), "batch_size must be >= 1"),
+                          (lambda: textvae.evaluate(runs["della"], generate=-1), "must be >= 0"),
+                          (lambda: textvae.evaluate(runs["della"], generate=4, metrics=["blue"],  # before the work
+                                                    on_start=lambda: 1 / 0), "unknown metric"),
                           (lambda: textvae.load(tmp_path / "nowhere"), "not found")):
         with pytest.raises(textvae.TextVAEError, match=message):
             call()
@@ -288,10 +298,15 @@ def test_bad_input_gives_one_line(runs, tmp_path, capsys):
 def test_train_evaluate_and_save_from_python(runs, tmp_path):
     out = tmp_path / "run"
     validation = textvae.train({"model": {"name": "embed"}, "data": {"max_length": 32, "vocab_size": 300}},
-                               out=out, data=str(runs["data"]), overrides={"train.max_steps": 3, "train.precision": "fp32"})
+                               out=out, data=str(runs["data"]), overrides={"train.max_steps": 3, "train.precision": "fp32",
+                                                                           "train.added_lr": None})
     assert set(validation) >= {"rec", "kl", "elbo"}
     vae = textvae.load(out)
+    assert vae.config.train.added_lr is None  # a mapping's None is None, not the text "None"
     vae.save(tmp_path / "copy")
+    for taken, why in ((out, "not empty"), (out / "config.yaml", "a file")):
+        with pytest.raises(textvae.TextVAEError, match=why):
+            vae.save(taken)
     copy = textvae.load(tmp_path / "copy")
     assert copy.reconstruct(TEXTS) == vae.reconstruct(TEXTS)
     assert textvae.evaluate(tmp_path / "copy", iw_samples=3) == textvae.evaluate(out, iw_samples=3)
@@ -327,6 +342,14 @@ def test_conditional_runs_read_sources_on_both_backbone_kinds(task, name, tiny_j
     metrics = textvae.evaluate(run, iw_samples=2, reconstruction=3)  # each text read with its source
     assert {key: metrics[key] for key in ("reconstruction_bleu", "reconstruction_exact", "reconstruction_jaccard")} == \
         reconstruction_scores(targets, vae.reconstruct(targets, sources=sources))
+    (tmp_path / "targets.txt").write_text("\n".join(targets) + "\n")
+    cli = _cli_lines(capsys, ["generate", str(run), "--reconstruct", str(tmp_path / "targets.txt"), "--prompts",
+                              str(tmp_path / "prompts.txt"), "--max-new-tokens", "6"])
+    assert cli == _one_line(vae.reconstruct(targets, sources=sources, max_new_tokens=6))
     if task == "paraphrase":
         with pytest.raises(textvae.TextVAEError, match="source"):
             vae.encode(targets)  # an encoder-decoder reads every text with its source
+        for call in (lambda: vae.interpolate(targets[0], targets[1]), lambda: vae.attribute_vector(targets, targets),
+                     lambda: vae.analogy(*targets)):
+            with pytest.raises(textvae.TextVAEError, match="texts alone"):
+                call()

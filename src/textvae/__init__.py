@@ -1,7 +1,8 @@
 """textvae: Transformer VAEs for text (DELLA, TRACE and their baselines).
 
 The Python API (docs/api.md): `textvae.load(run_dir)` -> `TrainedVAE` (encode, decode,
-sample, reconstruct, interpolate, steer, analogy, log_likelihood, score, save),
+sample, reconstruct, interpolate, attribute_vector, steer, analogy, log_likelihood, score,
+save),
 `textvae.train(...)`, `textvae.evaluate(...)`, `textvae.compare(...)`,
 `textvae.plot_latent(...)`. Imported lazily,
 so that the CLI starts without torch.

@@ -44,11 +44,12 @@ class Posterior:
 
     @property
     def std(self) -> torch.Tensor:
+        """exp(log_var / 2) [N, G, P]."""
         return torch.exp(0.5 * self.log_var)
 
     @torch.no_grad()
     def sample(self, k: int | None = None, seed: int | None = None) -> torch.Tensor:
-        """One latent per text [N, G, P], or k per text [N, k, G, P]."""
+        """One latent per text [N, G, P], or k per text [N, k, G, P] (float32, CPU, as `mean`)."""
         if seed is not None:
             torch.manual_seed(seed)
         draws = []
@@ -56,7 +57,7 @@ class Posterior:
             z = self._model.latent_to_groups(distribution.rsample(k))
             draws.append(z)
         width = self.mean.shape[1]  # batches of segment-wise texts differ in segment count
-        return torch.cat([_pad_groups(z, width, dim=-2) for z in draws])
+        return torch.cat([_pad_groups(z, width, dim=-2) for z in draws]).float().cpu()
 
 
 class TrainedVAE:
@@ -65,10 +66,13 @@ class TrainedVAE:
     data.max_length)."""
 
     def __init__(self, model, config, run_dir: Path | None = None, batch_size: int = 32):
+        if batch_size < 1:
+            raise TextVAEError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.config, self.run_dir, self.batch_size = model.eval(), config, run_dir, batch_size
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are."""
         return next(self.model.parameters()).device
 
     @property
@@ -100,7 +104,7 @@ class TrainedVAE:
         Segment-wise models read segment t's latent while generating segment t, as many as
         `present` [N, G] gives (default: all G), then draw further ones from the prior.
         `prompts`: the sources of a conditional run. `options`: top_k, top_p, num_beams,
-        temperature, max_new_tokens."""
+        temperature, length_penalty, max_new_tokens."""
         self._require_latent("decode")
         latents = torch.as_tensor(latents, dtype=torch.float32)
         if latents.dim() == 2:  # one text
@@ -112,6 +116,9 @@ class TrainedVAE:
                                + f", got {list(latents.shape)}")
         if present is None:
             present = torch.ones(latents.shape[:2], dtype=torch.bool)
+        present = torch.as_tensor(present, dtype=torch.bool)
+        if present.shape != latents.shape[:2]:
+            raise TextVAEError(f"present must be [N, groups] = {list(latents.shape[:2])}, got {list(present.shape)}")
         prompt_ids = self._prompts(len(latents), prompts)
         config = self._decoding(decoding, options)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -152,6 +159,7 @@ class TrainedVAE:
         """`steps` (>= 2) evenly spaced z = (1 - t) mu_a + t mu_b, t from 0 to 1, each decoded.
         Segment-wise models interpolate segment by segment, so both texts need the same
         number of segments."""
+        self._require_sourceless("interpolation")
         if steps < 2:
             raise TextVAEError("--steps must be >= 2 (the two end points are included)")
         posterior = self.encode([text_a, text_b])
@@ -168,19 +176,27 @@ class TrainedVAE:
     def attribute_vector(self, from_texts: list[str], to_texts: list[str]) -> torch.Tensor:
         """The mean posterior mean of `to_texts` minus that of `from_texts`: [G, P]."""
         self._require_single_point("attribute vectors")
+        self._require_sourceless("attribute vectors")
         return self.encode(to_texts).mean.mean(0) - self.encode(from_texts).mean.mean(0)
 
     def steer(self, texts: list[str], vector: torch.Tensor, alpha: float = 1.0, decoding: str = "greedy",
               seed: int = 0, **options) -> list[str]:
         """Each text decoded from its posterior mean plus alpha * vector ([G, P], every group)."""
         self._require_single_point("steering")
+        self._require_sourceless("steering")
+        vector = torch.as_tensor(vector, dtype=torch.float32)
+        groups = (len(self.model.latent_group_sizes), self.model.latent_group_sizes[0])
+        if vector.shape not in (torch.Size(groups), torch.Size(groups[1:])):
+            raise TextVAEError(f"the steering vector must be [{groups[0]}, {groups[1]}] (or [{groups[1]}] for every "
+                               f"group), got {list(vector.shape)}")
         means = self.encode(texts).mean
-        return self.decode(means + alpha * torch.as_tensor(vector, dtype=means.dtype), decoding, seed=seed, **options)
+        return self.decode(means + alpha * vector, decoding, seed=seed, **options)
 
     def analogy(self, text_a: str, text_b: str, text_c: str, decoding: str = "greedy", seed: int = 0,
                 **options) -> str:
         """A is to B as C is to D: D decoded from z_C + (z_B - z_A) (posterior means)."""
         self._require_single_point("analogies")
+        self._require_sourceless("analogies")
         means = self.encode([text_a, text_b, text_c]).mean
         return self.decode(means[2] + means[1] - means[0], decoding, seed=seed, **options)[0]
 
@@ -208,13 +224,15 @@ class TrainedVAE:
     def score(self, texts: list[str], seed: int = 0, sources: list[str] | None = None) -> dict[str, list]:
         """Per text, in nats, from one posterior sample: `rec` (-log p(x | z)), `kl`
         (KL(q(z | x) || p(z))) and `elbo` = rec + kl (the negative ELBO, an upper bound on
-        -log p(x), as `evaluate` reports it); `tokens`."""
+        -log p(x), as `evaluate` reports it, with the same draws for the same batches); `tokens`."""
         from textvae.data.batching import counted_tokens
+        from textvae.evaluation.likelihood import batch_seed
 
-        torch.manual_seed(seed)
         parts: dict[str, list] = {"rec": [], "kl": [], "elbo": [], "tokens": []}
-        for batch in self._batches(texts, sources):
-            out = self.model(batch)
+        for index, batch in enumerate(self._batches(texts, sources)):
+            torch.manual_seed(batch_seed(seed, index, 1))  # as `evaluate` draws its ELBO pass
+            with self.model.backbone.merged_adapter():
+                out = self.model(batch)
             parts["rec"] += out.rec.double().tolist()
             parts["kl"] += out.kl.double().tolist()
             parts["elbo"] += (out.rec + out.kl).double().tolist()
@@ -222,9 +240,14 @@ class TrainedVAE:
         return parts
 
     def save(self, directory: str | Path) -> None:
-        """Write the model as a run directory that `textvae.load` (and the CLI) read."""
+        """Write the model as a new run directory (absent or empty) that `textvae.load` (and
+        the CLI) read."""
         from textvae.models.registry import save_model
 
+        directory = Path(directory)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise TextVAEError(f"save writes a new run directory; {directory} already exists and is "
+                               + ("a file" if not directory.is_dir() else "not empty"))
         save_model(self.model, Path(directory), self.config.to_dict())
 
     # --- helpers ---------------------------------------------------------------------
@@ -237,6 +260,11 @@ class TrainedVAE:
         if self.latent_kind == "segment":
             raise TextVAEError(f"model {self.model.name!r} has one latent per segment; {what} need one latent "
                                "point per text (single-latent models and DELLA)")
+
+    def _require_sourceless(self, what: str) -> None:
+        if self.model.backbone.is_encoder_decoder:
+            raise TextVAEError(f"{what} work on texts alone; an encoder-decoder run reads each text with its source "
+                               "(use encode and decode with sources and prompts)")
 
     def _batches(self, texts: list[str], sources: list[str] | None):
         from textvae.data.batching import collate, encode_examples
@@ -290,9 +318,12 @@ def train(config: str | Path | dict | None = None, out: str | Path | None = None
     if out is None:
         raise TextVAEError("train needs out (the run directory to create)")
     raw = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-    assignments = [f"{k}={v}" for k, v in overrides.items()] if isinstance(overrides, dict) else list(overrides or [])
+    # a mapping's values are kept as given: JSON text parses back, as YAML, to the same value
+    as_text = lambda value: json.dumps(value, default=str)  # noqa: E731 - Path -> its string
+    assignments = ([f"{k}={as_text(v)}" for k, v in overrides.items()] if isinstance(overrides, dict)
+                   else list(overrides or []))
     if data is not None:
-        assignments.insert(0, f"data.path={data}")
+        assignments.insert(0, f"data.path={as_text(data)}")
     return train_run(assemble_config(raw, assignments, task), out, resume=resume, overwrite=overwrite)
 
 
@@ -307,7 +338,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     (docs/metrics.md): ppl, nll, elbo, rec, kl, mi, au with `*_stderr`, and the papers'
     conventions (`evaluation/likelihood.py`); with `generate` = N, also text metrics of N
     samples (`evaluation/generated.py`; decoding default: beam search for summarization and
-    paraphrase runs, else top-k 50; `decoding_options`: top_k, top_p, num_beams, max_new_tokens).
+    paraphrase runs, else top-k 50; `decoding_options`: top_k, top_p, num_beams, temperature,
+    length_penalty, max_new_tokens).
     `examples`: only the split's first N examples (a fixed subset, the same for every run).
     `iw_batch`: importance samples scored at a time (memory ~ batch_size x iw_batch); None: as
     many as keep a decoder pass within `likelihood.POSITIONS_PER_PASS` positions.
@@ -322,6 +354,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
     from textvae.evaluation.likelihood import Progress, evaluate_likelihood
+    from textvae.evaluation.text_metrics import check_metric_names
     from textvae.files import check_writable, write_text_atomically
     from textvae.runs import encode_split, load_run
     from textvae.training.environment import resolve_bf16
@@ -334,8 +367,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
         raise TextVAEError(f"split must be train, valid or test, got {split!r}")
     if examples is not None and examples < 1:
         raise TextVAEError("--examples must be >= 1")
-    if reconstruction < 0:
-        raise TextVAEError("--reconstruction must be >= 0")
+    if reconstruction < 0 or generate < 0:
+        raise TextVAEError("--reconstruction and --generate must be >= 0")
     check_writable(per_example, "--per-example")
     check_writable(samples_out, "--samples-out")
     model, config = load_run(run_dir, device)
@@ -353,6 +386,10 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
             raise TextVAEError("--generate needs at least 2 samples (Self-BLEU and Jaccard compare samples)")
         if samples_per_source < 1:
             raise TextVAEError("--samples-per-source must be >= 1")
+        try:
+            check_metric_names(metrics)
+        except ValueError as err:
+            raise TextVAEError(str(err)) from None
         generation = decoding_config(config, decoding or default_decoding(config, "top-k"), decoding_options)
     if reconstruction:  # chosen before the long likelihood pass, so that a bad choice fails first
         whole = _whole_examples(scored, model, config, reconstruction)

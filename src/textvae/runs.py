@@ -188,6 +188,7 @@ def warn_if_busy(threads: int) -> None:
 
 
 def info(enabled: bool, message: str) -> None:
+    """`message` on stderr when `enabled` (verbose runs)."""
     if enabled:
         print(message, file=sys.stderr)
 

@@ -22,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `textvae` command (`argv`: default sys.argv[1:]); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
         if args.command != "compare":  # it only reads files
@@ -73,6 +74,10 @@ def _evaluate(args) -> int:
     recording = not args.data  # the run's own record, read by `textvae report`, keeps each example's scores
     scratch = Path(args.run_dir) / f".eval_{args.split}.examples.tmp" if recording and not args.per_example else None
     per_example = args.per_example or scratch
+    if scratch is not None:  # the record is written into RUN_DIR at the end: check it can be, first
+        if not Path(args.run_dir).is_dir():
+            raise TextVAEError(f"run directory not found: {args.run_dir}")
+        check_writable(scratch, "RUN_DIR's evaluation record")
     try:
         metrics = evaluate(
             args.run_dir, args.split, args.data, args.iw_samples, args.au_delta, args.seed, args.precision,
@@ -99,20 +104,18 @@ def _generate(args) -> int:
 
     if args.num < 1:
         raise TextVAEError("--num must be >= 1")
-    if args.prompts and args.reconstruct:
-        raise TextVAEError("use either --prompts or --reconstruct")
     check_writable(args.out, "--out")
     vae = load(args.run_dir)
     options = {"top_k": args.top_k, "top_p": args.top_p, "num_beams": args.num_beams,
                "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+    sources = None
+    if args.prompts:
+        sources = read_lines(args.prompts, "prompts")
+        note_truncated(vae.model, sources, vae.config.data.max_source_length)
     if args.reconstruct:
         lines = read_lines(args.reconstruct, "texts")
-        texts = vae.reconstruct(lines, args.decoding or "greedy", args.latent == "mean", args.seed, **options)
+        texts = vae.reconstruct(lines, args.decoding or "greedy", args.latent == "mean", args.seed, sources, **options)
     else:
-        sources = None
-        if args.prompts:
-            sources = read_lines(args.prompts, "prompts")
-            note_truncated(vae.model, sources, vae.config.data.max_source_length)
         texts = vae.sample(args.num, args.decoding, sources, args.seed, **options)
     _write_lines(texts, args.out)
     return 0

@@ -8,7 +8,9 @@ from textvae.errors import TextVAEError
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
+    """argparse whose errors are one-line `TextVAEError`s, not a usage block and exit 2."""
+
+    def error(self, message: str):
         raise TextVAEError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -24,6 +26,7 @@ def _add_decoding_widths(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `textvae` parser, one subparser per command."""
     parser = Parser(prog="textvae", description="Transformer VAEs for text: train, evaluate, generate.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
@@ -99,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_widths(generate)
     generate.add_argument("--temperature", type=float, default=1.0)
     generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's data.max_length")
-    generate.add_argument("--prompts", metavar="FILE", help="one source per line (conditional runs)")
+    generate.add_argument("--prompts", metavar="FILE", help="one source per line (conditional runs); with --reconstruct, each text's source")
     generate.add_argument("--reconstruct", metavar="FILE", help="one text per line: decode each from its posterior")
     generate.add_argument("--latent", default="mean", choices=("mean", "sample"), help="with --reconstruct: posterior mean or a sample")
     generate.add_argument("--seed", type=int, default=0)
@@ -177,5 +180,5 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (train, evaluate, generate, interpolate, analogy, steer, plot, score, report):
         command.add_argument("--threads", type=int, metavar="N",
                              help="CPU threads to compute with (default: OMP_NUM_THREADS, else the physical cores); "
-                                  "a warning is printed when the machine's cores are already busy")
+                                  "train and evaluate warn when the machine's cores are already busy")
     return parser

@@ -210,6 +210,13 @@ UNPAIRED = ("bleu", "ngram_jsd", "self_bleu", "dist_1", "dist_2", "dist_3", "dis
 PAIRED = ("bleu_ref", "rouge_1", "rouge_2", "rouge_l", "bertscore")  # sample i against reference i
 
 
+def check_metric_names(names: list[str] | None) -> None:
+    """Refuse (ValueError) any name that is not one of UNPAIRED + PAIRED."""
+    unknown = [name for name in names or [] if name not in UNPAIRED + PAIRED]
+    if unknown:
+        raise ValueError(f"unknown metric(s): {', '.join(unknown)} (known: {', '.join(UNPAIRED + PAIRED)})")
+
+
 def score(samples: list[str], references: list[str], metrics: list[str] | None = None,
           mauve_features: str = "minilm", group_size: int | None = None) -> dict:
     """The text metrics under their JSON keys (docs/metrics.md); default: the unpaired
@@ -218,9 +225,7 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
     source, consecutive), Self-BLEU and Jaccard compare the texts of each group and average
     over the groups."""
     chosen = list(metrics or UNPAIRED)
-    unknown = [name for name in chosen if name not in UNPAIRED + PAIRED]
-    if unknown:
-        raise ValueError(f"unknown metric(s): {', '.join(unknown)} (known: {', '.join(UNPAIRED + PAIRED)})")
+    check_metric_names(chosen)
     groups = [samples]
     if group_size is not None:
         if group_size < 2 or len(samples) % group_size:

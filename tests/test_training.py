@@ -66,13 +66,14 @@ LORA = ["--set", "backbone.adapter=lora", "--set", "backbone.lora_rank=2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ("lm", "della", "della-lora"))
+@pytest.mark.parametrize("model", ("lm", "della", "della-lora", "della-log3"))
 def test_resume_after_kill_equals_uninterrupted_run(model, tiny_txt, tmp_path):
     """For a latent model the posterior noise comes from the checkpointed RNG state, so the
     resumed run draws the same latents: losses and weights are still bit-identical. With LoRA
-    the checkpoints hold only what trains and the base is drawn again from the seed."""
+    the checkpoints hold only what trains and the base is drawn again from the seed. Logging
+    every 3 steps, the record after the resume (step 9) still averages steps 7-9."""
     common = ["--data", str(tiny_txt), "--max-steps", "14", *BASE, *(LATENT if model != "lm" else []),
-              *(LORA if model.endswith("lora") else []),
+              *(LORA if model.endswith("lora") else []), *(["--set", "train.log_every=3"] if model.endswith("log3") else []),
               "--set", "train.batch_size=16", "--set", "train.checkpoint_every=4"]  # 10 batches/epoch: crosses an epoch
     straight = tmp_path / "straight"
     assert main(["train", "--out", str(straight), *common]) == 0
@@ -89,6 +90,7 @@ def test_resume_after_kill_equals_uninterrupted_run(model, tiny_txt, tmp_path):
 
     assert main(["train", "--out", str(killed), *common, "--resume"]) == 0
     assert _losses(killed) == _losses(straight)  # same losses, step by step
+    assert _grad_norms(killed) == _grad_norms(straight)
     resumed, reference = _weights(killed), _weights(straight)
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[name], reference[name]) for name in reference)
@@ -157,6 +159,39 @@ def test_two_processes_match_one_with_the_same_global_batch(mode, tiny_txt, tmp_
 
 
 @pytest.mark.slow
+def test_a_short_batch_skipped_at_an_epoch_end_still_ends_the_epoch(tiny_txt, tmp_path):
+    """145 examples in batches of 16 leave one batch of 1, which two processes cannot share.
+    With a seed whose shuffle puts it last, the step before it ends epoch 0: it validates."""
+    from textvae.data.batching import LengthBucketSampler
+
+    seed = next(s for s in range(100) if len(LengthBucketSampler([1] * 145, 16, s).epoch_batches(0)[-1]) == 1)
+    run = tmp_path / "run"
+    args = ["--data", str(tiny_txt), "--max-steps", "11", *BASE, "--set", "train.batch_size=16",
+            "--set", "data.train_examples=145", "--set", f"train.seed={seed}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "textvae", "train", "--out", str(run), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "valid"] == [9, 11]  # epoch 0's 9 steps, then the end
+    assert [r["epoch"] for r in records if r["split"] == "train" and r["step"] in (9, 10)] == [0, 1]
+
+
+def test_processes_after_the_first_draw_their_own_numbers():
+    from textvae.training.environment import process_seed, seed_everything
+
+    draws = []
+    for rank in range(3):
+        seed_everything(process_seed(7, rank))
+        draws.append(torch.randn(4))
+    seed_everything(7)
+    assert torch.equal(draws[0], torch.randn(4))  # one process draws what it always drew
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+@pytest.mark.slow
 def test_a_latent_model_trains_under_two_processes(tiny_txt, tmp_path):
     """Every DELLA parameter gets a gradient on every process (DDP would fail otherwise);
     each process draws its own posterior noise, so only completion and sane logs are checked."""
@@ -198,6 +233,10 @@ def test_a_non_finite_step_is_skipped_with_weights_and_optimizer_untouched(tiny_
         model.latents.posterior_from_text[0].bias.fill_(float("nan"))  # every loss is NaN now
     sums, grad_norm = trainer._optimizer_step(list(range(8)), 1.0)
     assert math.isnan(sums["loss"]) and trainer.bad_steps == 1 and trainer.skipped_steps == 1
+    trainer._checkpoint(started_next_epoch=False)  # the counters outlive a resume
+    again = Trainer(model, config.train, encoded, encoded, tmp_path, Environment(torch.device("cpu"), bf16=False))
+    again._resume()
+    assert (again.bad_steps, again.skipped_steps) == (1, 1)
     for name, parameter in model.named_parameters():
         if name != "latents.posterior_from_text.0.bias":
             assert torch.equal(parameter, weights[name]), name
@@ -251,6 +290,27 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_txt, tmp_path, c
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)  # the same 4 steps
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # the cut line is gone
     assert [(r["split"], r["step"]) for r in records] == [(r["split"], r["step"]) for r in straight_log]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_a_checkpoint_both_can_read(tiny_txt, tmp_path):
+    """The second process's RNG state of step 6 is damaged: both processes take step 4."""
+    run, args = _checkpointed_run(tiny_txt, tmp_path)
+
+    def torchrun(arguments):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "textvae", *arguments], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    assert torchrun(args).returncode == 0
+    (run / "checkpoints" / "step-000006" / "rng-rank1.json").write_text("{")
+    (run / "model.safetensors").unlink()
+    resumed = torchrun([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "rng-rank1.json is damaged" in resumed.stderr and "resumed from step-000004" in resumed.stdout + resumed.stderr
+    assert (run / "model.safetensors").is_file()  # steps 5 and 6 trained again
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("damage", ["model.safetensors", "optimizer.safetensors", "state.json", "rng-rank0.json",

@@ -65,7 +65,7 @@ def train_run(config: Config, out: str | Path, resume: bool = False, overwrite: 
 
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.models.registry import create_model, load_model, save_model
-    from textvae.training.environment import seed_everything, setup_environment
+    from textvae.training.environment import process_seed, seed_everything, setup_environment
     from textvae.training.trainer import Trainer
 
     out = Path(out)
@@ -92,6 +92,8 @@ def train_run(config: Config, out: str | Path, resume: bool = False, overwrite: 
         # the BPE learns sources too: an encoder reads them, a decoder-only model reads them as prefix
         texts = [e.target for e in train_split.examples] + [e.source for e in train_split.examples if e.source]
         model = create_model(config, texts)
+    if env.rank:  # the same initial weights everywhere, then each process's own draws
+        seed_everything(process_seed(config.train.seed, env.rank))
     train_data = encode_split(train_split, model, config, "train", env.main)
     valid_data = encode_split(valid_split, model, config, "valid", env.main)
     if not train_data or not valid_data:

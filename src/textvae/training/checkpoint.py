@@ -53,10 +53,16 @@ def checkpoints_newest_first(run_dir: Path) -> list[Path]:
     pointer = checkpoint_root(run_dir) / LATEST
     if not pointer.is_file():
         return []
-    newest = pointer.read_text().strip()
+    newest = _step_of(pointer.read_text().strip())
     return sorted((p for p in checkpoint_root(run_dir).iterdir()
-                   if p.is_dir() and p.name.startswith("step-") and not p.suffix and p.name <= newest
-                   and (p / "state.json").is_file()), reverse=True)
+                   if p.is_dir() and _step_of(p.name) is not None and newest is not None and _step_of(p.name) <= newest
+                   and (p / "state.json").is_file()), key=lambda p: _step_of(p.name), reverse=True)
+
+
+def _step_of(name: str) -> int | None:
+    """The step of a published checkpoint folder's name (`step-000125`), else None."""
+    digits = name.removeprefix("step-")
+    return int(digits) if name.startswith("step-") and digits.isdigit() else None
 
 
 def save_rng(folder: Path, rank: int) -> None:
@@ -132,7 +138,7 @@ def publish(run_dir: Path, folder: Path) -> None:
     os.replace(temporary, root / LATEST)
     _fsync(root)
     leftovers = [p for p in root.iterdir() if p.is_dir() and p.suffix in (".replaced", ".writing")]
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.suffix)
+    steps = sorted((p for p in root.iterdir() if p.is_dir() and _step_of(p.name) is not None), key=lambda p: _step_of(p.name))
     for old in [*leftovers, *steps[:-KEEP]]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -3,6 +3,7 @@ processes; seeding. Shared by training, evaluation and the API."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import sys
@@ -51,7 +52,9 @@ def setup_environment(train: TrainConfig) -> Environment:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # the other processes wait while the first validates and writes checkpoints: more than
+        # the default 10 (NCCL) or 30 (gloo) minutes on a large validation split
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return Environment(device, resolve_bf16(train.precision, device), rank, world_size)
 
 
@@ -119,7 +122,18 @@ def bf16_inference(model: torch.nn.Module, enabled: bool = True):
         restore_weights(originals)
 
 
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(hours=3)
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank` once the model is built: `seed` for the first (what a
+    single process draws), another for each other, so that the processes draw their own
+    posterior noise and dropout masks."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank) % 2**63
+
+
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -130,6 +130,9 @@ class Trainer:
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.skipped_steps = 0  # all of them
         self.last_checkpoint_step: int | None = None  # the same on every process
+        # the steps since the last metrics record (a checkpoint keeps them, so that a resumed
+        # run logs what the uninterrupted one does)
+        self.window: dict = {"sums": {}, "grad_norms": [], "seconds": 0.0}
 
     # --- the loop -------------------------------------------------------------------
     def train(self, resume: bool = False) -> dict:
@@ -153,27 +156,28 @@ class Trainer:
         # without a progress bar (logs, batch jobs) print about ten lines per run
         log_every = self.train_config.log_every
         quiet_every = log_every * max(1, round(self.total_steps / 10 / log_every))
-        started, interval, grad_norms = time.perf_counter(), {}, []
+        started = time.perf_counter() - self.window["seconds"]
         while self.step < self.total_steps:
             batches = self.sampler.epoch_batches(self.epoch)
             while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
                 global_batch = batches[self.batch_in_epoch]
                 self.batch_in_epoch += 1
                 if len(global_batch) < self.env.world_size:
-                    continue  # too small to give every process an example
+                    continue  # too small to give every process an example (the one short batch of an epoch can be)
                 beta = self.beta_schedule(self.step, self.steps_per_epoch)
                 lr = learning_rate(self.train_config, self.step, self.total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints made before added_lr lack it
                 sums, grad_norm = self._optimizer_step(global_batch, beta)
-                interval = {key: interval.get(key, 0.0) + value for key, value in sums.items()}
-                grad_norms.append(grad_norm)
+                interval = self.window["sums"]
+                self.window["sums"] = {key: interval.get(key, 0.0) + value for key, value in sums.items()}
+                self.window["grad_norms"].append(grad_norm)
                 self.step += 1
                 progress.update(1)
                 self._stop_if_diverged()
                 if self.step % self.train_config.log_every == 0 or self.step == self.total_steps:
-                    record = self._log_record(interval, beta, lr, time.perf_counter() - started)
-                    record["grad_norm"] = sum(grad_norms) / len(grad_norms)
+                    record = self._log_record(self.window["sums"], beta, lr, time.perf_counter() - started)
+                    record["grad_norm"] = sum(self.window["grad_norms"]) / len(self.window["grad_norms"])
                     record["skipped_steps"] = self.skipped_steps
                     progress.set_postfix(
                         loss=f"{record['loss']:.2f}", rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}",
@@ -182,12 +186,15 @@ class Trainer:
                     self._write_metrics(record)
                     if progress.disable and self.env.main and self.step % quiet_every == 0:
                         tqdm.write(_one_line(record, self.total_steps))
-                    started, interval, grad_norms = time.perf_counter(), {}, []
-                end_of_epoch = self.batch_in_epoch == len(batches)
+                    started, self.window = time.perf_counter(), {"sums": {}, "grad_norms": [], "seconds": 0.0}
+                # the last batch, or all that is left is one too small to train on
+                end_of_epoch = self.batch_in_epoch == len(batches) or (
+                    self.batch_in_epoch == len(batches) - 1 and len(batches[-1]) < self.env.world_size)
                 eval_every = self.train_config.eval_every
                 if (eval_every and self.step % eval_every == 0) or (not eval_every and end_of_epoch) or self.step == self.total_steps:
                     validation = self.validate()
                 if self.step % self.train_config.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.window["seconds"] = time.perf_counter() - started
                     self._checkpoint(started_next_epoch=end_of_epoch)
                 for callback in self.callbacks:
                     callback(self, self.step)
@@ -337,7 +344,8 @@ class Trainer:
     def _checkpoint(self, started_next_epoch: bool) -> None:
         self.last_checkpoint_step = self.step
         epoch, batch_in_epoch = (self.epoch + 1, 0) if started_next_epoch else (self.epoch, self.batch_in_epoch)
-        state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.env.world_size}
+        state = {"step": self.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.env.world_size,
+                 "skipped_steps": self.skipped_steps, "bad_steps": self.bad_steps, "log_window": self.window}
         folder = checkpoint.writing_folder(self.run_dir, self.step)
         try:
             if self.env.main:
@@ -357,30 +365,54 @@ class Trainer:
             raise TextVAEError(f"could not write the checkpoint of step {self.step} ({err.strerror or err}); {kept}") from None
 
     def _resume(self) -> None:
-        """Continue from the newest intact checkpoint (saying which were damaged)."""
+        """Continue from the newest checkpoint intact for every process (saying which were damaged)."""
         candidates = checkpoint.checkpoints_newest_first(self.run_dir)
         if not candidates:
             raise TextVAEError(f"no complete checkpoint to resume from in {self.run_dir}")
-        damaged = []
-        for folder in candidates:
-            try:
-                state = checkpoint.read_checkpoint(folder, self.model, self.optimizer)
-                checkpoint.load_rng(folder, self.env.rank)
+        damaged: list[str] = []
+        start = 0
+        while True:  # every process goes round as often as the others: the bounds are shared
+            index, state = self._first_intact(candidates, start, damaged)
+            oldest, newest = self._over_processes(index, dist.ReduceOp.MAX), self._over_processes(index, dist.ReduceOp.MIN)
+            if oldest == newest:
                 break
-            except TextVAEError as err:
-                damaged.append(str(err))
-        else:
+            start = oldest  # a process that cannot read a newer one: all take the one it can
+        if index == len(candidates):
             raise TextVAEError(f"no intact checkpoint to resume from in {self.run_dir}: {'; '.join(damaged)}")
+        folder = candidates[index]
         if state["world_size"] != self.env.world_size:
             raise TextVAEError(
                 f"checkpoint was written by {state['world_size']} process(es); resume with the same number"
             )
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        # checkpoints made before these were kept lack them
+        self.skipped_steps, self.bad_steps = state.get("skipped_steps", 0), state.get("bad_steps", 0)
+        self.window = state.get("log_window", self.window)
+        for problem in dict.fromkeys(damaged):  # each process says what it could not read
+            tqdm.write(f"textvae: warning: {problem}; skipping that checkpoint", file=sys.stderr)
         if self.env.main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            for problem in damaged:
-                tqdm.write(f"textvae: warning: {problem}; skipping that checkpoint", file=sys.stderr)
             tqdm.write(f"resumed from {folder.name} (step {self.step})")
+
+    def _first_intact(self, candidates: list[Path], start: int, damaged: list[str]) -> tuple[int, dict | None]:
+        """The index of the first of `candidates[start:]` this process can load (loaded), or
+        len(candidates); what could not be read is added to `damaged`."""
+        for index in range(start, len(candidates)):
+            try:
+                state = checkpoint.read_checkpoint(candidates[index], self.model, self.optimizer)
+                checkpoint.load_rng(candidates[index], self.env.rank)
+                return index, state
+            except TextVAEError as err:
+                damaged.append(str(err))
+        return len(candidates), None
+
+    def _over_processes(self, value: int, op) -> int:
+        """`value` reduced by `op` over the processes (itself for one process)."""
+        if self.env.world_size == 1:
+            return value
+        tensor = torch.tensor([value], device=self.env.device)
+        dist.all_reduce(tensor, op=op)
+        return int(tensor.item())
 
 
 def _one_line(record: dict, total_steps: int) -> str:

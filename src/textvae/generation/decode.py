@@ -70,12 +70,12 @@ def _sample_or_greedy(model, ids, mask, latent, config, generator) -> list[list[
     rows = ids.shape[0]
     finished = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     outputs = []
-    for _ in range(config.max_new_tokens):
+    for step in range(config.max_new_tokens):
         tokens = choose_tokens(_finite(logits), config, generator)
         tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
         outputs.append(tokens)
         finished |= tokens == eos
-        if bool(finished.all()):
+        if bool(finished.all()) or step + 1 == config.max_new_tokens:  # no pass for a token never chosen
             break
         logits = model.decode_next(state, tokens)
     generated = torch.stack(outputs, dim=1).tolist()
@@ -204,11 +204,13 @@ def generate_texts(
     seed: int = 0,
     sources: list[str] | None = None,
     max_source_length: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> list[str]:
     """`num` texts from the model (latents drawn from its prior), or `num` per source when
     `sources` are given (the decoder reads `[BOS] source [SEP]` as its prompt), in source
-    order: texts [i * num, (i + 1) * num) belong to source i."""
+    order: texts [i * num, (i + 1) * num) belong to source i. The rows of a batch share one
+    random stream, so the texts depend on `seed` and `batch_size` (the default is the
+    API's and the CLI's, so `generate` and `evaluate --generate` give the same texts)."""
     tokenizer = model.tokenizer
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -108,6 +108,28 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny_tokenizer):
     assert decode(model, PROMPTS, None, DecodingConfig(strategy="top-p", top_p=1e-6, max_new_tokens=8), generator) == greedy
 
 
+def _frequencies(logits, config, draws=4000):
+    from textvae.generation.decode import choose_tokens
+
+    tokens = choose_tokens(torch.tensor([logits]).expand(draws, -1), config, torch.Generator().manual_seed(0))
+    return torch.bincount(tokens, minlength=len(logits)).double() / draws
+
+
+def test_sampling_filters_draw_from_the_renormalised_distribution():
+    """Tolerances are 4 standard errors of a frequency over 4,000 draws (at most 0.032)."""
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probabilities.log().tolist()
+    top_p = _frequencies(logits, DecodingConfig(strategy="top-p", top_p=0.6))  # 0.5 < 0.6: the 0.3 crosses it, kept
+    assert top_p[2:].sum() == 0 and top_p[0] == pytest.approx(0.5 / 0.8, abs=0.032)
+    top_k = _frequencies(logits, DecodingConfig(strategy="top-k", top_k=3))
+    assert top_k[3] == 0 and top_k[2] == pytest.approx(0.15 / 0.95, abs=0.032)
+    # temperature 0.5 squares the probabilities before top-k renormalises: 0.25, 0.09, 0.0225
+    cold = _frequencies(logits, DecodingConfig(strategy="top-k", top_k=3, temperature=0.5))
+    assert cold[0] == pytest.approx(0.25 / 0.3625, abs=0.032) and cold[3] == 0
+    hot = _frequencies(logits, DecodingConfig(strategy="sample", temperature=2.0))  # square roots
+    assert hot[3] == pytest.approx(0.05**0.5 / probabilities.sqrt().sum().item(), abs=0.032)
+
+
 def test_sampling_is_reproducible_and_diverse(tiny_tokenizer):
     model = tiny_lm(tiny_tokenizer)
     config = DecodingConfig(strategy="sample", max_new_tokens=8)

@@ -11,6 +11,7 @@ from textvae.cli import main
 from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import read_split
 from textvae.models.registry import load_model
+from textvae.errors import TextVAEError
 
 FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", "train.warmup_steps=5",
         "--set", "train.log_every=5", "--set", "train.precision=fp32", "--set", "data.vocab_size=400"]
@@ -221,6 +222,18 @@ def test_set_reads_exponent_notation_as_a_float():
 
     config = Config.from_dict(apply_overrides({}, ["train.lr=1e-4", "kl.low=2E-5"]))  # YAML 1.1 reads these as strings
     assert config.train.lr == 1e-4 and config.kl.low == 2e-5
+
+
+@pytest.mark.parametrize("raw, message", [({"data": [1, 2]}, "section 'data' must be a mapping"),
+                                          ({"train": 0}, "section 'train' must be a mapping"),
+                                          ({"train": {"seed": -1}}, r"train.seed must be in \[0, 2\*\*32\)"),
+                                          ({"train": {"seed": 2**32}}, "train.seed must be in")])
+def test_a_config_that_cannot_be_used_is_one_error(raw, message):
+    from textvae.runs import assemble_config
+
+    with pytest.raises(TextVAEError, match=message):
+        assemble_config(raw, [])
+    assert assemble_config({"data": None, "train": {"seed": 2**32 - 1}}, []).train.seed == 2**32 - 1  # empty: defaults
 
 
 @pytest.mark.parametrize("damage", ["truncate weights", "config without hf_config", "hf_config without model_type"])

@@ -32,12 +32,25 @@ def test_jsonl_reader_reads_source_and_target(tiny_jsonl):
         ("train.txt", b"ok\n\xff\xfe bad\n", "line 2 is not valid UTF-8"),
         ("train.jsonl", b'{"target": "a"}\n{"target": \n', "line 2 is not valid JSON"),
         ("train.jsonl", b'{"source": "a"}\n', 'needs a string "target"'),
+        ("train.jsonl", b'{"source": "a", "target": " "}\n', 'line 1 has an empty "target"'),
+        ("train.jsonl", b'{"source": "a", "target": "b"}\n{"target": "c"}\n', 'line 2 lacks a "source"'),
+        ("train.jsonl", b'{"target": "b", "sorce": "a"}\n', 'has no "source" field but has sorce'),
     ],
 )
 def test_bad_files_raise_one_clear_error(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(TextVAEError, match=message):
         read_split(tmp_path, "train")
+
+
+def test_lines_end_at_newlines_only_and_a_byte_order_mark_is_dropped(tmp_path):
+    """U+2028, form feeds and the like are characters of a text (JSON writes U+2028 raw)."""
+    (tmp_path / "train.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo\xe2\x80\xa8still two\x0cthree\r\n\r\n")
+    split = read_split(tmp_path, "train")
+    assert [e.target for e in split.examples] == ["one", "two\u2028still two\x0cthree"] and split.blank_lines == 1
+    (tmp_path / "train.txt").unlink()
+    (tmp_path / "train.jsonl").write_bytes(b'\xef\xbb\xbf{"source": "s", "target": "a\xe2\x80\xa8b", "id": 7}\n')
+    assert read_split(tmp_path, "train").examples == [Example("a\u2028b", "s")]  # other fields are ignored
 
 
 def test_missing_split_is_an_error(tmp_path):

@@ -64,10 +64,29 @@ def test_the_tokenizer_round_trips_any_text(text, tiny_tokenizer):
     assert tiny_tokenizer.decode(ids) == text.strip()
 
 
-def test_a_literal_special_token_string_is_text_not_a_separator(tiny_tokenizer):
-    ids = tiny_tokenizer.encode("a [SEP] b <|endoftext|> [PAD]")
-    assert tiny_tokenizer.sep_id not in ids and tiny_tokenizer.eos_id not in ids
-    assert tiny_tokenizer.decode(ids) == "a [SEP] b <|endoftext|> [PAD]"
+def test_a_literal_special_token_string_is_text_not_a_separator(tiny_tokenizer, tmp_path):
+    text = "a <sep> b <eos> c <pad> <bos>"  # this tokenizer's own special tokens, spelt out
+    assert set(tiny_tokenizer.special.values()) == {"<sep>", "<eos>", "<pad>", "<bos>"}
+    ids = tiny_tokenizer.encode(text)
+    specials = {tiny_tokenizer.bos_id, tiny_tokenizer.eos_id, tiny_tokenizer.sep_id, tiny_tokenizer.pad_id}
+    assert not specials & set(ids)
+    assert tiny_tokenizer.decode(ids) == text
+    from textvae.data.tokenizer import TextTokenizer
+
+    tiny_tokenizer.save(tmp_path)
+    assert TextTokenizer.load(tmp_path).encode(text) == ids  # and so after a save and load
+
+
+def test_a_pretrained_separator_that_is_its_eos_gets_a_token_of_its_own(tiny_tokenizer):
+    """BART's and RoBERTa's sep_token is </s>, their EOS: a segment or prefix end must not end the text."""
+    from transformers import PreTrainedTokenizerFast
+
+    from textvae.data.tokenizer import TextTokenizer
+
+    bart_like = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.tokenizer, bos_token="<bos>", eos_token="<eos>",
+                                        sep_token="<eos>", pad_token="<pad>")
+    wrapped = TextTokenizer.from_pretrained(bart_like)
+    assert wrapped.special["sep"] == "<sep>" and wrapped.sep_id not in (wrapped.eos_id, wrapped.bos_id, wrapped.pad_id)
 
 
 @FUZZ

@@ -189,6 +189,7 @@ def test_processes_after_the_first_draw_their_own_numbers():
     seed_everything(7)
     assert torch.equal(draws[0], torch.randn(4))  # one process draws what it always drew
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert process_seed(2**32 - 1, 7) < 2**32  # a seed NumPy takes
 
 
 @pytest.mark.slow

@@ -129,6 +129,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise TextVAEError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # what NumPy's and Python's generators take
+            raise TextVAEError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if not 0 <= self.word_dropout < 1:
             raise TextVAEError(f"train.word_dropout must be in [0, 1), got {self.word_dropout}")
         if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -165,14 +167,15 @@ class Config:
         unknown = set(raw) - {"data", "backbone", "train", "kl", "model"}
         if unknown:
             raise TextVAEError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-        model = raw.get("model") or {}
+        section = lambda name: {} if raw.get(name) is None else raw[name]  # noqa: E731 - an empty section: defaults
+        model = section("model")
         if not isinstance(model, dict):
             raise TextVAEError("config section 'model' must be a mapping")
         return cls(
-            data=build_dataclass(DataConfig, raw.get("data") or {}, "data"),
-            backbone=build_dataclass(BackboneConfig, raw.get("backbone") or {}, "backbone"),
-            train=build_dataclass(TrainConfig, raw.get("train") or {}, "train"),
-            kl=build_dataclass(KLSchedule, raw.get("kl") or {}, "kl"),
+            data=build_dataclass(DataConfig, section("data"), "data"),
+            backbone=build_dataclass(BackboneConfig, section("backbone"), "backbone"),
+            train=build_dataclass(TrainConfig, section("train"), "train"),
+            kl=build_dataclass(KLSchedule, section("kl"), "kl"),
             model={"name": "lm", **model},
         )
 
@@ -207,6 +210,9 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
 
     `model.*` keys are free-form here and checked later against the model's own config.
     """
+    for section, values in raw.items():
+        if values is not None and not isinstance(values, dict):
+            raise TextVAEError(f"config section '{section}' must be a mapping, got {values!r}")
     raw = {section: dict(values or {}) for section, values in raw.items()}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")

@@ -77,11 +77,19 @@ def read_split(data_dir: Path, split: str) -> Split:
     """Read one split; raises `TextVAEError` for empty, undecodable or malformed files."""
     path = split_path(data_dir, split)
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+    except OSError as err:
+        raise TextVAEError(f"cannot read {path} ({err.strerror or err})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise TextVAEError(f"{path}: line {line} is not valid UTF-8 (byte {err.start})") from None
-    lines = text.splitlines()
+    # lines end at \n (or \r\n) only: str.splitlines would also cut at U+2028, form feeds and
+    # other separators, which JSON strings and texts may hold
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()
     if path.suffix == ".jsonl":
         examples, blank = _parse_jsonl(lines, path), 0
     else:
@@ -93,7 +101,9 @@ def read_split(data_dir: Path, split: str) -> Split:
 
 
 def _parse_jsonl(lines: list[str], path: Path) -> list[Example]:
-    examples = []
+    """Records {"target": str, "source": str} (other fields ignored): every line with a
+    source, or none."""
+    examples, sourced = [], set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -103,8 +113,18 @@ def _parse_jsonl(lines: list[str], path: Path) -> list[Example]:
             raise TextVAEError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("target"), str):
             raise TextVAEError(f'{path}: line {number} needs a string "target" field')
+        others = sorted(set(record) - {"source", "target"})
+        if others and "source" not in record:  # other fields are kept out of the model, but this may be a typo
+            raise TextVAEError(f'{path}: line {number} has no "source" field but has {", ".join(others)}: '
+                               'a misspelt "source"?')
         source = record.get("source")
         if source is not None and not isinstance(source, str):
             raise TextVAEError(f'{path}: line {number} has a non-string "source" field')
+        if not record["target"].strip():
+            raise TextVAEError(f'{path}: line {number} has an empty "target"')
+        sourced.add(source is not None)
+        if len(sourced) > 1:
+            raise TextVAEError(f'{path}: line {number} {"has" if source is not None else "lacks"} a "source" field '
+                               "where earlier lines do not: every line has one, or none")
         examples.append(Example(record["target"].strip(), source.strip() if source is not None else None))
     return examples

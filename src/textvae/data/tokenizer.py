@@ -33,6 +33,10 @@ class TextTokenizer:
         self.pad_id, self.bos_id, self.eos_id, self.sep_id = (
             tokenizer.token_to_id(special[role]) for role in ROLES
         )
+        if self.sep_id in (self.pad_id, self.bos_id, self.eos_id):
+            raise TextVAEError(f"the tokenizer's separator {special['sep']!r} is also its BOS, EOS or PAD token")
+        # a text that spells a special token ("<eos>") is text, not that token
+        self.tokenizer.encode_special_tokens = True
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> "TextTokenizer":
@@ -55,7 +59,8 @@ class TextTokenizer:
         """Wrap a Hugging Face fast tokenizer, adding whichever special tokens it lacks.
 
         BOS/EOS keep the backbone's own tokens (GPT-2 uses one token for both); PAD falls
-        back to EOS since padding is never attended or scored; SEP is added when absent.
+        back to EOS since padding is never attended or scored; SEP is added when absent or
+        when it is one of the others.
         """
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if backend is None:
@@ -64,9 +69,12 @@ class TextTokenizer:
         special = {
             "bos": hf_tokenizer.bos_token or DEFAULT_SPECIAL["bos"],
             "eos": hf_tokenizer.eos_token or DEFAULT_SPECIAL["eos"],
-            "sep": hf_tokenizer.sep_token or DEFAULT_SPECIAL["sep"],
         }
         special["pad"] = hf_tokenizer.pad_token or special["eos"]
+        # BART's and RoBERTa's separator is their EOS: ours closes segments and prefixes, so it
+        # must be a token of its own
+        own_sep = hf_tokenizer.sep_token not in (None, *special.values())
+        special["sep"] = hf_tokenizer.sep_token if own_sep else DEFAULT_SPECIAL["sep"]
         new = [t for t in dict.fromkeys(special.values()) if backend.token_to_id(t) is None]
         if new:
             backend.add_special_tokens([AddedToken(t, special=True) for t in new])

@@ -129,7 +129,7 @@ def process_seed(seed: int, rank: int) -> int:
     """The seed of process `rank` once the model is built: `seed` for the first (what a
     single process draws), another for each other, so that the processes draw their own
     posterior noise and dropout masks."""
-    return seed if rank == 0 else (seed * 1_000_003 + rank) % 2**63
+    return seed if rank == 0 else (seed * 1_000_003 + rank) % 2**32  # NumPy takes seeds below 2**32
 
 
 def seed_everything(seed: int) -> None:

@@ -99,6 +99,8 @@ def test_max_length_policies_are_applied_and_counted(tiny_tokenizer):
     assert encoded[1].ids[-1] != tok.eos_id  # a cut text did not end: no EOS
     encoded, stats = encode_examples(examples, tok, 8, 4, "drop")
     assert stats.dropped == 1 and len(encoded) == 1 and encoded[0].ids[1:-1] == tok.encode(examples[0].target)
+    encoded, _ = encode_examples(examples[::-1] + examples, tok, 8, 4, "drop")  # long, short, short, long
+    assert [item.position for item in encoded] == [1, 2]  # places among the given examples, gaps where dropped
     with pytest.raises(TextVAEError, match="example 2 has"):
         encode_examples(examples, tok, 8, 4, "error")
     _, stats = encode_examples([Example("a dog", source="a man is riding a red bike")], tok, 64, 3, "truncate")

@@ -493,3 +493,27 @@ def test_an_evaluation_cut_short_resumes_with_the_numbers_of_an_uninterrupted_on
     assert "resuming" not in capsys.readouterr().err and len(calls) == 3  # new weights: nothing reused
     assert retrained["nll"] != whole["nll"]
     assert not progress.exists()
+
+
+def test_an_evaluation_resumed_over_edited_texts_reuses_nothing(trained_della, tiny_txt, monkeypatch, capsys):
+    """The progress file is keyed by the very tokens scored, not only the data folder's path."""
+    import textvae
+    from textvae.evaluation import likelihood
+
+    real, calls = likelihood.log_marginals, []
+
+    def cut_short_at_the_third_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(likelihood, "log_marginals", cut_short_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        textvae.evaluate(trained_della, iw_samples=2, batch_size=8)
+    lines = (tiny_txt / "test.txt").read_text().splitlines()
+    (tiny_txt / "test.txt").write_text("\n".join(["a zebra .", *lines[1:]]) + "\n")  # one text edited in place
+    calls.clear()
+    monkeypatch.setattr(likelihood, "log_marginals", lambda *a, **k: calls.append(1) or real(*a, **k))
+    textvae.evaluate(trained_della, iw_samples=2, batch_size=8, verbose=True)
+    assert "resuming" not in capsys.readouterr().err and len(calls) == 3

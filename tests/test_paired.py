@@ -89,6 +89,18 @@ def test_files_over_other_examples_or_tokens_are_refused():
         paired_comparison(a, records([1.0, 2.0, 3.0], [4, 5, 7]))
     with pytest.raises(TextVAEError, match="fewer than 2 are scored alike"):
         paired_comparison(a, records([1.0, 2.0, 3.0], [4, 6, 7]), same_tokens_only=True)
+    with pytest.raises(TextVAEError, match="an example twice"):
+        paired_comparison(a, [*a[:2], dict(a[2], index=1)])
+
+
+def test_same_tokens_only_pairs_by_split_position_across_dropped_examples():
+    """A run that dropped example 1 (data.overlong=drop) pairs its examples 0, 2, 3 with
+    the other run's 0, 2, 3: indices are places in the split, not in the scored list."""
+    a = records([10.0, 20.0, 30.0, 40.0], [5, 10, 15, 20])
+    b = [dict(row, nll=row["nll"] - 1.0) for i, row in enumerate(a) if i != 1]
+    result = paired_comparison(a, b, same_tokens_only=True)
+    assert result["examples"] == 3 and result["examples_skipped"] == 1
+    assert result["nll_diff"] == pytest.approx(1.0) and result["nll_a"] == pytest.approx(80 / 3)
 
 
 def test_same_tokens_only_pairs_the_examples_scored_alike_and_counts_the_rest(tmp_path, capsys):

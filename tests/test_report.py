@@ -98,8 +98,9 @@ def test_report_gives_each_run_its_nll_against_a_reference_paired_over_the_same_
     # mean of the differences -1.0; their sample standard deviation 0.408, over sqrt(4): 0.204
     assert rows["della"][paired] == "-1.00 ± 0.20"
     assert rows["della"][per_token].startswith("-0.2000 ± ")  # -4 nats over 20 tokens
-    assert rows["lm"][paired] == "-" and rows["other"][paired] == "-" and rows["unscored"][paired] == "-"
-    assert "Not paired: other (the two files score different examples" in markdown
+    assert rows["lm"][paired] == "-" and rows["unscored"][paired] == "-"
+    assert rows["other"][paired] == "-0.83 ± 0.17"  # over the 3 examples it scored: -1, -0.5, -1
+    assert "other is paired over 3 of 4 examples" in markdown
     assert "Not paired: unscored (no per-example scores kept with its evaluation)." in markdown
     assert rows["trace"][paired] == "+2.00 ± 0.58"  # differences 2, 1, 3 over the texts scored alike
     assert "trace is paired over 3 of 4 examples" in markdown

@@ -16,6 +16,7 @@ so `Posterior.present` [N, G] says which a text has).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -344,8 +345,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     `iw_batch`: importance samples scored at a time (memory ~ batch_size x iw_batch); None: as
     many as keep a decoder pass within `likelihood.POSITIONS_PER_PASS` positions.
     `per_example`: also write each example's numbers there, one JSON line per example (`index`,
-    `nll`, `tokens`, and `elbo`, `rec`, `kl` for latent models) in the order of the split's
-    evaluated examples (after `data.overlong` drops): paired comparisons of runs on the same texts.
+    its place in the split, counted before `data.overlong` drops; `nll`, `tokens`, and `elbo`,
+    `rec`, `kl` for latent models), in split order: paired comparisons of runs on the same texts.
     `reconstruction` = N: also decode greedily, from their posterior means, the first N
     examples of the evaluated subset that fit whole in `data.max_length` (a cut text cannot
     come back whole) and score them against their inputs (`reconstruction_bleu`, `_exact`,
@@ -398,9 +399,11 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     if on_start is not None:
         on_start()
     # an evaluation cut short resumes from what it had done (the same numbers as one run)
-    key = json.dumps({"data": str(data_dir.resolve()), "split": split,
+    texts = hashlib.sha256(json.dumps([item.ids for item in encoded]).encode()).hexdigest()  # the very tokens scored
+    key = json.dumps({"data": str(data_dir.resolve()), "split": split, "tokens": texts,
                       "examples": examples, "iw_samples": iw_samples, "iw_batch": iw_batch, "seed": seed,
-                      "bf16": bf16, "batch_size": batch_size, "weights": _file_identity(Path(run_dir) / "model.safetensors")})
+                      "bf16": bf16, "batch_size": batch_size, "device": next(model.parameters()).device.type,
+                      "weights": _file_identity(Path(run_dir) / "model.safetensors")})
     progress = Progress(Path(run_dir) / f".eval_{split}.progress.safetensors", key)
     if (progress.batches_done or progress.samples_of_next) and verbose:
         unfinished = f", and {progress.samples_of_next} of {iw_samples} samples of the next" if progress.samples_of_next else ""
@@ -410,8 +413,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress, values,
                                   show_pace=verbose)
     if per_example is not None:
-        lines = [json.dumps({"index": index, **{key: float(column[index]) for key, column in values.items()}})
-                 for index in range(len(encoded))]
+        lines = [json.dumps({"index": item.position, **{key: float(column[index]) for key, column in values.items()}})
+                 for index, item in enumerate(encoded)]
         write_text_atomically(per_example, "".join(line + "\n" for line in lines))
     progress.path.unlink(missing_ok=True)
     # the settings that change the numbers, so that records made with different ones stay apart

@@ -31,6 +31,7 @@ from textvae.errors import TextVAEError
 class Encoded:
     ids: list[int]  # the decoder sequence above
     prefix_length: int  # tokens before the first target token (BOS, source, SEP)
+    position: int  # the example's place among those given to `encode_examples` (drops leave gaps)
 
 
 @dataclass
@@ -83,7 +84,7 @@ def encode_examples(
                 continue
             ids = ids[:max_length]
             stats.truncated += 1
-        encoded.append(Encoded(ids, len(prefix)))
+        encoded.append(Encoded(ids, len(prefix), index))
     return encoded, stats
 
 

@@ -152,8 +152,9 @@ class Progress:
             except (SafetensorError, OSError):
                 self.done = {}  # damaged: start again
 
-    def get(self, batch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if f"log_px.{batch}" not in self.done:
+    def get(self, batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The stored estimates [size] of batch `batch`, or None (not done, or not of `size` examples)."""
+        if f"log_px.{batch}" not in self.done or len(self.done[f"log_px.{batch}"]) != size:
             return None
         return self.done[f"log_px.{batch}"], self.done[f"log_px_mean.{batch}"]
 
@@ -236,7 +237,7 @@ def evaluate_likelihood(
     with bf16_inference(model, bf16), model.backbone.merged_adapter():  # the second: fp32 only
         for index, rows in enumerate(batches):
             batch = collate([data[i] for i in rows], model.tokenizer.pad_id).to(device)
-            stored = None if progress is None else progress.get(index)
+            stored = None if progress is None else progress.get(index, len(rows))
             computed = stored is None
             if computed:
                 torch.manual_seed(batch_seed(seed, index, 0))

@@ -58,15 +58,19 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     (when one side is a language model, `nll_as_bound` names it and its NLL stands for its ELBO
     and rec, 0 for its KL); for `nll` also `nll_per_token_diff` (sum of differences / sum of
     tokens) and its error. The two lists must score the same examples (same indices, in any
-    order) with the same token counts; `same_tokens_only` pairs just the examples whose counts agree (e.g. a segment-wise
-    model, whose [SEP]s make more texts truncated, against an LM) and counts the others in
-    `examples_skipped`."""
+    order) with the same token counts; `same_tokens_only` pairs just the examples both scored
+    with the same count (e.g. a segment-wise model, whose [SEP]s make more texts truncated or
+    dropped, against an LM) and counts the others in `examples_skipped`."""
     terms_a, terms_b = _latent_terms(a, "A"), _latent_terms(b, "B")
     by_index = {record["index"]: record for record in b}
-    if len(a) != len(b) or set(by_index) != {record["index"] for record in a}:
+    indices_a = {record["index"] for record in a}
+    if len(by_index) < len(b) or len(indices_a) < len(a):
+        raise TextVAEError("a file scores an example twice (a repeated index): write it with textvae evaluate --per-example")
+    if indices_a != set(by_index) and not same_tokens_only:
         raise TextVAEError(f"the two files score different examples ({len(a)} and {len(b)} records, "
-                           "or other indices): evaluate both runs on the same split and --examples")
-    pairs = [(record, by_index[record["index"]]) for record in a]
+                           "or other indices): evaluate both runs on the same split and --examples; where some "
+                           "texts were dropped by data.overlong, --same-tokens-only pairs the others")
+    pairs = [(record, by_index[record["index"]]) for record in a if record["index"] in by_index]
     alike = [(x, y) for x, y in pairs if x["tokens"] == y["tokens"]]
     if len(alike) < len(pairs) and not (same_tokens_only and len(alike) >= 2):
         raise TextVAEError(f"the two files count different tokens for {len(pairs) - len(alike)} of {len(pairs)} examples: "
@@ -75,7 +79,7 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
                               "texts were truncated differently, --same-tokens-only pairs the others"))
     result: dict = {"examples": len(alike)}
     if same_tokens_only:
-        result["examples_skipped"] = len(pairs) - len(alike)
+        result["examples_skipped"] = len(indices_a | set(by_index)) - len(alike)
     pairs = alike
     if (terms_a, terms_b) in ((LATENT_TERMS, frozenset()), (frozenset(), LATENT_TERMS)):
         # one side a language model: its exact NLL is its bound, its KL 0

@@ -260,7 +260,8 @@ def build_report(records: list[RunRecord], out: Path, split: str = "test", inter
                    if isinstance(comparison, dict) and comparison["examples_skipped"]}
         parts += [f"Not paired: {name} ({why})." for name, why in unpaired.items()]
         parts += [f"{name} is paired over {c['examples']} of {c['examples'] + c['examples_skipped']} examples: the "
-                  f"others were scored with other token counts (e.g. truncated differently)." for name, c in partial.items()]
+                  f"others were scored by one run only, or with other token counts (e.g. truncated differently)."
+                  for name, c in partial.items()]
         parts += [""] if unpaired or partial else []
     missing = [record.name for record in records if not record.metrics]
     if missing:

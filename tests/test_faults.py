@@ -441,19 +441,25 @@ def test_a_long_evaluation_says_how_far_it_has_come_and_how_long_is_left(monkeyp
     assert capsys.readouterr().err == ""
 
 
+def _interrupted_at_the_third_call(marginals, calls: list):
+    """`marginals` (likelihood.log_marginals), counting its calls in `calls`; the third is
+    interrupted as a Ctrl-C would."""
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return marginals(*args, **kwargs)
+
+    return counted
+
+
 def test_an_evaluation_cut_short_resumes_with_the_numbers_of_an_uninterrupted_one(trained_della, monkeypatch, capsys):
     import textvae
     from textvae.evaluation import likelihood
 
     whole = textvae.evaluate(trained_della, iw_samples=3, batch_size=8)  # 24 test sentences: 3 batches
     real, calls = likelihood.log_marginals, []
-
-    def cut_short_at_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    cut_short_at_the_third_batch = _interrupted_at_the_third_call(real, calls)
     monkeypatch.setattr(likelihood, "log_marginals", cut_short_at_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         textvae.evaluate(trained_della, iw_samples=3, batch_size=8)
@@ -501,13 +507,7 @@ def test_an_evaluation_resumed_over_edited_texts_reuses_nothing(trained_della, t
     from textvae.evaluation import likelihood
 
     real, calls = likelihood.log_marginals, []
-
-    def cut_short_at_the_third_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    cut_short_at_the_third_batch = _interrupted_at_the_third_call(real, calls)
     monkeypatch.setattr(likelihood, "log_marginals", cut_short_at_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         textvae.evaluate(trained_della, iw_samples=2, batch_size=8)

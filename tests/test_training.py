@@ -36,6 +36,13 @@ def _grad_norms(run):
     return [r["grad_norm"] for r in records if r["split"] == "train"]
 
 
+def _torchrun(arguments):
+    """`textvae ARGUMENTS` in two one-thread processes under torchrun."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "textvae", *arguments], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
 def test_learning_rate_warms_up_then_decays():
     config = TrainConfig(lr=1.0, warmup_steps=4, decay="linear")
     assert [learning_rate(config, s, 12) for s in (0, 3)] == [0.25, 1.0]
@@ -142,12 +149,7 @@ def test_two_processes_match_one_with_the_same_global_batch(mode, tiny_txt, tmp_
     single = tmp_path / "single"
     assert main(["train", "--out", str(single), *args]) == 0
     double = tmp_path / "double"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "textvae", "train", "--out", str(double), *args],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = _torchrun(["train", "--out", str(double), *args])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es)" in result.stderr
     for (step_a, loss_a), (step_b, loss_b) in zip(_losses(single), _losses(double), strict=True):
@@ -168,11 +170,7 @@ def test_a_short_batch_skipped_at_an_epoch_end_still_ends_the_epoch(tiny_txt, tm
     run = tmp_path / "run"
     args = ["--data", str(tiny_txt), "--max-steps", "11", *BASE, "--set", "train.batch_size=16",
             "--set", "data.train_examples=145", "--set", f"train.seed={seed}"]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "textvae", "train", "--out", str(run), *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600, check=False,
-    )
+    result = _torchrun(["train", "--out", str(run), *args])
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "valid"] == [9, 11]  # epoch 0's 9 steps, then the end
@@ -198,11 +196,7 @@ def test_a_latent_model_trains_under_two_processes(tiny_txt, tmp_path):
     each process draws its own posterior noise, so only completion and sane logs are checked."""
     run = tmp_path / "della"
     args = ["--data", str(tiny_txt), "--max-steps", "3", *BASE, *LATENT, "--set", "train.batch_size=16"]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "textvae", "train", "--out", str(run), *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600, check=False,
-    )
+    result = _torchrun(["train", "--out", str(run), *args])
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
@@ -297,16 +291,10 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tiny_txt, tmp_path, c
 def test_two_processes_resume_from_a_checkpoint_both_can_read(tiny_txt, tmp_path):
     """The second process's RNG state of step 6 is damaged: both processes take step 4."""
     run, args = _checkpointed_run(tiny_txt, tmp_path)
-
-    def torchrun(arguments):
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               "-m", "textvae", *arguments], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              capture_output=True, text=True, timeout=600, check=False)
-
-    assert torchrun(args).returncode == 0
+    assert _torchrun(args).returncode == 0
     (run / "checkpoints" / "step-000006" / "rng-rank1.json").write_text("{")
     (run / "model.safetensors").unlink()
-    resumed = torchrun([*args, "--resume"])
+    resumed = _torchrun([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "rng-rank1.json is damaged" in resumed.stderr and "resumed from step-000004" in resumed.stdout + resumed.stderr
     assert (run / "model.safetensors").is_file()  # steps 5 and 6 trained again

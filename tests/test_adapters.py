@@ -308,18 +308,50 @@ def test_merged_adapter_scores_as_the_adapters_do_and_puts_every_weight_back(pre
     assert all(torch.equal(after[n][0], before[n][0]) and after[n][1] == before[n][1] for n in before)
 
 
-def test_merged_adapter_changes_nothing_where_gradients_flow_or_under_autocast():
-    model = create_model(_config(backbone={"adapter": "lora", "lora_rank": 2}), demo_lines("train", 200))
+def _lora_model_with_nonzero_deltas():
+    model = create_model(_config(backbone={"adapter": "lora", "lora_rank": 2}), demo_lines("train", 200)).eval()
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
             if ".lora_B." in parameter_name:  # B starts at zero: a merge would change nothing to see
                 parameter.normal_(std=0.3)
+    return model
+
+
+def test_merged_adapter_changes_nothing_where_gradients_flow_under_autocast_or_in_training_mode():
+    model = _lora_model_with_nonzero_deltas()
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     unchanged = lambda: all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # noqa: E731
+    with torch.no_grad(), model.backbone.merged_adapter():
+        assert not unchanged()  # in eval mode without gradients it does merge
     with torch.enable_grad(), model.backbone.merged_adapter():
         assert unchanged()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), model.backbone.merged_adapter():
         assert unchanged()
+    model.train()  # LoRA dropout would apply to the adapters' path
+    with torch.no_grad(), model.backbone.merged_adapter():
+        assert unchanged()
+
+
+def test_an_interrupt_while_merging_puts_every_weight_back(monkeypatch):
+    from textvae.backbone import adapters
+
+    model = _lora_model_with_nonzero_deltas()
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    real = adapters._set_merged
+
+    def half_merged_then_interrupted(merged, on):
+        if on:
+            real(merged[:1], True)
+            raise KeyboardInterrupt
+        real(merged, on)
+
+    monkeypatch.setattr(adapters, "_set_merged", half_merged_then_interrupted)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), model.backbone.merged_adapter():
+        pass
+    monkeypatch.undo()
+    assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] for n, p in model.named_parameters())
+    with torch.no_grad(), model.backbone.merged_adapter():  # and the next merge is not taken for a nested one
+        assert any(not torch.equal(p, before[n][0]) for n, p in model.named_parameters())
 
 
 def test_new_token_rows_give_the_logits_of_the_full_head_with_their_own_columns():
@@ -335,3 +367,18 @@ def test_new_token_rows_give_the_logits_of_the_full_head_with_their_own_columns(
     hidden = torch.randn(2, 5, head.in_features)
     expected = torch.cat([head(hidden)[..., :94], hidden @ own.T], dim=-1)
     torch.testing.assert_close(rows.logits(hidden, head), expected)
+
+
+def test_a_rebuilt_backbone_is_float32_whatever_the_default_dtype():
+    """Runs are rebuilt from their stored config, then filled with their float32 weights."""
+    from conftest import tiny_backbone
+    from textvae.backbone.load import rebuild
+
+    stored = tiny_backbone("llama").causal_lm.config.to_dict()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        rebuilt = rebuild(stored, "eager")
+    finally:
+        torch.set_default_dtype(default)
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.float32}

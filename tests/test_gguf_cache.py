@@ -211,11 +211,14 @@ def test_an_off_cache_writes_nothing(tmp_path, monkeypatch, backbone_reads):
 
 
 def test_a_local_load_leaves_hub_downloads_as_the_user_set_them(tmp_path, cache, monkeypatch):
-    """An earlier local load must not turn later hf:NAME loads offline (the setting is read when loading)."""
+    """A local load changes no setting (it is read when loading); unset, downloads are off
+    (the API as the CLI), and only an explicit 0 turns them on."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     loaded(write_tiny_gguf(tmp_path / "tiny.gguf"))
-    assert "HF_HUB_OFFLINE" not in os.environ and not load._hub_offline()
+    assert "HF_HUB_OFFLINE" not in os.environ and load._hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not load._hub_offline()
 
 
 def test_a_killed_writers_leftovers_are_swept_when_an_hour_old(tmp_path, cache):

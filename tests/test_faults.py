@@ -517,3 +517,13 @@ def test_an_evaluation_resumed_over_edited_texts_reuses_nothing(trained_della, t
     monkeypatch.setattr(likelihood, "log_marginals", lambda *a, **k: calls.append(1) or real(*a, **k))
     textvae.evaluate(trained_della, iw_samples=2, batch_size=8, verbose=True)
     assert "resuming" not in capsys.readouterr().err and len(calls) == 3
+
+
+def test_weights_of_another_shape_are_one_line(trained_della, capsys):
+    weights = load_file(trained_della / "model.safetensors")
+    name = next(name for name, tensor in weights.items() if tensor.dim() == 2)
+    weights[name] = torch.zeros(weights[name].shape[0] + 1, weights[name].shape[1])
+    save_file(weights, trained_della / "model.safetensors")
+    assert main(["evaluate", str(trained_della), "--iw-samples", "1"]) == 2
+    error = _one_line_error(capsys)
+    assert "does not match the model" in error and name in error

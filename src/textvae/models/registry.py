@@ -161,6 +161,8 @@ def read_weights(model: TextVAE, path: Path, device: str | torch.device = "cpu")
         raise TextVAEError(f"{path} is missing") from None
     except (SafetensorError, OSError) as err:
         raise TextVAEError(f"{path} is damaged ({str(err).splitlines()[0]})") from None
+    except RuntimeError as err:  # torch's "size mismatch for NAME" of a full-weights file
+        raise TextVAEError(f"{path} does not match the model: {str(err).splitlines()[-1].strip()}") from None
 
 
 def _read_weights(model: TextVAE, path: Path, device) -> None:

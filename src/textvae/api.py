@@ -399,8 +399,8 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     if on_start is not None:
         on_start()
     # an evaluation cut short resumes from what it had done (the same numbers as one run)
-    texts = hashlib.sha256(json.dumps([item.ids for item in encoded]).encode()).hexdigest()  # the very tokens scored
-    key = json.dumps({"data": str(data_dir.resolve()), "split": split, "tokens": texts,
+    scored_tokens = hashlib.sha256(json.dumps([item.ids for item in encoded]).encode()).hexdigest()  # the very tokens scored
+    key = json.dumps({"data": str(data_dir.resolve()), "split": split, "tokens": scored_tokens,
                       "examples": examples, "iw_samples": iw_samples, "iw_batch": iw_batch, "seed": seed,
                       "bf16": bf16, "batch_size": batch_size, "device": next(model.parameters()).device.type,
                       "weights": _file_identity(Path(run_dir) / "model.safetensors")})

@@ -131,6 +131,22 @@ def test_pretrained_folder_adapter_run_checks_its_base_on_loading(family, tiny_t
     assert error.count("\n") == 0 and "fingerprint" in error and str(folder) in error
 
 
+def test_a_frozen_base_with_the_same_weights_but_another_config_is_refused_on_loading(tiny_txt, tmp_path, capsys):
+    bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
+    folder = tmp_path / "hf"
+    original = save_hf_folder(folder, "llama", bpe)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "embed", "--backbone", str(folder), "--data", str(tiny_txt), "--out", str(run),
+                 "--max-steps", "1", *FAST, *LORA, "--set", "model.latent_size=4"]) == 0
+    load_model(run)  # the same folder, moved or not: loads
+    original.config.rms_norm_eps = 1e-2  # the same weights compute otherwise
+    original.save_pretrained(folder)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iw-samples", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "rms_norm_eps: 1e-06 in the run, 0.01 now" in error, error
+
+
 def test_freeze_layers_freezes_embeddings_and_the_bottom_layers_only():
     model = create_model(_config(backbone={"freeze_layers": 2}), demo_lines("train", 200))
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}

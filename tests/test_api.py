@@ -325,7 +325,7 @@ def test_conditional_runs_read_sources_on_both_backbone_kinds(task, name, tiny_j
 
     run = tmp_path / "run"
     sets = ["data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "data.max_length=64",
-            "model.latent_size=8"]
+            "data.max_source_length=24", "model.latent_size=8"]
     assert main(["train", "--task", task, "--model", name, "--data", str(tiny_jsonl), "--out", str(run),
                  "--max-steps", "3", *[part for item in sets for part in ("--set", item)]]) == 0
     examples = read_split(tiny_jsonl, "test").examples[:3]

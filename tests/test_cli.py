@@ -224,6 +224,17 @@ def test_set_reads_exponent_notation_as_a_float():
     assert config.train.lr == 1e-4 and config.kl.low == 2e-5
 
 
+def test_set_keeps_a_text_option_as_typed():
+    from textvae.config import Config, apply_overrides
+
+    raw = apply_overrides({}, ["data.path=0123", "backbone.spec=1e3", "data.task=null", "train.precision=fp32",
+                               "data.overlong='drop'", "backbone.lora_targets=[q_proj]"])
+    config = Config.from_dict(raw)
+    assert config.data.path == "0123" and config.backbone.spec == "1e3"  # YAML 1.1: octal 83 and 1000.0
+    assert config.data.task is None and config.data.overlong == "drop" and config.train.precision == "fp32"
+    assert config.backbone.lora_targets == ["q_proj"]  # a list option: YAML
+
+
 @pytest.mark.parametrize("raw, message", [({"data": [1, 2]}, "section 'data' must be a mapping"),
                                           ({"train": 0}, "section 'train' must be a mapping"),
                                           ({"train": {"seed": -1}}, r"train.seed must be in \[0, 2\*\*32\)"),

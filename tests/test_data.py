@@ -1,6 +1,8 @@
 """Corpus readers, tokenizers, the max-length policy and length-bucketed batching."""
 
 
+import json
+
 import pytest
 import torch
 
@@ -150,6 +152,32 @@ def test_word_dropout_replaces_only_target_tokens_of_the_decoder_input(tiny_toke
     assert 0.25 < float(rate) < 0.35
     assert torch.equal(dropped.select([1, 0]).decoder_inputs, dropped.decoder_inputs[[1, 0]])
     assert batch.decoder_inputs is batch.input_ids  # without dropout the decoder reads the text
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_an_overlong_example_is_named_by_its_file_and_line(kind, tmp_path, capsys):
+    from textvae.cli import main
+
+    folder = tmp_path / kind
+    folder.mkdir()
+    long = " ".join(["word"] * 40)
+    lines = ["a b", "", long] if kind == "txt" else [json.dumps({"source": "x", "target": t}) for t in ("a b", long)]
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.{kind}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--max-steps", "1", "--set", "data.max_length=16"]
+    assert main([*args, "--set", "data.overlong=error"]) == 2
+    line = 3 if kind == "txt" else 2  # counted in the file, blank lines included
+    assert f"train.{kind}: line {line} has " in capsys.readouterr().err
+
+
+def test_a_source_that_leaves_no_room_for_its_target_is_an_error_not_a_silent_drop(tiny_tokenizer):
+    examples = [Example("a man", "a dog"), Example(" ".join(["a man"] * 20), " ".join(["a dog"] * 20), line=7)]
+    encoded, stats = encode_examples(examples, tiny_tokenizer, 40, 16, "truncate")  # room left: cut the target
+    assert len(encoded) == 2 and stats.truncated == 1 and stats.dropped == 0
+    with pytest.raises(TextVAEError, match=r"line 7: its source, cut to data.max_source_length=16 tokens, leaves no room"):
+        encode_examples(examples, tiny_tokenizer, 12, 16, "truncate")
+    encoded, stats = encode_examples(examples, tiny_tokenizer, 12, 16, "drop")  # asked for: dropped and counted
+    assert len(encoded) == 1 and stats.dropped == 1
 
 
 def test_word_dropout_rate_is_validated():

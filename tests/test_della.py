@@ -276,7 +276,7 @@ def test_cli_makes_della_conditional_on_jsonl_data_and_generates_per_prompt(tiny
     from textvae.cli import main
 
     run = tmp_path / "run"
-    sets = ["data.max_length=40", "data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "model.latent_size=4"]
+    sets = ["data.max_length=40", "data.max_source_length=16", "data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "model.latent_size=4"]
     args = ["train", "--model", "della", "--data", str(tiny_jsonl), "--out", str(run), "--max-steps", "3",
             "--backbone", "llama-tiny", *[part for item in sets for part in ("--set", item)]]
     assert main(args) == 0
@@ -304,7 +304,7 @@ def test_evaluate_generates_texts_for_each_source_on_conditional_data(tiny_jsonl
     from textvae.cli import main
 
     run = tmp_path / "run"
-    sets = ["data.max_length=40", "data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "model.latent_size=4"]
+    sets = ["data.max_length=40", "data.max_source_length=16", "data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "model.latent_size=4"]
     assert main(["train", "--model", "della", "--data", str(tiny_jsonl), "--out", str(run), "--max-steps", "2",
                  *[part for item in sets for part in ("--set", item)]]) == 0
     out = tmp_path / "m.json"

@@ -18,8 +18,8 @@ import textvae
 from textvae.cli import main
 from textvae.errors import TextVAEError
 
-FAST = ["--set", "data.max_length=32", "--set", "train.batch_size=16", "--set", "train.warmup_steps=1",
-        "--set", "train.precision=fp32", "--set", "data.vocab_size=300"]
+FAST = ["--set", "data.max_length=32", "--set", "data.max_source_length=12", "--set", "train.batch_size=16",
+        "--set", "train.warmup_steps=1", "--set", "train.precision=fp32", "--set", "data.vocab_size=300"]
 
 
 def _one_line_error(capsys) -> str:

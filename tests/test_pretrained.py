@@ -56,10 +56,26 @@ def test_local_encoder_decoder_folder_trains_della_on_source_target_data(tiny_js
     assert seq2seq_lm.final_logits_bias.shape[-1] == tokenizer.vocab_size  # grown with the added [SEP]/[PAD]
     run = tmp_path / "run"
     assert main(["train", "--model", "della", "--backbone", str(folder), "--data", str(tiny_jsonl), "--out", str(run),
-                 "--max-steps", "2", "--set", "data.max_length=48", "--set", "model.latent_size=4"]) == 0
+                 "--max-steps", "2", "--set", "data.max_length=48", "--set", "data.max_source_length=16", "--set", "model.latent_size=4"]) == 0
     (tmp_path / "p.txt").write_text("a man is sleeping .\n")
     assert main(["generate", str(run), "--prompts", str(tmp_path / "p.txt"), "--num", "2", "--out", str(tmp_path / "g.txt")]) == 0
     assert len((tmp_path / "g.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("family", ("bart", "llama", "gpt2"))
+def test_a_pretrained_folder_trains_at_the_configured_dropout(family, tmp_path):
+    bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
+    folder = tmp_path / family
+    save_hf_folder(folder, family, bpe)  # saved at the families' default rates (0.1; Llama 0.0)
+    for dropout in (0.0, 0.5):
+        model, _ = load_pretrained(str(folder), dropout, "eager")
+        ids = torch.tensor([bpe.encode("a man is sleeping .")])
+        inputs = {"input_ids": ids, **({"decoder_input_ids": ids} if family == "bart" else {})}
+        torch.manual_seed(0)
+        with torch.no_grad():
+            trained = model.train()(**inputs).logits
+            evaluated = model.eval()(**inputs).logits
+        assert torch.equal(trained, evaluated) == (dropout == 0.0), (family, dropout)
 
 
 SMOLLM2_PROBE = "The cat sat on the mat."

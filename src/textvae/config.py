@@ -206,7 +206,8 @@ def save_yaml(data: dict[str, Any], path: str | Path) -> None:
 
 
 def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to a raw config mapping (values parsed as YAML).
+    """Apply `section.key=value` strings to a raw config mapping (values parsed as YAML, except
+    a typed text option's, kept as typed unless quoted or null).
 
     `model.*` keys are free-form here and checked later against the model's own config.
     """
@@ -219,12 +220,33 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
             raise TextVAEError(f"--set expects section.key=value, got {assignment!r}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        raw.setdefault(parts[0], {})[parts[1]] = value
+        raw.setdefault(parts[0], {})[parts[1]] = _override_value(parts[0], parts[1], text)
     return raw
+
+
+_NULL_TEXTS = ("", "~", "null", "Null", "NULL")
+
+
+def _override_value(section: str, key: str, text: str) -> Any:
+    """A `--set` value: as typed for a text option of a typed section (a path or a name: YAML
+    1.1 would read 0123 as octal 83 and 1e3 as a number), else parsed as YAML."""
+    text = text.strip()
+    if _is_text_option(section, key) and text not in _NULL_TEXTS and text[0] not in "'\"":
+        return text
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        return text
+
+
+def _is_text_option(section: str, key: str) -> bool:
+    """Whether `section.key` is a typed option that takes text and no number or flag."""
+    cls = {"data": DataConfig, "backbone": BackboneConfig, "train": TrainConfig, "kl": KLSchedule}.get(section)
+    annotation = typing.get_type_hints(cls).get(key) if cls is not None else None
+    if annotation is None:
+        return False
+    options = set(typing.get_args(annotation) if _is_union(annotation) else (annotation,)) - {type(None)}
+    return options == {str}
 
 
 def build_dataclass(cls: type, values: dict[str, Any], section: str):

@@ -158,9 +158,12 @@ def encode_split(split, model, config: Config, name: str, verbose: bool):
     if config.model.get("conditional") and not split.conditional:  # a CVAE needs its sources
         raise TextVAEError(f"{split.path} is plain text, but this run is conditional (trained with sources): "
                            "give it .jsonl source/target data")
-    encoded, stats = encode_examples(
-        split.examples, model.tokenizer, data.max_length, data.max_source_length, data.overlong, model.segmenter
-    )
+    try:
+        encoded, stats = encode_examples(
+            split.examples, model.tokenizer, data.max_length, data.max_source_length, data.overlong, model.segmenter
+        )
+    except TextVAEError as err:  # name the file the line is in
+        raise TextVAEError(f"{split.path}: {err}") from None
     blank = f", {split.blank_lines} blank lines skipped" if split.blank_lines else ""
     info(verbose, f"{name}: {stats.describe()} (max_length {data.max_length}, overlong={data.overlong}){blank}")
     return encoded

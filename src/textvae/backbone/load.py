@@ -210,9 +210,12 @@ def _set_dropout(config, model: PreTrainedModel | None, dropout: float | None) -
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = dropout
-        for module in model.modules():  # Llama-style attention reads its rate from an attribute
-            if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
-                module.attention_dropout = dropout
+        # others read a float attribute copied from the config when built: Llama's attention
+        # (attention_dropout), BART's layers and attention (dropout)
+        for module in model.modules():
+            for name in ("attention_dropout", "dropout"):
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, dropout)
 
 
 def smollm2_gguf() -> Path:

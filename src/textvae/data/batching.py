@@ -11,7 +11,8 @@ padding. This is the token count behind every PPL we report.
 Max-length policy (`data.overlong`), applied identically in training and evaluation:
 the source is first cut to `max_source_length`; a sequence still longer than `max_length` is
 then either truncated (target cut at the end; a truncated target gets no EOS, since the text
-did not end there), dropped, or rejected with an error. Counts are reported in `EncodeStats`.
+did not end there; a source that leaves no room for any target is an error), dropped, or
+rejected with an error. Counts are reported in `EncodeStats`.
 """
 
 from __future__ import annotations
@@ -74,14 +75,21 @@ def encode_examples(
             prefix += source + [tokenizer.sep_id]
         ids = prefix + target + [tokenizer.eos_id]
         if len(ids) > max_length:
+            where = f"line {examples[index].line}" if examples[index].line is not None else f"example {index + 1}"
             if overlong == "error":
                 raise TextVAEError(
-                    f"example {index + 1} has {len(ids)} tokens, more than data.max_length={max_length} "
+                    f"{where} has {len(ids)} tokens, more than data.max_length={max_length} "
                     "(set data.overlong=truncate or drop)"
                 )
-            if overlong == "drop" or len(prefix) >= max_length:
+            if overlong == "drop":
                 stats.dropped += 1
                 continue
+            if len(prefix) >= max_length:  # truncating would leave no target: say so rather than drop it
+                raise TextVAEError(
+                    f"{where}: its source, cut to data.max_source_length={max_source_length} tokens, leaves no "
+                    f"room for a target in data.max_length={max_length} (set data.max_source_length to at most "
+                    f"{max_length - 3}, or data.overlong=drop)"
+                )
             ids = ids[:max_length]
             stats.truncated += 1
         encoded.append(Encoded(ids, len(prefix), index))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from textvae.errors import TextVAEError
@@ -23,6 +23,7 @@ class Example:
 
     target: str
     source: str | None = None
+    line: int | None = field(default=None, compare=False)  # in its file, counted from 1 (for messages)
 
 
 @dataclass
@@ -93,7 +94,7 @@ def read_split(data_dir: Path, split: str) -> Split:
     if path.suffix == ".jsonl":
         examples, blank = _parse_jsonl(lines, path), 0
     else:
-        examples = [Example(line.strip()) for line in lines if line.strip()]
+        examples = [Example(line.strip(), line=number) for number, line in enumerate(lines, start=1) if line.strip()]
         blank = len(lines) - len(examples)
     if not examples:
         raise TextVAEError(f"{path} holds no examples")
@@ -126,5 +127,5 @@ def _parse_jsonl(lines: list[str], path: Path) -> list[Example]:
         if len(sourced) > 1:
             raise TextVAEError(f'{path}: line {number} {"has" if source is not None else "lacks"} a "source" field '
                                "where earlier lines do not: every line has one, or none")
-        examples.append(Example(record["target"].strip(), source.strip() if source is not None else None))
+        examples.append(Example(record["target"].strip(), source.strip() if source is not None else None, number))
     return examples

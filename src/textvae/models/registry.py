@@ -215,7 +215,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", weight
     typed = model_config(config)
     tokenizer = TextTokenizer.load(directory)
     if config.backbone.frozen_base:
-        backbone = _rebuilt_frozen_base(config, cls, typed, tokenizer, meta.get("base_fingerprint"))
+        backbone = _rebuilt_frozen_base(config, cls, typed, tokenizer, meta.get("base_fingerprint"), meta["hf_config"])
     else:
         backbone = wrap_backbone(_rebuilt(meta["hf_config"], config, directory), tokenizer, cls)
     model = cls(backbone, tokenizer, typed)
@@ -232,7 +232,14 @@ def _rebuilt(hf_config: dict, config: Config, directory: Path):
         raise TextVAEError(f"{directory / 'config.yaml'} has an unusable hf_config: {err}") from None
 
 
-def _rebuilt_frozen_base(config: Config, cls, typed, tokenizer: TextTokenizer, stored: str | None):
+# hf_config keys that say where and by which version a base was saved, not what it computes
+_BOOKKEEPING_KEYS = ("_name_or_path", "transformers_version")
+
+
+def _rebuilt_frozen_base(config: Config, cls, typed, tokenizer: TextTokenizer, stored: str | None,
+                         stored_hf_config: dict):
+    """The frozen base rebuilt from its spec, refused unless its weights (fingerprint) and its
+    config (rope_theta, norm eps: what the weights alone do not fix) are the run's."""
     spec = config.backbone.spec
     if is_preset(spec):
         causal_lm, pretrained_rows = _preset_base(config, tokenizer), tokenizer.vocab_size
@@ -242,6 +249,13 @@ def _rebuilt_frozen_base(config: Config, cls, typed, tokenizer: TextTokenizer, s
     if backbone.base_fingerprint != stored:
         raise TextVAEError(f"backbone {spec} is not the base this run was trained over (fingerprint "
                            f"{str(backbone.base_fingerprint)[:12]}, the run's {str(stored)[:12]})")
+    rebuilt = _plain(backbone.config.to_dict())
+    # keys only one side has come from another transformers version, not another base
+    changed = sorted(key for key in set(rebuilt) & set(stored_hf_config) - set(_BOOKKEEPING_KEYS)
+                     if rebuilt[key] != stored_hf_config[key])
+    if changed:
+        shown = "; ".join(f"{key}: {stored_hf_config[key]!r} in the run, {rebuilt[key]!r} now" for key in changed[:3])
+        raise TextVAEError(f"backbone {spec} has the weights this run was trained over but another config ({shown})")
     return backbone
 
 

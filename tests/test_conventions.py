@@ -74,3 +74,15 @@ def test_layer_mean_conventions_divide_the_latent_terms_by_the_latent_layers(tin
     assert metrics["elbo_layer_mean"] == pytest.approx(metrics["rec"] + metrics["kl"] / 2, rel=1e-9)
     assert metrics["kl"] > 0 and metrics["ppl_layer_mean"] != metrics["ppl"]
     assert metrics["mi_minibatch_size"] == 8
+
+
+def test_one_example_has_means_but_no_standard_errors_or_active_units(tiny_tokenizer):
+    torch.manual_seed(0)
+    model = Della(tiny_backbone("gpt2", vocab=tiny_tokenizer.vocab_size), tiny_tokenizer, DellaConfig(latent_size=4)).eval()
+    metrics = evaluate_likelihood(model, _encoded(tiny_tokenizer, 1), batch_size=8, iw_samples=2)
+    errors = {key: value for key, value in metrics.items() if key.endswith("_stderr")}
+    assert set(errors) >= {"nll_stderr", "ppl_stderr", "elbo_stderr", "kl_stderr"} and set(errors.values()) == {None}
+    assert metrics["au"] is None and "au_groups" not in metrics and "au_mean" not in metrics  # a variance over one
+    assert math.isfinite(metrics["nll"]) and metrics["kl"] > 0
+    two = evaluate_likelihood(model, _encoded(tiny_tokenizer, 2), batch_size=8, iw_samples=2)
+    assert two["nll_stderr"] > 0 and isinstance(two["au"], int) and len(two["au_groups"]) == 2

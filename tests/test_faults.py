@@ -16,7 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import textvae
 from textvae.cli import main
+from textvae.data.batching import encode_examples
+from textvae.data.corpus import Example
 from textvae.errors import TextVAEError
+from textvae.evaluation.paired import tokens_sha
 
 FAST = ["--set", "data.max_length=32", "--set", "data.max_source_length=12", "--set", "train.batch_size=16",
         "--set", "train.warmup_steps=1", "--set", "train.precision=fp32", "--set", "data.vocab_size=300"]
@@ -183,6 +186,12 @@ def test_per_example_numbers_are_written_in_the_split_order_and_average_to_the_m
         assert sum(line[key] for line in lines) / len(lines) == pytest.approx(metrics[key], rel=1e-9)
     assert sum(line["tokens"] for line in lines) == metrics["tokens"]
     texts = (trained_della.parent / "txt" / "test.txt").read_text().splitlines()
+    run = textvae.load(trained_della)  # each record names the very tokens it scored
+    tokenizer, data = run.model.tokenizer, run.config.data
+    layouts, _ = encode_examples([Example(text) for text in texts], tokenizer, data.max_length, data.max_source_length,
+                                 data.overlong)
+    assert [line["tokens_sha"] for line in lines] == [tokens_sha(item.ids, tokenizer.sep_id) for item in layouts]
+    assert len(set(line["tokens_sha"] for line in lines)) == len(set(texts))
     # in the split's order (batches run longest first): each text's own token count
     assert [line["tokens"] for line in lines] == textvae.load(trained_della).log_likelihood(texts, k=1)["tokens"]
 

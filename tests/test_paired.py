@@ -85,12 +85,26 @@ def test_files_over_other_examples_or_tokens_are_refused():
     a = records([1.0, 2.0, 3.0], [4, 5, 6])
     with pytest.raises(TextVAEError, match="different examples"):
         paired_comparison(a, a[:2])
-    with pytest.raises(TextVAEError, match="different tokens for 1 of 3 examples.*--same-tokens-only"):
+    with pytest.raises(TextVAEError, match="other tokens for 1 of 3 examples.*--same-tokens-only"):
         paired_comparison(a, records([1.0, 2.0, 3.0], [4, 5, 7]))
-    with pytest.raises(TextVAEError, match="fewer than 2 are scored alike"):
+    with pytest.raises(TextVAEError, match="only 1 of the examples are scored by both files with the same tokens"):
         paired_comparison(a, records([1.0, 2.0, 3.0], [4, 6, 7]), same_tokens_only=True)
+    elsewhere = [dict(row, index=row["index"] + 3) for row in a]  # another split's examples: none shared
+    with pytest.raises(TextVAEError, match="only 0 of the examples"):
+        paired_comparison(a, elsewhere, same_tokens_only=True)
     with pytest.raises(TextVAEError, match="an example twice"):
         paired_comparison(a, [*a[:2], dict(a[2], index=1)])
+
+
+def test_examples_with_the_same_count_but_other_tokens_do_not_pair():
+    a = records([10.0, 20.0, 30.0], [5, 10, 15], tokens_sha=["aa", "bb", "cc"])
+    b = records([9.0, 19.0, 29.0], [5, 10, 15], tokens_sha=["aa", "bb", "dd"])  # the third: another text
+    with pytest.raises(TextVAEError, match="other tokens for 1 of 3 examples"):
+        paired_comparison(a, b)
+    result = paired_comparison(a, b, same_tokens_only=True)
+    assert result["examples"] == 2 and result["examples_skipped"] == 1 and result["nll_diff"] == pytest.approx(1.0)
+    unhashed = [{key: value for key, value in row.items() if key != "tokens_sha"} for row in b]  # an older file
+    assert paired_comparison(a, unhashed)["examples"] == 3  # the count alone is checked
 
 
 def test_same_tokens_only_pairs_by_split_position_across_dropped_examples():

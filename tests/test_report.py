@@ -68,7 +68,7 @@ def test_report_refuses_what_is_not_a_run(tmp_path, capsys):
 def _scored_run(directory, model, nll, tokens, elbo=None):
     """A run directory as training and `textvae evaluate` leave it, with per-example scores
     (a latent model's with `elbo`: its rec and a KL of 0.5 beside it)."""
-    directory.mkdir()
+    directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(f"run: {{model: {{name: {model}}}}}\n")
     mean = sum(nll) / len(nll)
     (directory / "eval_test.json").write_text(json.dumps({"nll": mean, "examples": len(nll)}))
@@ -117,3 +117,19 @@ def test_report_refuses_a_reference_without_per_example_scores(tmp_path, capsys)
     assert main(["report", str(tmp_path / "della"), "--reference", str(tmp_path / "lm"), "--out", str(tmp_path / "r")]) == 2
     assert "keeps no per-example scores" in capsys.readouterr().err
     assert not (tmp_path / "r" / "report.md").exists()
+
+
+def test_runs_in_folders_of_the_same_name_keep_their_own_rows_and_paired_numbers(tmp_path, capsys):
+    tokens = [4, 6, 5, 5]
+    _scored_run(tmp_path / "lm", "lm", [10.0, 20.0, 14.0, 16.0], tokens)
+    _scored_run(tmp_path / "ptb" / "della", "della", [9.0, 19.5, 13.0, 14.5], tokens)  # -1.00 ± 0.20
+    _scored_run(tmp_path / "yelp" / "della", "della", [10.001, 20.002, 14.001, 16.002], tokens)  # +0.0015 ± 0.0003
+    runs = [str(tmp_path / "lm"), str(tmp_path / "ptb" / "della"), str(tmp_path / "yelp" / "della")]
+    assert main(["report", *runs, "--reference", runs[0], "--out", str(tmp_path / "r")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): [cell.strip() for cell in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    paired = rows["run"].index("nll - reference (paired)")
+    assert rows["ptb/della"][paired] == "-1.00 ± 0.20"
+    assert rows["yelp/della"][paired] == "+0.0015 ± 0.0003"  # places enough to show the error
+    assert main(["report", runs[1], runs[1], "--out", str(tmp_path / "r2")]) == 2
+    assert "is given twice" in capsys.readouterr().err

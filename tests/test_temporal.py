@@ -501,3 +501,40 @@ def test_per_token_nll_is_the_cross_entropy_of_each_scored_target_and_sums_to_th
     torch.testing.assert_close(per_token[scored], full[scored])
     assert bool((per_token[~scored] == 0).all()) and bool((per_token[scored] > 0).all())
     torch.testing.assert_close(per_token.sum(1), model.decoder_nll(batch, z, layout))
+
+
+def test_trace_p_decodes_given_latents_the_same_whatever_the_seed(tiny_tokenizer):
+    model = _model("trace-p", tiny_tokenizer).eval()
+    with torch.no_grad():  # a trained z-to-z map: u = F_mu1 v + (F_sig1 v) xi is no longer 0
+        model.prior_from_latent.parametrizations.weight.original.normal_(0, 0.3)
+    _, batch = _data(model, 3)
+    posterior = model.posterior(batch)
+    means, present = posterior.mean, posterior.present
+    assert bool(present[:, 2].all())  # three segments each
+    prompts = [[tiny_tokenizer.bos_id]] * len(means)
+    ids = torch.tensor(prompts)
+    chains = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        _, state = model.decode_start(ids, torch.ones_like(ids), model.decoding_latent(means, present, prompts, "cpu"))
+        for _ in range(2):  # two segments closed: z_3 = v_3 + u_1 + u_2
+            model.decode_next(state, torch.full((len(means),), tiny_tokenizer.sep_id))
+        chains.append(state.latent["z"])
+    torch.testing.assert_close(chains[0], chains[1], rtol=0, atol=0)
+    with torch.no_grad():
+        expected = means[:, 2] + model.increments(means[:, 0], noise=False) + model.increments(means[:, 1], noise=False)
+    torch.testing.assert_close(chains[0], expected)
+
+
+def test_an_absent_slot_that_overflows_leaves_the_present_slots_densities_finite():
+    from textvae.models.trace.chain import SegmentChain
+
+    base = torch.zeros(2, 3, 4)  # 2 examples, 3 slots, P = 2: [mu, log var]
+    base[0, 2, 2:] = 200.0  # row 0's absent third slot: a variance of e^200, inf in float32
+    present = torch.tensor([[True, True, False], [True, True, True]])
+    chain = SegmentChain(base, present, recurrent=torch.nn.Linear(2, 4))
+    torch.manual_seed(0)
+    z = chain.rsample()
+    assert not torch.isfinite(z[0, 2]).all()
+    assert torch.isfinite(chain.log_prob(z)).all() and torch.isfinite(chain.conditional_entropy(z)).all()
+    assert torch.isfinite(chain.log_prob(chain.rsample(3))).all()  # [B, k, L, P]

@@ -119,9 +119,15 @@ def test_ngram_jsd_by_hand_and_against_scipy():
     # JSD = 1/2 [1 log2(1 / (3/4))] + 1/2 [1/2 log2((1/2) / (3/4)) + 1/2 log2((1/2) / (1/4))]
     by_hand = 0.5 * math.log2(4 / 3) + 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * math.log2(2))
     assert ngram_jsd(["a b"], ["a"], max_order=1) == pytest.approx(by_hand)
-    # orders with no n-gram on one side are skipped: "a" has no bigram, so only unigrams count
-    assert ngram_jsd(["a b"], ["a"]) == pytest.approx(by_hand)
+    # an order where one side has n-grams and the other none counts as disjoint (1); one where
+    # neither has any is skipped: "a" has no bigram, and neither side a trigram
+    assert ngram_jsd(["a b"], ["a"]) == pytest.approx((by_hand + 1.0) / 2)
     assert ngram_jsd([""], [""]) == 0.0
+    references = ["the cat sat on the mat", "a dog ran in the park"]
+    assert ngram_jsd(["", ""], references) == 1.0  # a model that writes nothing is as far as can be
+    assert ngram_jsd(["the", "cat"], references) > 0.75  # unigrams overlap; no longer n-grams at all
+    with pytest.raises(ValueError, match="0 samples"):
+        ngram_jsd([], references)
     rng = random.Random(3)
     samples, references = _random_corpus(rng, 30), _random_corpus(rng, 40)
     expected = []
@@ -151,6 +157,28 @@ def test_score_command_writes_every_metric(tmp_path, capsys):
     assert results["dist_1"] == pytest.approx(7 / 9)  # 9 words, 7 distinct (the x3)
     assert main(["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", "cnd"]) == 2
     assert "unknown metric(s): cnd" in capsys.readouterr().err
+
+
+def test_an_empty_generation_in_a_samples_file_is_scored_as_an_empty_sample(tmp_path):
+    import json
+
+    from textvae.cli import main
+
+    (tmp_path / "g.txt").write_text("the dog runs\n\nthe cat sleeps\n")  # as --samples-out writes an empty text
+    (tmp_path / "r.txt").write_text("the dog runs\n\na cat sleeps\n")  # references: blank lines skipped
+    args = ["score", str(tmp_path / "g.txt"), "--refs", str(tmp_path / "r.txt"), "--metrics", "length,dist_1"]
+    assert main([*args, "--json", str(tmp_path / "s.json")]) == 0
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert results["length"] == 2.0 and results["length_refs"] == 3.0  # (3 + 0 + 3) / 3 and (3 + 3) / 2 words
+    assert results == pytest.approx(score(["the dog runs", "", "the cat sleeps"], ["the dog runs", "a cat sleeps"],
+                                          ["length", "dist_1"]))
+
+
+def test_no_samples_is_a_clear_error():
+    with pytest.raises(ValueError, match="BLEU needs at least one sample"):
+        bleu([], ["a b"])
+    with pytest.raises(ValueError, match="no samples to score"):
+        score([], ["a b"], ["dist_1", "ngram_jsd", "length"])
 
 
 def test_rouge_by_hand_and_against_the_library_convention():

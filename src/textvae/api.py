@@ -353,6 +353,7 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     from textvae.data.corpus import read_split, resolve_data_dir
     from textvae.evaluation.generated import generate_and_score
     from textvae.evaluation.likelihood import Progress, evaluate_likelihood
+    from textvae.evaluation.paired import tokens_sha
     from textvae.evaluation.text_metrics import check_metric_names
     from textvae.files import check_writable, write_text_atomically
     from textvae.runs import encode_split, load_run
@@ -411,7 +412,9 @@ def evaluate(run_dir: str | Path, split: str = "test", data: str | None = None, 
     results = evaluate_likelihood(model, encoded, batch_size, iw_samples, au_delta, bf16, seed, iw_batch, progress, values,
                                   show_pace=verbose)
     if per_example is not None:
-        lines = [json.dumps({"index": item.position, **{key: float(column[index]) for key, column in values.items()}})
+        sep = model.tokenizer.sep_id
+        lines = [json.dumps({"index": item.position, "tokens_sha": tokens_sha(item.ids, sep),
+                             **{key: float(column[index]) for key, column in values.items()}})
                  for index, item in enumerate(encoded)]
         write_text_atomically(per_example, "".join(line + "\n" for line in lines))
     progress.path.unlink(missing_ok=True)

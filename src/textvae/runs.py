@@ -247,9 +247,10 @@ def _examples(metrics: dict) -> int:
     return int(metrics.get("examples") or 0)
 
 
-def read_lines(path: str | Path, what: str) -> list[str]:
-    """The non-blank lines of a UTF-8 text file, stripped; one-line errors for a missing,
-    undecodable or empty file (`what`: what the lines are, for the message)."""
+def read_lines(path: str | Path, what: str, keep_blank: bool = False) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (every line with `keep_blank`), stripped;
+    one-line errors for a missing, undecodable or empty file (`what`: what the lines are, for
+    the message)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -258,8 +259,8 @@ def read_lines(path: str | Path, what: str) -> list[str]:
         raise TextVAEError(f"{path} is not valid UTF-8") from None
     except OSError as err:  # a folder, no permission
         raise TextVAEError(f"cannot read {path} ({err.strerror or err})") from None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
+    lines = [line.strip() for line in text.splitlines() if keep_blank or line.strip()]
+    if not any(lines):
         raise TextVAEError(f"{path} holds no {what}")
     return lines
 

@@ -167,7 +167,7 @@ def _score(args) -> int:
     from textvae.evaluation.text_metrics import score
 
     check_writable(args.json, "--json")
-    samples = read_lines(args.generated, "generated texts")
+    samples = read_lines(args.generated, "generated texts", keep_blank=True)  # an empty generation is a sample
     references = read_lines(args.refs, "references")
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     try:
@@ -188,14 +188,14 @@ def _compare(args) -> int:
 
 # --- report -----------------------------------------------------------------------------
 def _make_report(args) -> int:
-    from textvae.evaluation.report import build_report, interpolation_listing, read_run
+    from textvae.evaluation.report import build_report, interpolation_listing, named_apart, read_run
 
     if args.steps < 2:
         raise TextVAEError("--steps must be >= 2 (the two end points are included)")
     for run_dir in [*args.run_dirs, *([args.reference] if args.reference else [])]:
         if not Path(run_dir).is_dir():
             raise TextVAEError(f"run directory not found: {run_dir}")
-    records = [read_run(run_dir, args.split) for run_dir in args.run_dirs]
+    records = named_apart([read_run(run_dir, args.split) for run_dir in args.run_dirs])
     reference = read_run(args.reference, args.split) if args.reference else None
     listing = None
     if args.interpolate:

@@ -104,7 +104,7 @@ def features_name(features: str) -> str:
 
 def mauve(samples: list[str], references: list[str], seed: int = 25, features: str = "minilm") -> float:
     """MAUVE (mauve-text) between the references (p) and the samples (q), k-means buckets =
-    max(2, N / 10) (mauve's default). `features`: "minilm" (all-MiniLM-L6-v2 sentence
+    max(2, round(min(N_p, N_q) / 10)) (mauve's default). `features`: "minilm" (all-MiniLM-L6-v2 sentence
     embeddings) or a causal LM for `last_token_states`."""
     import mauve as mauve_text
 

@@ -275,12 +275,13 @@ def evaluate_likelihood(
         active = active_units(torch.cat([q.activity_means for q in posteriors]), au_delta)
         metrics.update(**mean_with_stderr("elbo", rec + kl), **mean_with_stderr("rec", rec), **mean_with_stderr("kl", kl))
         torch.manual_seed(seed)
-        metrics.update(mi=mutual_information(posteriors), au=int(active.sum()))
+        metrics.update(mi=mutual_information(posteriors), au=int(active.sum()) if examples > 1 else None)
         sizes = model.latent_group_sizes
         if len(sizes) > 1:
             metrics["kl_groups"] = (torch.stack(kl_groups).sum(0) / examples).tolist()
-            metrics["au_groups"] = [int(part.sum()) for part in active.split(sizes)]
-            metrics["au_mean"] = sum(metrics["au_groups"]) / len(sizes)
+            if examples > 1:  # activity is a variance over examples: none for one
+                metrics["au_groups"] = [int(part.sum()) for part in active.split(sizes)]
+                metrics["au_mean"] = sum(metrics["au_groups"]) / len(sizes)
         if len(segment_count):
             metrics["kl_segments"] = (segment_kl / segment_count).tolist()
         # the papers' conventions, beside the true quantities (docs/metrics.md)
@@ -296,19 +297,23 @@ def evaluate_likelihood(
     return metrics
 
 
-def mean_with_stderr(name: str, values: torch.Tensor) -> dict[str, float]:
-    """The mean of per-example `values` [N] and its standard error (0 for one example)."""
-    stderr = float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+def mean_with_stderr(name: str, values: torch.Tensor) -> dict[str, float | None]:
+    """The mean of per-example `values` [N] and its standard error (None for one example: no
+    spread to measure)."""
+    stderr = float(values.std(unbiased=True) / math.sqrt(len(values))) if len(values) > 1 else None
     return {name: float(values.mean()), f"{name}_stderr": stderr}
 
 
-def perplexity_with_stderr(suffix: str, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+def perplexity_with_stderr(suffix: str, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float | None]:
     """ppl = exp(sum nll / sum tokens) over examples [N], and its standard error by the delta
-    method for a ratio of sums: se(ppl) = ppl * sd(nll_i - r t_i) / (mean(t) sqrt(N))."""
+    method for a ratio of sums: se(ppl) = ppl * sd(nll_i - r t_i) / (mean(t) sqrt(N)) (None for
+    one example)."""
     rate = float(nll.sum() / tokens.sum())
     ppl = math.exp(rate)
     count = len(nll)
-    spread = float((nll - rate * tokens).std(unbiased=True)) if count > 1 else 0.0
+    if count < 2:
+        return {f"ppl{suffix}": ppl, f"ppl{suffix}_stderr": None}
+    spread = float((nll - rate * tokens).std(unbiased=True))
     return {f"ppl{suffix}": ppl, f"ppl{suffix}_stderr": ppl * spread / (float(tokens.mean()) * math.sqrt(count))}
 
 

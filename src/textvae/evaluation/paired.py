@@ -13,6 +13,7 @@ its evaluation record beside it (`examples_record`), which `textvae report --ref
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -58,9 +59,10 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     (when one side is a language model, `nll_as_bound` names it and its NLL stands for its ELBO
     and rec, 0 for its KL); for `nll` also `nll_per_token_diff` (sum of differences / sum of
     tokens) and its error. The two lists must score the same examples (same indices, in any
-    order) with the same token counts; `same_tokens_only` pairs just the examples both scored
-    with the same count (e.g. a segment-wise model, whose [SEP]s make more texts truncated or
-    dropped, against an LM) and counts the others in `examples_skipped`."""
+    order) with the same tokens (count, and ids where both records hold `tokens_sha`);
+    `same_tokens_only` pairs just the examples both scored with the same tokens (e.g. a
+    segment-wise model, whose [SEP]s make more texts truncated or dropped, against an LM) and
+    counts the others in `examples_skipped`. At least 2 examples must pair."""
     terms_a, terms_b = _latent_terms(a, "A"), _latent_terms(b, "B")
     by_index = {record["index"]: record for record in b}
     indices_a = {record["index"] for record in a}
@@ -71,12 +73,14 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
                            "or other indices): evaluate both runs on the same split and --examples; where some "
                            "texts were dropped by data.overlong, --same-tokens-only pairs the others")
     pairs = [(record, by_index[record["index"]]) for record in a if record["index"] in by_index]
-    alike = [(x, y) for x, y in pairs if x["tokens"] == y["tokens"]]
-    if len(alike) < len(pairs) and not (same_tokens_only and len(alike) >= 2):
-        raise TextVAEError(f"the two files count different tokens for {len(pairs) - len(alike)} of {len(pairs)} examples: "
-                           + ("fewer than 2 are scored alike" if same_tokens_only else
-                              "other tokenizers or data cannot be compared example by example; where only some "
-                              "texts were truncated differently, --same-tokens-only pairs the others"))
+    alike = [(x, y) for x, y in pairs if _same_tokens(x, y)]
+    if len(alike) < len(pairs) and not same_tokens_only:
+        raise TextVAEError(f"the two files score other tokens for {len(pairs) - len(alike)} of {len(pairs)} examples: "
+                           "other tokenizers or data cannot be compared example by example; where only some "
+                           "texts were truncated differently, --same-tokens-only pairs the others")
+    if len(alike) < 2:
+        raise TextVAEError(f"only {len(alike)} of the examples are scored by both files with the same tokens; "
+                           "a comparison needs at least 2 (evaluate both runs on the same split)")
     result: dict = {"examples": len(alike)}
     if same_tokens_only:
         result["examples_skipped"] = len(indices_a | set(by_index)) - len(alike)
@@ -99,6 +103,20 @@ def paired_comparison(a: list[dict], b: list[dict], same_tokens_only: bool = Fal
     result["nll_per_token_diff"] = math.log(ratio["ppl"])
     result["nll_per_token_diff_stderr"] = ratio["ppl_stderr"] / ratio["ppl"]
     return result
+
+
+def _same_tokens(x: dict, y: dict) -> bool:
+    """Whether two records score the same tokens: the same count, and the same token ids where
+    both files hold their hash (`tokens_sha`; files written before it had only the count)."""
+    if x["tokens"] != y["tokens"]:
+        return False
+    return "tokens_sha" not in x or "tokens_sha" not in y or x["tokens_sha"] == y["tokens_sha"]
+
+
+def tokens_sha(ids: list[int], sep_id: int) -> str:
+    """A record's `tokens_sha`: sha256 of the example's token ids without [SEP]s (which segment-wise
+    models insert between segments), first 16 hex digits."""
+    return hashlib.sha256(json.dumps([token for token in ids if token != sep_id]).encode()).hexdigest()[:16]
 
 
 def _latent_terms(records: list[dict], side: str) -> frozenset[str]:

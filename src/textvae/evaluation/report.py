@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,23 @@ def read_run(directory: str | Path, split: str = "test") -> RunRecord:
                      examples if metrics and examples.is_file() else None)
 
 
+def named_apart(records: list[RunRecord]) -> list[RunRecord]:
+    """The records, each run named by its folder, or where two folders share a name by as many
+    of their last path parts as tell them apart (ptb/della, yelp/della); a run given twice is
+    refused."""
+    paths = [record.directory.resolve() for record in records]
+    if len(set(paths)) < len(paths):
+        twice = next(path for path in paths if paths.count(path) > 1)
+        raise TextVAEError(f"run {twice} is given twice")
+    named = []
+    for record, path in zip(records, paths):
+        parts = 1
+        while sum(other.parts[-parts:] == path.parts[-parts:] for other in paths) > 1:
+            parts += 1
+        named.append(dataclasses.replace(record, name="/".join(path.parts[-parts:])) if parts > 1 else record)
+    return named
+
+
 def format_metrics(metrics: dict) -> str:
     """Metrics as aligned lines, a mean with its standard error as `mean ± se`."""
     width = max(len(key) for key in metrics)
@@ -121,15 +139,23 @@ def metrics_table(records: list[RunRecord], paired: dict[str, dict | str] | None
         if paired is not None:
             comparison = paired.get(record.name)
             if isinstance(comparison, dict):
-                cells += [f"{comparison['nll_diff']:+.2f} ± {comparison['nll_diff_stderr']:.2f}",
-                          f"{comparison['nll_per_token_diff']:+.4f} ± {comparison['nll_per_token_diff_stderr']:.4f}"]
+                cells += [_difference_cell(comparison, "nll_diff", 2), _difference_cell(comparison, "nll_per_token_diff", 4)]
             else:
                 cells += ["-", "-"]
             if with_elbo:
                 has_elbo = isinstance(comparison, dict) and "elbo_diff" in comparison
-                cells.append(f"{comparison['elbo_diff']:+.2f} ± {comparison['elbo_diff_stderr']:.2f}" if has_elbo else "-")
+                cells.append(_difference_cell(comparison, "elbo_diff", 2) if has_elbo else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _difference_cell(comparison: dict, key: str, places: int) -> str:
+    """A signed paired difference `+d ± se`, to at least `places` decimals and enough more to
+    show the error's first digit."""
+    stderr = comparison[f"{key}_stderr"]
+    if stderr and math.isfinite(stderr):
+        places = min(max(places, -math.floor(math.log10(abs(stderr)))), 8)
+    return f"{comparison[key]:+.{places}f} ± {stderr:.{places}f}"
 
 
 def _pairs_elbo(paired: dict[str, dict | str] | None) -> bool:
@@ -168,7 +194,7 @@ def _cell(value, stderr=None) -> str:
         return "-"
     if isinstance(value, float):
         places = 2 if abs(value) >= 10 else 3
-        if stderr and math.isfinite(stderr):  # nan: one example, no error
+        if stderr and math.isfinite(stderr):
             places = min(max(places, -math.floor(math.log10(abs(stderr)))), 8)
         return f"{value:.{places}f}" + ("" if stderr is None else f" ± {stderr:.{places}f}")
     return str(value)
@@ -242,6 +268,9 @@ def build_report(records: list[RunRecord], out: Path, split: str = "test", inter
     """Write out/report.md (+ curves.png, kl_groups.png) and return the markdown;
     `interpolation` is an `interpolation_listing` to append; with a `reference` run, each run's
     NLL against it, paired over the same examples."""
+    records = named_apart(records)
+    if reference is not None:  # named as in the table when it is one of its rows
+        reference = next((r for r in records if r.directory.resolve() == reference.directory.resolve()), reference)
     paired = None if reference is None else paired_against(reference, records)
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# textvae report", "", f"Metrics of the `{split}` split (`textvae evaluate`, eval_{split}.json in each run; "

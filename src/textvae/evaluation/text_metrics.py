@@ -80,6 +80,8 @@ class References:
 
 def bleu(samples: list[str], references: list[str]) -> float:
     """Mean BLEU-4 of each sample against the whole reference set (percent: x 100 not applied)."""
+    if not samples:
+        raise ValueError("BLEU needs at least one sample")
     prepared = References([tokenize(text) for text in references])
     return sum(prepared.bleu(tokenize(text)) for text in samples) / len(samples)
 
@@ -170,15 +172,20 @@ def jaccard(samples: list[str], n: int = 1) -> float:
 def ngram_jsd(samples: list[str], references: list[str], max_order: int = ORDER) -> float:
     """Mean over n = 1..max_order of the Jensen-Shannon divergence (base 2, in [0, 1]) between
     the pooled n-gram distributions of the references and of the samples: 0 for identical
-    distributions, 1 for disjoint ones. An order where one side has no n-gram at all is skipped
-    (nothing to compare); 0 if every order is skipped. Our stand-in for the papers' CND, whose
-    exact definition we could not verify (docs/metrics.md)."""
+    distributions, 1 for disjoint ones. An order where only one side has n-grams counts as
+    disjoint (1: texts too short to have any are as far as texts can be); one where neither has
+    any is skipped; 0 if every order is. Our stand-in for the papers' CND, whose exact
+    definition we could not verify (docs/metrics.md)."""
+    if not samples or not references:
+        raise ValueError(f"ngram_jsd compares samples with references: {len(samples)} samples, {len(references)} references")
     divergences = []
     for n in range(1, max_order + 1):
         real = Counter(gram for text in references for gram in ngrams(tokenize(text), n))
         generated = Counter(gram for text in samples for gram in ngrams(tokenize(text), n))
         real_total, generated_total = sum(real.values()), sum(generated.values())
         if not real_total or not generated_total:
+            if real_total or generated_total:
+                divergences.append(1.0)
             continue
         divergence = 0.0
         for gram in real.keys() | generated.keys():
@@ -248,7 +255,7 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
         elif name == "jaccard":
             results[name] = sum(jaccard(group) for group in groups) / len(groups)
         elif name == "length":  # the papers' Len: words per text, the references' beside it
-            results[name] = sum(len(tokenize(text)) for text in samples) / len(samples) if samples else 0.0
+            results[name] = sum(len(tokenize(text)) for text in samples) / len(samples)
             if references:
                 results["length_refs"] = sum(len(tokenize(text)) for text in references) / len(references)
         elif name == "mauve":
@@ -269,6 +276,8 @@ def score(samples: list[str], references: list[str], metrics: list[str] | None =
 def _check_inputs(chosen: list[str], samples: list[str], references: list[str], groups: list[list[str]]) -> None:
     """Refuse what some requested metric cannot score before any is computed (MAUVE alone takes
     minutes): a ValueError naming the metric."""
+    if not samples:
+        raise ValueError("no samples to score")
     paired = [name for name in chosen if name in PAIRED]
     if paired and (len(samples) != len(references) or not samples):
         raise ValueError(f"{', '.join(paired)} pair sample i with reference i: {len(samples)} samples, "

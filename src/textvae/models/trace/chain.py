@@ -65,11 +65,11 @@ class SegmentChain:
         """Log density of z [B, L, P] or [B, k, L, P] summed over present slots: [B] or [B, k]."""
         per_slot = self.conditionals(z).log_prob(z)  # [.., L]
         present = self.present if z.dim() == 3 else self.present[:, None]
-        return (per_slot * present).sum(-1)
+        return absent_as_zero(per_slot, present).sum(-1)
 
     def conditional_entropy(self, z: torch.Tensor) -> torch.Tensor:
         """sum_t H(q(z_t | z_{t-1})) over present slots, z_{t-1} read from z [B, L, P]: [B]."""
-        return (self.conditionals(z).entropy() * self.present).sum(-1)
+        return absent_as_zero(self.conditionals(z).entropy(), self.present).sum(-1)
 
     @property
     def segment_counts(self) -> torch.Tensor:
@@ -109,3 +109,13 @@ class SegmentChain:
         """Each slot's mean and log-variance given the means of the slots before it: [B, L, P]."""
         along_means = self.conditionals(self.mean)
         return LatentGroups(along_means.mean, along_means.log_var, self.present.bool())
+
+
+def absent_as_zero(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """`values` [..., L] (or [..., L, P]) with absent slots (`present` [..., L] false) set to 0:
+    selected, not multiplied, so that an absent slot's inf or NaN (its padding read as text)
+    cannot reach the sum."""
+    present = present.bool()
+    if values.dim() > present.dim():
+        present = present[..., None]
+    return torch.where(present, values, torch.zeros((), dtype=values.dtype, device=values.device))

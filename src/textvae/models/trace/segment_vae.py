@@ -42,7 +42,7 @@ from textvae.latent.gaussian import DiagonalGaussian
 from textvae.latent.regularizers import thresholded_kl
 from textvae.models.base import DecodeState, ImportanceWeights, Output, TextVAE
 from textvae.models.encoder import TextEncoder
-from textvae.models.trace.chain import SegmentChain
+from textvae.models.trace.chain import SegmentChain, absent_as_zero
 from textvae.models.trace.config import SegmentLatentConfig
 from textvae.models.trace.layout import SegmentLayout
 
@@ -144,7 +144,7 @@ class SegmentLatentVAE(TextVAE):
         latent = posterior.rsample()
         z = self.decoder_latent(latent)
         rec = self.decoder_nll(batch, z, layout)
-        kl_per_dim = posterior.conditionals(latent).kl_per_dim(prior.conditionals(latent)) * layout.slots[..., None]  # [B, L, P]
+        kl_per_dim = absent_as_zero(posterior.conditionals(latent).kl_per_dim(prior.conditionals(latent)), layout.slots)  # [B, L, P]
         kl_groups = kl_per_dim.sum(-1)  # per segment
         loss = rec + beta * thresholded_kl(kl_per_dim.flatten(1), self.config.kl_threshold)
         logs = {"segments": layout.slots.sum(1).float().mean()}
@@ -172,9 +172,10 @@ class SegmentLatentVAE(TextVAE):
         """p(z_t | z_{t-1}, x_<t) for one slot: before [N, H] (x_<t), previous [N, P] or None."""
         raise NotImplementedError
 
-    def chain_state(self, drawn: torch.Tensor, previous: dict | None) -> dict[str, torch.Tensor]:
-        """Per-row generation state after drawing the next slot's latent `drawn` [N, P]:
-        "z" is what the decoder reads (TRACE-P also carries its running sum)."""
+    def chain_state(self, drawn: torch.Tensor, previous: dict | None, given: bool = False) -> dict[str, torch.Tensor]:
+        """Per-row generation state after drawing the next slot's latent `drawn` [N, P] (or
+        taking it as `given`): "z" is what the decoder reads (TRACE-P also carries its running
+        sum)."""
         return {"z": drawn}
 
     def _prior_draw(self, ids: torch.Tensor, mask: torch.Tensor, previous: dict | None) -> dict[str, torch.Tensor]:
@@ -218,7 +219,7 @@ class SegmentLatentVAE(TextVAE):
         ids, mask = pad_rows(prompts, self.tokenizer.pad_id, device, left=True)
         z = z.to(device).float()
         count = present.to(device).sum(1)
-        return {**self.chain_state(z[:, 0], None), "ids": ids, "mask": mask,
+        return {**self.chain_state(z[:, 0], None, given=True), "ids": ids, "mask": mask,
                 "given": z, "count": count, "slot": torch.zeros_like(count)}
 
     @torch.no_grad()
@@ -244,7 +245,7 @@ class SegmentLatentVAE(TextVAE):
         """Replace the chain state of `rows` by the next segment's, drawn or given."""
         previous = {key: value[rows] for key, value in latent.items() if key not in self.context_keys}
         if from_given:
-            following = self.chain_state(latent["given"][rows, latent["slot"][rows]], previous)
+            following = self.chain_state(latent["given"][rows, latent["slot"][rows]], previous, given=True)
         else:
             following = self._prior_draw(latent["ids"][rows], latent["mask"][rows], previous)
         for key, value in following.items():

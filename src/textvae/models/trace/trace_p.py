@@ -11,7 +11,8 @@ residual form and fixed-gamma floor as TRACE-R) and the bound need no recurrence
 the same law under q and p, so it cancels from log p(v, u) - log q(v, u) and the IW bound is
 exact for this model: log w = log p(x | z(v, u)) + log p(v) - log q(v | x). MI and AU are
 those of v (x reaches u only through v). Generation draws v_t from p at each [SEP] and
-keeps the running sum of u. We do not score TRACE-P with TRACE-R's exact recursion
+keeps the running sum of u; decoding given v's (reconstruction from posterior means,
+interpolation) takes each u at its mean given v, F_mu1 v. We do not score TRACE-P with TRACE-R's exact recursion
 z_t ~ N(F [z_{t-1}; x_<t], ...): the sampler never trains it, and run on a trained TRACE-P
 it diverges (the log-variance is linear in z and exponentiated; docs/architecture.md).
 With the z-to-z maps at zero, u = 0 and z_t is TRACE-R's sample for the same noise. [F_mu1; F_sig1] has its spectral norm capped at 1
@@ -45,10 +46,13 @@ class TraceP(ResidualPosteriorVAE):
             return SegmentChain(residual, layout.slots), SegmentChain(base, layout.slots)
         return SegmentChain(base, layout.slots, residual=residual), SegmentChain(base, layout.slots)
 
-    def increments(self, v: torch.Tensor) -> torch.Tensor:
-        """u = F_mu1 v + (F_sig1 v) * xi for v [..., P] (fresh noise xi): same shape."""
+    def increments(self, v: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """u = F_mu1 v + (F_sig1 v) * xi for v [..., P] (fresh noise xi; without `noise`, its
+        mean given v, F_mu1 v): same shape."""
         maps = self.prior_from_latent(v).float()
         size = self.config.latent_size
+        if not noise:
+            return maps[..., :size]
         return maps[..., :size] + maps[..., size:] * torch.randn_like(maps[..., :size])
 
     def decoder_latent(self, latent: torch.Tensor) -> torch.Tensor:
@@ -60,9 +64,11 @@ class TraceP(ResidualPosteriorVAE):
     def next_prior(self, before, previous, first):
         return self.prior_step(before, None, first)  # p(v_t | x_<t): no z-to-z term
 
-    def chain_state(self, drawn, previous):
+    def chain_state(self, drawn, previous, given=False):
+        # decoding given v's (posterior means, interpolations): u at its mean given v, so that
+        # the text depends on the v's alone, not on fresh noise
         if previous is None:
             carried = torch.zeros_like(drawn)
         else:
-            carried = previous["carried"] + self.increments(previous["v"])
+            carried = previous["carried"] + self.increments(previous["v"], noise=not given)
         return {"z": drawn + carried, "v": drawn, "carried": carried}

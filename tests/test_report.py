@@ -133,3 +133,24 @@ def test_runs_in_folders_of_the_same_name_keep_their_own_rows_and_paired_numbers
     assert rows["yelp/della"][paired] == "+0.0015 ± 0.0003"  # places enough to show the error
     assert main(["report", runs[1], runs[1], "--out", str(tmp_path / "r2")]) == 2
     assert "is given twice" in capsys.readouterr().err
+
+
+def test_the_python_api_reports_and_scores_as_the_commands_do(tmp_path, capsys):
+    import textvae
+
+    tokens = [4, 6, 5, 5]
+    _scored_run(tmp_path / "lm", "lm", [10.0, 20.0, 14.0, 16.0], tokens)
+    _scored_run(tmp_path / "della", "della", [9.0, 19.5, 13.0, 14.5], tokens)
+    runs = [str(tmp_path / "lm"), str(tmp_path / "della")]
+    assert main(["report", *runs, "--reference", runs[0], "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out
+    assert textvae.report(runs, tmp_path / "api", reference=runs[0]) == printed and "-1.00 ± 0.20" in printed
+    assert (tmp_path / "api" / "report.md").read_text() == printed
+    with pytest.raises(textvae.TextVAEError, match="run directory not found"):
+        textvae.report([str(tmp_path / "nope")], tmp_path / "x")
+    results = textvae.score(["the dog runs", ""], ["the dog runs", "a cat"], ["length", "dist_1"])
+    assert results == {"length": 1.5, "length_refs": 2.5, "dist_1": 1.0}  # the empty text is a sample of 0 words
+    with pytest.raises(textvae.TextVAEError, match="samples must be a list of strings"):
+        textvae.score("the dog runs", ["a cat"])
+    with pytest.raises(textvae.TextVAEError, match="unknown metric"):
+        textvae.score(["a"], ["a"], ["cnd"])

@@ -472,6 +472,45 @@ def compare(a: str | Path, b: str | Path, same_tokens_only: bool = False) -> dic
     return paired_comparison(a_records, b_records, same_tokens_only)
 
 
+def score(samples: list[str], references: list[str], metrics: list[str] | None = None,
+          mauve_features: str = "minilm", group_size: int | None = None) -> dict:
+    """The text metrics of `samples` against `references`, as `textvae score` gives them
+    (docs/metrics.md): by default the unpaired ones; paired ones (bleu_ref, rouge_*,
+    bertscore) set sample i against reference i. `group_size`: consecutive groups of that
+    many samples share a source, and Self-BLEU and Jaccard compare within each group.
+    BLEU and Self-BLEU are fractions in [0, 1]."""
+    from textvae.evaluation.text_metrics import score as text_scores
+
+    for texts, what in ((samples, "samples"), (references, "references")):
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+            raise TextVAEError(f"{what} must be a list of strings (an empty string: a model that wrote nothing)")
+    try:
+        return text_scores(list(samples), list(references), metrics, mauve_features, group_size)
+    except ValueError as err:
+        raise TextVAEError(str(err)) from None
+
+
+def report(run_dirs: list[str | Path], out: str | Path, split: str = "test", reference: str | Path | None = None,
+           interpolate: tuple[str, str] | None = None, steps: int = 5) -> str:
+    """Write OUT/report.md (a table of the runs' `split` evaluations, with each run's NLL and
+    ELBO paired against `reference`'s when given) and its plots (training curves, KL per
+    latent group), as `textvae report` does; with `interpolate` (two sentences), each latent
+    run's greedy decodings along `steps` points between them. Returns the markdown."""
+    from textvae.evaluation.report import build_report, interpolation_listing, named_apart, read_run
+
+    if steps < 2:
+        raise TextVAEError("steps must be >= 2 (the two end points are included)")
+    for run_dir in [*run_dirs, *([reference] if reference else [])]:
+        if not Path(run_dir).is_dir():
+            raise TextVAEError(f"run directory not found: {run_dir}")
+    records = named_apart([read_run(run_dir, split) for run_dir in run_dirs])
+    listing = None
+    if interpolate:
+        paths = {record.name: interpolation_path(record.directory, *interpolate, steps) for record in records}
+        listing = interpolation_listing(*interpolate, {name: path for name, path in paths.items() if path is not None})
+    return build_report(records, Path(out), split, listing, read_run(reference, split) if reference else None)
+
+
 def _file_identity(path: Path) -> str:
     """Size and modification time of a file: a retrained run's weights change them."""
     status = path.stat()

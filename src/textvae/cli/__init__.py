@@ -164,17 +164,13 @@ def _plot_latent(args) -> int:
 
 # --- score ------------------------------------------------------------------------------
 def _score(args) -> int:
-    from textvae.evaluation.text_metrics import score
+    from textvae.api import score
 
     check_writable(args.json, "--json")
     samples = read_lines(args.generated, "generated texts", keep_blank=True)  # an empty generation is a sample
     references = read_lines(args.refs, "references")
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
-    try:
-        results = score(samples, references, metrics, args.mauve_features)
-    except ValueError as err:
-        raise TextVAEError(str(err)) from None
-    _report(results, args.json)
+    _report(score(samples, references, metrics, args.mauve_features), args.json)
     return 0
 
 
@@ -188,22 +184,11 @@ def _compare(args) -> int:
 
 # --- report -----------------------------------------------------------------------------
 def _make_report(args) -> int:
-    from textvae.evaluation.report import build_report, interpolation_listing, named_apart, read_run
+    from textvae.api import report
 
     if args.steps < 2:
         raise TextVAEError("--steps must be >= 2 (the two end points are included)")
-    for run_dir in [*args.run_dirs, *([args.reference] if args.reference else [])]:
-        if not Path(run_dir).is_dir():
-            raise TextVAEError(f"run directory not found: {run_dir}")
-    records = named_apart([read_run(run_dir, args.split) for run_dir in args.run_dirs])
-    reference = read_run(args.reference, args.split) if args.reference else None
-    listing = None
-    if args.interpolate:
-        from textvae.api import interpolation_path
-
-        paths = {record.name: interpolation_path(record.directory, *args.interpolate, args.steps) for record in records}
-        listing = interpolation_listing(*args.interpolate, {name: path for name, path in paths.items() if path is not None})
-    sys.stdout.write(build_report(records, Path(args.out), args.split, listing, reference))
+    sys.stdout.write(report(args.run_dirs, args.out, args.split, args.reference, args.interpolate, args.steps))
     return 0
 
 

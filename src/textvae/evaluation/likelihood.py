@@ -272,14 +272,16 @@ def evaluate_likelihood(
     metrics = {**perplexity_with_stderr("", -values["log_px"], tokens), **mean_with_stderr("nll", -values["log_px"])}
     if model.has_latent:
         rec, kl, groups = values["rec"], values["kl"], values["groups"]
-        active = active_units(torch.cat([q.activity_means for q in posteriors]), au_delta)
+        activity_means = torch.cat([q.activity_means for q in posteriors])
+        # activity is a variance over observations (examples, or segments): none for one
+        active = active_units(activity_means, au_delta) if len(activity_means) > 1 else None
         metrics.update(**mean_with_stderr("elbo", rec + kl), **mean_with_stderr("rec", rec), **mean_with_stderr("kl", kl))
         torch.manual_seed(seed)
-        metrics.update(mi=mutual_information(posteriors), au=int(active.sum()) if examples > 1 else None)
+        metrics.update(mi=mutual_information(posteriors), au=None if active is None else int(active.sum()))
         sizes = model.latent_group_sizes
         if len(sizes) > 1:
             metrics["kl_groups"] = (torch.stack(kl_groups).sum(0) / examples).tolist()
-            if examples > 1:  # activity is a variance over examples: none for one
+            if active is not None:
                 metrics["au_groups"] = [int(part.sum()) for part in active.split(sizes)]
                 metrics["au_mean"] = sum(metrics["au_groups"]) / len(sizes)
         if len(segment_count):

@@ -8,8 +8,11 @@ A trained run (`--run`), or a fresh model built from a config (`--config`, `--mo
 timing does not depend on training; a preset backbone's tokenizer is trained on the config's
 training split). One evaluation batch of `--batch` test sentences (`--position`: where in the
 length order, 0 = the longest, 0.5 = the middle), k samples scored in chunks of each size as
-evaluation runs them (no-grad, adapters merged); the sizes take turns in an order rotated by
-one each repeat, and the median time of each is reported with its ratio to the first size.
+evaluation runs them (no-grad, adapters merged); one untimed pass of each size first (a
+cold first pass would count against whichever size runs first), then the sizes take turns
+in an order rotated by one each repeat, and the median time of each is reported with its
+ratio to the first size, beside each size's mean log p(x) (the chunk size only changes
+which random numbers go to which sample, so these agree within sampling noise).
 
     OMP_NUM_THREADS=2 python benchmarks/iw_chunk_speed.py --run runs/smollm2-embed-const --chunks 20,10,4 --k 20
     OMP_NUM_THREADS=2 python benchmarks/iw_chunk_speed.py --config configs/ptb.yaml --model della --chunks 20,auto
@@ -72,21 +75,25 @@ def main() -> None:
           f"{args.run or f'fresh {args.model} from {args.config}'}: batch {batch.size} x {batch.input_ids.shape[1]} "
           f"positions, {targets} targets, k = {args.k}", flush=True)
     times: list[list[float]] = [[] for _ in chunks]
+    estimates: list[float] = [0.0 for _ in chunks]
     with torch.no_grad(), model.backbone.merged_adapter():
+        for size in chunks:  # warm-up: one decoder pass of each size, untimed
+            log_marginals(model, batch, size, size)
         for repeat in range(args.repeats):
             order = list(range(len(chunks)))
             for which in order[repeat % len(order):] + order[: repeat % len(order)]:
                 torch.manual_seed(1)
                 start = time.perf_counter()
-                log_marginals(model, batch, args.k, chunks[which])
+                log_px = log_marginals(model, batch, args.k, chunks[which])[0]
                 times[which].append(time.perf_counter() - start)
+                estimates[which] = float(log_px.mean())
                 print(f"chunk {names[which]}: {times[which][-1]:.1f} s", flush=True)
     base = statistics.median(times[0])
-    for name, size, measured in zip(names, chunks, times):
+    for name, size, measured, estimate in zip(names, chunks, times, estimates):
         median = statistics.median(measured)
         print(f"chunk {name:>10} ({batch.size * size * batch.input_ids.shape[1]:>6} positions a pass): {median:6.1f} s  "
               f"{targets * args.k / median:5.0f} target tokens/s  ratio {median / base:.3f}  "
-              f"(spread {max(measured) / min(measured) - 1:.0%})")
+              f"(spread {max(measured) / min(measured) - 1:.0%}); mean log p(x) {estimate:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ fine-tuning, 4 N + 12 L T H under LoRA: no weight gradients for the frozen base)
 bf16 matmul peak measured in the same run.
 
 Peak memory: each (model, mode) again in a child process of its own (building it and taking
-`--memory-steps` steps), its peak resident set size from getrusage.
+`--memory-steps` steps), its peak resident set size (VmHWM; `peak_rss` below).
 
 Evaluation (`--eval`, or `--eval-only`): `evaluate_likelihood` with k importance samples on
 `--eval-texts` texts against its floor, k plain decoder forward passes over the same texts (the
@@ -140,7 +140,7 @@ def evaluation_cost(name: str, mode: str, backbone: str, texts: int, k: int, len
 
     def passes() -> float:
         start = time.perf_counter()
-        for _ in range(0, k, 20):  # k passes in the chunks evaluation uses
+        for _ in range(0, k, 20):  # k samples in chunks of 20 (evaluation now sizes its own: samples_per_pass)
             hidden = model.backbone(repeated.input_ids, repeated.attention_mask).hidden
             model.target_nll(hidden, repeated)
         return time.perf_counter() - start

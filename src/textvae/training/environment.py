@@ -82,8 +82,8 @@ def linear_weights_to_bf16(model: torch.nn.Module, trainable_too: bool = False) 
     """Store the frozen (with `trainable_too`, all) weights and biases of linear layers
     (nn.Linear, GPT-2's Conv1D) in bf16; returns their float32 data to restore. Autocast caches
     its bf16 copies (for one autocast region) only of leaves that require grad, so a frozen base
-    is cast again at every use: most of a LoRA step's copies, a quarter of a LoRA SmolLM2
-    evaluation's time. The products are the same either way. Weights shared with an embedding
+    is cast again at every use: most of a LoRA step's copies, a fifth of a LoRA SmolLM2
+    evaluation's time (docs/performance.md). The products are the same either way. Weights shared with an embedding
     (a tied LM head) stay: the embedding lookup is not autocast."""
     embedded = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
     originals = {}

@@ -1,7 +1,7 @@
 """Where a segment-wise model's decoder loses against a plain LM, token by token: each of the
 first N test texts scored by the segment model's decoder with z at the posterior mean (the
-chain run on means; TRACE-P's z from its mean v, the noise of its increments u drawn with seed
-0) and by the LM (exact), the per-token differences summed per text into
+chain run on means; TRACE-P's z from its mean v, each increment u at its mean given v) and by
+the LM (exact), the per-token differences summed per text into
 what the inserted [SEP]s cost themselves, the first token after each [SEP] (at a word start,
 or inside a word that the cut split: fixed cuts on a sub-word tokenizer do that), the next two
 tokens, and every other token. Texts whose token counts differ (a [SEP] took a place within
@@ -27,6 +27,7 @@ import torch
 from textvae.data.batching import collate, encode_examples
 from textvae.data.corpus import read_split, resolve_data_dir
 from textvae.evaluation.likelihood import mean_with_stderr
+from textvae.files import write_text_atomically
 from textvae.models.registry import load_model
 from textvae.training.environment import bf16_inference, resolve_bf16
 
@@ -47,7 +48,7 @@ def token_nlls(model, config, examples: list, segmented: bool, batch_size: int,
             batch = collate(encoded[start : start + batch_size], model.tokenizer.pad_id)
             if segmented:
                 layout, posterior, _ = model.distributions(batch)
-                hidden = model.decoder_hidden(batch, model.decoder_latent(posterior.mean), layout)
+                hidden = model.decoder_hidden(batch, model.decoder_latent(posterior.mean, noise=False), layout)
             else:
                 hidden = model.backbone(batch.decoder_inputs, batch.attention_mask).hidden
             nll, scored = model.token_nll(hidden, batch), batch.target_mask[:, 1:]
@@ -67,7 +68,7 @@ def lm_token_nlls(lm_run: str, examples: int, batch_size: int, bf16: bool) -> li
 def save_lm_nlls(path: Path, lm_run: str, nlls: list[list[float]], bf16: bool) -> None:
     header = {"lm_run": lm_run, "examples": len(nlls), "precision": "bf16" if bf16 else "fp32"}
     lines = [json.dumps(header)] + [json.dumps([round(value, 6) for value in row]) for row in nlls]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomically(path, "\n".join(lines) + "\n")  # whole or absent: a later row reads it
 
 
 def load_lm_nlls(path: Path, examples: int, bf16: bool) -> list[list[float]]:
@@ -100,7 +101,6 @@ def main() -> None:
         parser.error(f"{args.segment_run} is not a segment-wise run")
     tokenizer, sep = segment_model.tokenizer, segment_model.tokenizer.sep_id
     examples = read_split(resolve_data_dir(config.data.path), "test").examples[: args.examples]
-    torch.manual_seed(0)  # TRACE-P's increments draw noise
     ids, segmented = token_nlls(segment_model, config, examples, True, args.batch_size, bf16)
     lm = Path(args.lm)
     plain = (lm_token_nlls(args.lm, args.examples, args.batch_size, bf16) if lm.is_dir()
@@ -108,7 +108,7 @@ def main() -> None:
     words = tokenizer.encode_batch_with_ends([example.target for example in examples])
 
     per_text, per_token, skipped, boundaries, inside = defaultdict(list), defaultdict(list), 0, 0, 0
-    for text_ids, seg_nll, lm_nll, (_, ends), example in zip(ids, segmented, plain, words, examples):
+    for text_ids, seg_nll, lm_nll, (_, ends), example in zip(ids, segmented, plain, words, examples, strict=True):
         if len(seg_nll) - text_ids.count(sep) != len(lm_nll):
             skipped += 1
             continue

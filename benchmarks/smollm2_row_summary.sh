@@ -29,6 +29,12 @@ for key, value in metrics.items():
     error = metrics.get(f"{key}_stderr")
     print(f"{key}: {value}" + ("" if error is None else f" ± {error}"))
 EOF
+.venv/bin/python - "$row/eval_test.json" "$reference/eval_test.json" <<'EOF'
+import json, sys
+row, reference = (json.load(open(path)).get("settings") or {} for path in sys.argv[1:])
+if row.get("iw_samples") and reference.get("iw_samples") and row["iw_samples"] != reference["iw_samples"]:
+    print(f"note: k = {row['iw_samples']} here, {reference['iw_samples']} in the reference: their bounds differ in tightness")
+EOF
 echo
 echo "## $1 - ${2:-lm}, paired ($TEXTVAE compare $row/eval_test.examples.jsonl $reference/eval_test.examples.jsonl $pairing)"
 $TEXTVAE compare "$row/eval_test.examples.jsonl" "$reference/eval_test.examples.jsonl" $pairing

@@ -524,6 +524,8 @@ def test_trace_p_decodes_given_latents_the_same_whatever_the_seed(tiny_tokenizer
     with torch.no_grad():
         expected = means[:, 2] + model.increments(means[:, 0], noise=False) + model.increments(means[:, 1], noise=False)
     torch.testing.assert_close(chains[0], expected)
+    with torch.no_grad():  # the decoder's z for scoring at the posterior mean: the same chain
+        torch.testing.assert_close(model.decoder_latent(means, noise=False)[:, 2], expected)
 
 
 def test_an_absent_slot_that_overflows_leaves_the_present_slots_densities_finite():

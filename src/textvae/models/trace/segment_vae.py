@@ -133,9 +133,10 @@ class SegmentLatentVAE(TextVAE):
     def latent_from_groups(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
-    def decoder_latent(self, latent: torch.Tensor) -> torch.Tensor:
+    def decoder_latent(self, latent: torch.Tensor, noise: bool = True) -> torch.Tensor:
         """What the decoder reads from a latent drawn from the chains, [..., L, P] -> same
-        shape: the latent itself (TRACE-P maps its v to z)."""
+        shape: the latent itself (TRACE-P maps its v to z, drawing its increments' noise unless
+        `noise` is off: then their mean given v)."""
         return latent
 
     def forward(self, batch: Batch, beta: float = 1.0) -> Output:

@@ -55,11 +55,12 @@ class TraceP(ResidualPosteriorVAE):
             return maps[..., :size]
         return maps[..., :size] + maps[..., size:] * torch.randn_like(maps[..., :size])
 
-    def decoder_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """z = v + (strictly lower-triangular ones) u over the slot axis: [..., L, P]."""
+    def decoder_latent(self, latent: torch.Tensor, noise: bool = True) -> torch.Tensor:
+        """z = v + (strictly lower-triangular ones) u over the slot axis: [..., L, P] (u at its
+        mean given v without `noise`)."""
         slots = latent.shape[-2]
         strictly_lower = torch.ones(slots, slots, device=latent.device).tril(-1)
-        return latent + torch.einsum("ts,...sp->...tp", strictly_lower, self.increments(latent))
+        return latent + torch.einsum("ts,...sp->...tp", strictly_lower, self.increments(latent, noise))
 
     def next_prior(self, before, previous, first):
         return self.prior_step(before, None, first)  # p(v_t | x_<t): no z-to-z term

@@ -11,9 +11,9 @@ generation is a sibling layer).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -26,13 +26,17 @@ import torch
 from textvae.data.batching import collate, counted_tokens, encode_examples
 from textvae.data.corpus import read_split, resolve_data_dir
 from textvae.evaluation.likelihood import mean_with_stderr
+from textvae.evaluation.paired import tokens_sha
+from textvae.files import write_text_atomically
 from textvae.models.registry import load_model
 from textvae.training.environment import bf16_inference, resolve_bf16
 
 
-def example_nlls(run_dir: str, examples: int, batch_size: int, latent: str, bf16: bool) -> tuple[str, list[float], list[int]]:
+def example_nlls(run_dir: str, examples: int, batch_size: int, latent: str,
+                 bf16: bool) -> tuple[str, list[float], list[int], list[dict]]:
     """The run's NLL of each of the first `examples` test examples (exact for a model without
-    latents, -log p(x | z) with the fixed z otherwise) and each one's counted tokens."""
+    latents, -log p(x | z) with the fixed z otherwise), each one's counted tokens, and what
+    identifies each for `textvae compare` (its `index` in the split and `tokens_sha`)."""
     model, config = load_model(run_dir)
     data = config.data
     split = read_split(resolve_data_dir(data.path), "test")
@@ -53,7 +57,8 @@ def example_nlls(run_dir: str, examples: int, batch_size: int, latent: str, bf16
                 z = model.prior(batch).mean.expand(batch.size, -1)
             nlls += model.decoder_nll(batch, z).tolist()
     what = "exact NLL" if not model.has_latent else f"decoder NLL at z = {latent.replace('-', ' ')}"
-    return what, nlls, tokens
+    identities = [{"index": item.position, "tokens_sha": tokens_sha(item.ids, model.tokenizer.sep_id)} for item in encoded]
+    return what, nlls, tokens, identities
 
 
 def main() -> None:
@@ -69,20 +74,25 @@ def main() -> None:
     args = parser.parse_args()
     reference = None
     for run_dir in args.run_dirs:
-        what, nlls, tokens = example_nlls(run_dir, args.examples, args.batch_size, args.latent,
-                                          resolve_bf16(args.precision, torch.device("cpu")))
+        what, nlls, tokens, identities = example_nlls(run_dir, args.examples, args.batch_size, args.latent,
+                                                      resolve_bf16(args.precision, torch.device("cpu")))
         if args.per_example:
             args.per_example.mkdir(parents=True, exist_ok=True)
-            lines = [json.dumps({"index": i, "nll": nll, "tokens": n}) for i, (nll, n) in enumerate(zip(nlls, tokens, strict=True))]
-            (args.per_example / f"{Path(run_dir).name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            lines = [json.dumps({**identity, "nll": nll, "tokens": n})
+                     for identity, nll, n in zip(identities, nlls, tokens, strict=True)]
+            write_text_atomically(args.per_example / f"{Path(run_dir).name}.jsonl", "\n".join(lines) + "\n")
         nll = mean_with_stderr("nll", torch.tensor(nlls, dtype=torch.float64))
-        line = f"{run_dir}: {what} {nll['nll']:.2f} ± {nll['nll_stderr']:.2f} nats per example over {len(nlls)} test examples"
+        line = f"{run_dir}: {what} {nll['nll']:.2f} ± {_error(nll['nll_stderr'])} nats per example over {len(nlls)} test examples"
         if reference is None:
             reference = (run_dir, torch.tensor(nlls, dtype=torch.float64))
         else:
             diff = mean_with_stderr("diff", torch.tensor(nlls, dtype=torch.float64) - reference[1])
-            line += f"; minus {reference[0]}'s: {diff['diff']:+.2f} ± {diff['diff_stderr']:.2f} (paired)"
+            line += f"; minus {reference[0]}'s: {diff['diff']:+.2f} ± {_error(diff['diff_stderr'])} (paired)"
         print(line, flush=True)
+
+
+def _error(stderr: float | None) -> str:
+    return "n/a" if stderr is None else f"{stderr:.2f}"  # None: one example
 
 
 if __name__ == "__main__":

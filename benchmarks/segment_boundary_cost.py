@@ -144,7 +144,8 @@ def main() -> None:
         stats = mean_with_stderr("d", torch.tensor(per_text[part], dtype=torch.float64))
         tokens = per_token.get(part, [])
         per = f"; {sum(tokens) / len(tokens):+.3f} per token over {len(tokens)}" if tokens else ""
-        print(f"  {part}: {stats['d']:+.2f} ± {stats['d_stderr']:.2f} per text{per}")
+        error = "n/a" if stats["d_stderr"] is None else f"{stats['d_stderr']:.2f}"  # None: one text
+        print(f"  {part}: {stats['d']:+.2f} ± {error} per text{per}")
 
 
 if __name__ == "__main__":

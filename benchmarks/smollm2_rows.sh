@@ -39,6 +39,7 @@ IW_BATCH=${IW_BATCH:+--iw-batch $IW_BATCH}
 mkdir -p runs
 exec {lock}> runs/smollm2-rows.lock
 flock -n "$lock" || { echo "another smollm2_rows.sh queue is running (runs/smollm2-rows.lock)" >&2; exit 2; }
+python="$(dirname "$TEXTVAE")/python"
 native_bf16=$(grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo yes || echo no)
 
 row_args() {
@@ -84,6 +85,10 @@ for row in "$@"; do
       --per-example "$run-test-examples.jsonl" >> "$run.log" 2>&1
     echo "evaluate_seconds $(( $(date +%s) - start ))" >> "$run.log"
   fi
+  evaluated_k=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["settings"]["iw_samples"])' "$run-test.json")
+  if [ "$evaluated_k" != "$k" ] && [ "$evaluated_k" != None ]; then  # None: an LM's likelihood is exact
+    echo "$run-test.json was evaluated with k = $evaluated_k, row $row takes k = $k: move it aside and run again" >&2; exit 2
+  fi
   if [ ! -f "$run-diversity.json" ]; then
     start=$(date +%s)
     "$TEXTVAE" generate "$run" --num 1000 --decoding top-k --top-k 50 --seed 0 --out "$run-samples.txt" >> "$run.log" 2>&1
@@ -96,14 +101,10 @@ for row in "$@"; do
   for name in config.yaml metrics.jsonl generated_test.json; do
     cp "$run/$name" "$keep/$name"
   done
-  # the files whose presence marks the evaluation done (the run's own record may be an older,
-  # more thorough one, kept beside a new one)
-  cp "$run-test.json" "$keep/eval_test.json"
   cp "$run-test-examples.jsonl" "$keep/eval_test.examples.jsonl"
   cp "$run-samples.txt" "$keep/samples.txt"
   grep '_seconds' "$run.log" > "$keep/seconds.txt" || true  # wall times of the starts that finished (a killed start logs none)
   # the analyses below report their failure in the log and let the queue go on
-  python="$(dirname "$TEXTVAE")/python"
   case "$row" in
     lm)  # its exact per-token NLLs, which the segment rows are set against (runs/ may be gone by then)
       if [ ! -f "$keep/lm-token-nlls.jsonl" ]; then
@@ -124,4 +125,7 @@ for row in "$@"; do
           || echo "segment-boundary failed" >> "$run.log"
       fi ;;
   esac
+  # last: its presence marks the row archived (from the file that marks the evaluation done;
+  # the run's own record may be an older, more thorough one, kept beside a new one)
+  cp "$run-test.json" "$keep/eval_test.json"
 done

@@ -338,6 +338,10 @@ def test_conditional_runs_read_sources_on_both_backbone_kinds(task, name, tiny_j
     assert _one_line(vae.sample(2, decoding="top-k", prompts=sources, max_new_tokens=6)) == cli
     posterior = vae.encode(targets, sources=sources)
     assert posterior.mean.shape[0] == 3
+    vae.config.data.max_source_length = 200  # as a run whose sources may fill its max_length
+    with pytest.raises(textvae.TextVAEError, match="source 2 leaves no room for its text in this run's data.max_length=64"):
+        vae.encode(targets[:2], sources=[sources[0], " ".join(["word"] * 80)])
+    vae.config.data.max_source_length = 24
     assert vae.reconstruct(targets, sources=sources, max_new_tokens=6) == vae.decode(
         posterior.mean, prompts=sources, max_new_tokens=6)
     assert len(vae.log_likelihood(targets, k=3, sources=sources)["log_likelihood"]) == 3

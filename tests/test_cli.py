@@ -227,10 +227,10 @@ def test_set_reads_exponent_notation_as_a_float():
 def test_set_keeps_a_text_option_as_typed():
     from textvae.config import Config, apply_overrides
 
-    raw = apply_overrides({}, ["data.path=0123", "backbone.spec=1e3", "data.task=null", "train.precision=fp32",
+    raw = apply_overrides({}, ["data.path=0123", "backbone.spec=0x1f", "data.task=null", "train.precision=fp32",
                                "data.overlong='drop'", "backbone.lora_targets=[q_proj]"])
     config = Config.from_dict(raw)
-    assert config.data.path == "0123" and config.backbone.spec == "1e3"  # YAML 1.1: octal 83 and 1000.0
+    assert config.data.path == "0123" and config.backbone.spec == "0x1f"  # YAML 1.1: octal 83, hex 31
     assert config.data.task is None and config.data.overlong == "drop" and config.train.precision == "fp32"
     assert config.backbone.lora_targets == ["q_proj"]  # a list option: YAML
 

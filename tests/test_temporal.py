@@ -529,14 +529,19 @@ def test_trace_p_decodes_given_latents_the_same_whatever_the_seed(tiny_tokenizer
 
 
 def test_an_absent_slot_that_overflows_leaves_the_present_slots_densities_finite():
-    from textvae.models.trace.chain import SegmentChain
+    from textvae.models.trace.chain import SegmentChain, absent_as_zero
 
     base = torch.zeros(2, 3, 4)  # 2 examples, 3 slots, P = 2: [mu, log var]
     base[0, 2, 2:] = 200.0  # row 0's absent third slot: a variance of e^200, inf in float32
+    base.requires_grad_(True)
     present = torch.tensor([[True, True, False], [True, True, True]])
-    chain = SegmentChain(base, present, recurrent=torch.nn.Linear(2, 4))
+    recurrent = torch.nn.Linear(2, 4)
+    chain, prior = SegmentChain(base, present, recurrent), SegmentChain(torch.zeros(2, 3, 4), present, recurrent)
     torch.manual_seed(0)
     z = chain.rsample()
-    assert not torch.isfinite(z[0, 2]).all()
     assert torch.isfinite(chain.log_prob(z)).all() and torch.isfinite(chain.conditional_entropy(z)).all()
     assert torch.isfinite(chain.log_prob(chain.rsample(3))).all()  # [B, k, L, P]
+    kl = absent_as_zero(chain.conditionals(z).kl_per_dim(prior.conditionals(z)), present)  # as the models take it
+    assert torch.isfinite(kl).all()
+    (chain.log_prob(z).sum() + kl.sum()).backward()  # the gradients, of the shared recurrence too, stay finite
+    assert torch.isfinite(base.grad).all() and torch.isfinite(recurrent.weight.grad).all()

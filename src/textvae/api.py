@@ -278,8 +278,13 @@ class TrainedVAE:
             raise TextVAEError("an encoder-decoder run reads every text with its source: pass sources")
         examples = [Example(text, None if sources is None else sources[i]) for i, text in enumerate(texts)]
         data = self.config.data
+        if sources is not None:  # this run's lengths are fixed: only a shorter source can help
+            for index, ids in enumerate(self.model.tokenizer.encode_batch(sources)):
+                if min(len(ids), data.max_source_length) + 2 >= data.max_length:
+                    raise TextVAEError(f"source {index + 1} leaves no room for its text in this run's "
+                                       f"data.max_length={data.max_length} tokens: give a shorter source")
         encoded, _ = encode_examples(examples, self.model.tokenizer, data.max_length, data.max_source_length,
-                                     "truncate", self.model.segmenter)  # a source leaving no room: an error
+                                     "truncate", self.model.segmenter)
         return [collate(encoded[i : i + self.batch_size], self.model.tokenizer.pad_id).to(self.device)
                 for i in range(0, len(encoded), self.batch_size)]
 

@@ -229,7 +229,7 @@ _NULL_TEXTS = ("", "~", "null", "Null", "NULL")
 
 def _override_value(section: str, key: str, text: str) -> Any:
     """A `--set` value: as typed for a text option of a typed section (a path or a name: YAML
-    1.1 would read 0123 as octal 83 and 1e3 as a number), else parsed as YAML."""
+    1.1 would read 0123 as octal 83, 0x1f as 31, 1:20 as 80, yes as true), else parsed as YAML."""
     text = text.strip()
     if _is_text_option(section, key) and text not in _NULL_TEXTS and text[0] not in "'\"":
         return text

@@ -63,7 +63,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     ),
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
+_DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "activation_dropout",
+                   "hidden_dropout", "dropout")
 
 
 def is_preset(spec: str) -> bool:
@@ -210,11 +211,13 @@ def _set_dropout(config, model: PreTrainedModel | None, dropout: float | None) -
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = dropout
-        # others read a float attribute copied from the config when built: Llama's attention
-        # (attention_dropout), BART's layers and attention (dropout)
+        # others read a rate attribute copied from the config when built: Llama's attention
+        # (attention_dropout), BART's layers and attention (dropout, activation_dropout); a
+        # config.json may hold a rate as an int (0)
         for module in model.modules():
-            for name in ("attention_dropout", "dropout"):
-                if isinstance(getattr(module, name, None), float):
+            for name in ("attention_dropout", "activation_dropout", "dropout"):
+                rate = getattr(module, name, None)
+                if isinstance(rate, (int, float)) and not isinstance(rate, bool):
                     setattr(module, name, dropout)
 
 

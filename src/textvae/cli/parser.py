@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("a", metavar="A.jsonl")
     compare.add_argument("b", metavar="B.jsonl")
     compare.add_argument("--same-tokens-only", action="store_true",
-                         help="pair only the examples both files scored with the same token count (e.g. a "
+                         help="pair only the examples both files scored with the same tokens (count and hash; e.g. a "
                               "segment-wise model, whose [SEP]s truncate more texts, against an LM); "
                               "the others are counted in examples_skipped")
     compare.add_argument("--json", metavar="FILE")

@@ -10,11 +10,13 @@
   per x_i; for segment-wise latents, whose number of segments is read off the text, I(x; z | T)
   given that number T (the aggregate over the N_T examples with T segments);
 * `au`: dimensions d with Cov_x(E_q(z|x)[z_d]) > delta (unbiased variance over examples; for
-  segment-wise latents every present segment of every example is one observation);
+  segment-wise latents every present segment of every example is one observation; None with
+  a single observation);
 * `kl_groups` (layer-wise latents): mean KL of each latent layer; `kl_segments` (segment-wise
   latents): mean KL of the t-th segment over the examples that have a t-th segment;
 * `X_stderr`: the standard error of the mean over examples of each per-example quantity X
   (`nll`, `elbo`, `rec`, `kl`, ...); `ppl_stderr` by the delta method (the ratio of sums);
+  None over a single example;
 * the papers' conventions beside the true values (never bounds): `kl_layer_mean`,
   `elbo_layer_mean`, `ppl_layer_mean` (the latent densities averaged over an example's latent
   groups, as DELLA's released code does; equal to the plain keys with one latent) and

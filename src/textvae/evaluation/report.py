@@ -75,10 +75,11 @@ def named_apart(records: list[RunRecord]) -> list[RunRecord]:
     """The records, each run named by its folder, or where two folders share a name by as many
     of their last path parts as tell them apart (ptb/della, yelp/della); a run given twice is
     refused."""
-    paths = [record.directory.resolve() for record in records]
-    if len(set(paths)) < len(paths):
-        twice = next(path for path in paths if paths.count(path) > 1)
+    resolved = [record.directory.resolve() for record in records]
+    if len(set(resolved)) < len(resolved):
+        twice = next(path for path in resolved if resolved.count(path) > 1)
         raise TextVAEError(f"run {twice} is given twice")
+    paths = [record.directory.absolute() for record in records]  # named as given, links not followed
     named = []
     for record, path in zip(records, paths):
         parts = 1
@@ -165,7 +166,7 @@ def _pairs_elbo(paired: dict[str, dict | str] | None) -> bool:
 
 def paired_against(reference: RunRecord, records: list[RunRecord]) -> dict[str, dict | str]:
     """Each run's `paired_comparison` with the reference run over the same examples (run minus
-    reference; only those both scored with the same token count, the others counted in
+    reference; only those both scored with the same tokens, the others counted in
     `examples_skipped`), or why there is none (a string); the reference itself is left out."""
     from textvae.evaluation.paired import paired_comparison, read_per_example
 
@@ -289,7 +290,7 @@ def build_report(records: list[RunRecord], out: Path, split: str = "test", inter
                    if isinstance(comparison, dict) and comparison["examples_skipped"]}
         parts += [f"Not paired: {name} ({why})." for name, why in unpaired.items()]
         parts += [f"{name} is paired over {c['examples']} of {c['examples'] + c['examples_skipped']} examples: the "
-                  f"others were scored by one run only, or with other token counts (e.g. truncated differently)."
+                  f"others were scored by one run only, or with other tokens (e.g. truncated differently)."
                   for name, c in partial.items()]
         parts += [""] if unpaired or partial else []
     missing = [record.name for record in records if not record.metrics]

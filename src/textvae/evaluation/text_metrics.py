@@ -279,7 +279,7 @@ def _check_inputs(chosen: list[str], samples: list[str], references: list[str], 
     if not samples:
         raise ValueError("no samples to score")
     paired = [name for name in chosen if name in PAIRED]
-    if paired and (len(samples) != len(references) or not samples):
+    if paired and len(samples) != len(references):
         raise ValueError(f"{', '.join(paired)} pair sample i with reference i: {len(samples)} samples, "
                          f"{len(references)} references")
     if not references and any(name in ("bleu", "ngram_jsd", "mauve") for name in chosen):

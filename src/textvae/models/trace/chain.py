@@ -17,11 +17,15 @@ class SegmentChain:
         [mu_t, log var_t] = base_t + recurrent(z_{t-1}) (+ residual_t),   z_0 = 0
 
     `base` and `residual` [B, L, 2P] hold what depends on the text; absent slots (`present`
-    False) are ignored by densities. Without a recurrence every slot is independent."""
+    False) are ignored by densities, and their text terms (read at padding) are replaced by 0,
+    so that whatever padding gives (an overflow) reaches neither a sum nor a gradient. Without a
+    recurrence every slot is independent."""
 
     def __init__(self, base: torch.Tensor, present: torch.Tensor, recurrent: nn.Module | None = None,
                  residual: torch.Tensor | None = None):
-        self.base, self.present, self.recurrent, self.residual = base.float(), present, recurrent, residual
+        base = absent_as_zero(base.float(), present)
+        residual = None if residual is None else absent_as_zero(residual, present)
+        self.base, self.present, self.recurrent, self.residual = base, present, recurrent, residual
 
     def _params(self, previous: torch.Tensor | None, slot: slice | int) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.base[:, slot]
@@ -112,10 +116,10 @@ class SegmentChain:
 
 
 def absent_as_zero(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """`values` [..., L] (or [..., L, P]) with absent slots (`present` [..., L] false) set to 0:
-    selected, not multiplied, so that an absent slot's inf or NaN (its padding read as text)
-    cannot reach the sum."""
+    """`values` [..., L] or [..., L, P] (per dimension: `values` has one axis more than
+    `present` [..., L]) with absent slots set to 0: selected, not multiplied, so that an
+    absent slot's inf or NaN (its padding read as text) cannot reach the sum."""
     present = present.bool()
-    if values.dim() > present.dim():
+    if values.dim() == present.dim() + 1:
         present = present[..., None]
     return torch.where(present, values, torch.zeros((), dtype=values.dtype, device=values.device))

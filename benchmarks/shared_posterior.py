@@ -66,6 +66,8 @@ def main() -> None:
         times: dict[str, list[float]] = {setting: [] for setting in settings}
         weights = {}
         with torch.no_grad(), model.backbone.merged_adapter():
+            for compute in settings.values():  # warm-up, untimed: a cold first pass would count against one
+                compute(model, batch, args.chunk, args.chunk)
             for repeat in range(args.repeats):
                 for setting, compute in list(settings.items())[:: 1 if repeat % 2 == 0 else -1]:
                     torch.manual_seed(1)

@@ -157,3 +157,16 @@ def test_generation_stops_where_the_backbone_runs_out_of_positions(tiny_tokenize
         assert len(out[0]) == 4  # 60 + 4 = the 64 positions
     with pytest.raises(Exception, match="no room"):
         decode(model, [[1] * 64], None, DecodingConfig(strategy="greedy"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_row_of_a_batch_generates_as_far_as_its_own_positions_allow(tiny_tokenizer, family):
+    model = tiny_lm(tiny_tokenizer, family)  # 64 positions
+    eos = tiny_tokenizer.eos_id
+    scores = model.backbone.logits
+    model.backbone.logits = lambda hidden: scores(hidden).index_fill(-1, torch.tensor([eos]), -1e9)  # never EOS
+    long, short = [1] + [40] * 59, [1, 40, 41]
+    config = DecodingConfig(strategy="greedy", max_new_tokens=20)
+    together = decode(model, [long, short], None, config)
+    assert [len(row) for row in together] == [4, 20]  # 60 + 4 = 64 positions; the short prompt is not cut to 4
+    assert together == [decode(model, [long], None, config)[0], decode(model, [short], None, config)[0]]

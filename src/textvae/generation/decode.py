@@ -51,20 +51,24 @@ def decode(
     """Continue each prompt; returns the new tokens of each row, EOS excluded.
 
     `latent` holds one latent per prompt row (batched along dim 0), or None. Generation stops
-    at `config.max_new_tokens` or where the backbone runs out of positions.
+    at `config.max_new_tokens` or where the backbone runs out of positions: each row at its
+    own (its positions count from its first real token, padding takes none), or for beam
+    search, whose rows step together, at the longest prompt's.
     """
     device = next(model.parameters()).device
     ids, mask = pad_rows(prompts, model.tokenizer.pad_id, device, left=True)
-    room = model.backbone.positions_left(ids.shape[1])
-    if room < 1:
-        raise TextVAEError(f"a prompt of {ids.shape[1]} tokens leaves no room in the backbone's {model.backbone.max_positions} positions")
-    config = dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, room))
+    rooms = [model.backbone.positions_left(len(prompt)) for prompt in prompts]
+    if min(rooms) < 1:
+        longest = max(len(prompt) for prompt in prompts)
+        raise TextVAEError(f"a prompt of {longest} tokens leaves no room in the backbone's {model.backbone.max_positions} positions")
     if config.strategy == "beam":
-        return _beam_search(model, ids, mask, latent, config)
-    return _sample_or_greedy(model, ids, mask, latent, config, generator)
+        return _beam_search(model, ids, mask, latent, dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, min(rooms))))
+    config = dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, max(rooms)))
+    return _sample_or_greedy(model, ids, mask, latent, config, generator, torch.tensor(rooms, device=device))
 
 
-def _sample_or_greedy(model, ids, mask, latent, config, generator) -> list[list[int]]:
+def _sample_or_greedy(model, ids, mask, latent, config, generator, rooms: torch.Tensor) -> list[list[int]]:
+    """`rooms` [N]: the new tokens each row's positions leave room for."""
     eos = model.tokenizer.eos_id
     logits, state = model.decode_start(ids, mask, latent)
     rows = ids.shape[0]
@@ -74,7 +78,7 @@ def _sample_or_greedy(model, ids, mask, latent, config, generator) -> list[list[
         tokens = choose_tokens(_finite(logits), config, generator)
         tokens = torch.where(finished, torch.full_like(tokens, eos), tokens)
         outputs.append(tokens)
-        finished |= tokens == eos
+        finished |= (tokens == eos) | (rooms <= step + 1)  # a row out of positions ends here
         if bool(finished.all()) or step + 1 == config.max_new_tokens:  # no pass for a token never chosen
             break
         logits = model.decode_next(state, tokens)

@@ -221,10 +221,12 @@ class TextVAE(nn.Module):
     def decode_next(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [N]; returns next-token logits [N, V] and advances `state`."""
         state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(tokens), 1)], 1)
+        # a row that has run out of positions is finished and only fed padding EOS while others go on
+        positions = state.next_position.clamp(max=self.backbone.max_positions - 1)
         out = self.backbone(
             tokens[:, None],
             state.attention_mask,
-            position_ids=state.next_position[:, None],
+            position_ids=positions[:, None],
             cache=state.cache,
             injection=self.step_injection(state.latent).without_memory(),  # memory: already in the cache
         )

@@ -154,9 +154,15 @@ def _difference_cell(comparison: dict, key: str, places: int) -> str:
     """A signed paired difference `+d ± se`, to at least `places` decimals and enough more to
     show the error's first digit."""
     stderr = comparison[f"{key}_stderr"]
-    if stderr and math.isfinite(stderr):
-        places = min(max(places, -math.floor(math.log10(abs(stderr)))), 8)
+    places = _places(places, stderr)
     return f"{comparison[key]:+.{places}f} ± {stderr:.{places}f}"
+
+
+def _places(places: int, stderr: float | None) -> int:
+    """At least `places` decimals, and enough more (up to 8) to show the error's first digit."""
+    if stderr and math.isfinite(stderr):
+        return min(max(places, -math.floor(math.log10(abs(stderr)))), 8)
+    return places
 
 
 def _pairs_elbo(paired: dict[str, dict | str] | None) -> bool:
@@ -194,9 +200,7 @@ def _cell(value, stderr=None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        places = 2 if abs(value) >= 10 else 3
-        if stderr and math.isfinite(stderr):
-            places = min(max(places, -math.floor(math.log10(abs(stderr)))), 8)
+        places = _places(2 if abs(value) >= 10 else 3, stderr)
         return f"{value:.{places}f}" + ("" if stderr is None else f" ± {stderr:.{places}f}")
     return str(value)
 

@@ -69,8 +69,11 @@ for row in "$@"; do
       if [ "$native_bf16" = yes ] && grep -q 'precision: auto' "$run/config.yaml"; then
         echo "row $row began in fp32 under precision: auto; this CPU has native bf16, so resuming would switch" >&2; exit 2
       fi
+      # --resume demands the run's own configuration, so pass the precision it was begun with.
+      precision=$(sed -n 's/^ *precision: *\([a-z0-9]*\).*/\1/p' "$run/config.yaml" | head -n 1)
       # shellcheck disable=SC2086
-      "$TEXTVAE" train $args --config configs/ptb-smollm2.yaml --out "$run" --resume >> "$run.log" 2>&1
+      "$TEXTVAE" train $args --config configs/ptb-smollm2.yaml --set "train.precision=$precision" --out "$run" --resume \
+        >> "$run.log" 2>&1
     else
       # shellcheck disable=SC2086
       "$TEXTVAE" train $args --config configs/ptb-smollm2.yaml --set train.precision=fp32 --out "$run" --overwrite \
